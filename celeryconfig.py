@@ -1,0 +1,39 @@
+"""Celery configuration: maps the collector's settings to Celery's names, nothing more."""
+
+from __future__ import annotations
+
+from kombu import Queue
+
+from collector.schedule import QUEUES, TASK_QUEUES, beat_schedule
+from collector.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+broker_connection_retry_on_startup = True
+broker_transport_options = {
+    # A task taken by a worker that died is redelivered after this long (kombu's visibility timeout);
+    # it must exceed the longest task so a slow run is not delivered twice.
+    "visibility_timeout": 3600,
+    "socket_timeout": _settings.redis_socket_timeout_s,
+    "socket_connect_timeout": _settings.redis_socket_timeout_s,
+}
+
+task_queues = [Queue(name) for name in QUEUES]
+task_default_queue = "ingest"
+task_routes = {name: {"queue": queue} for name, queue in TASK_QUEUES.items()}
+
+task_acks_late = True
+task_reject_on_worker_lost = True
+task_ignore_result = True
+result_backend = None
+worker_prefetch_multiplier = 1
+task_soft_time_limit = 120
+task_time_limit = 180
+task_serializer = "json"
+accept_content = ["json"]
+timezone = "UTC"
+enable_utc = True
+worker_hijack_root_logger = False
+
+beat_schedule = beat_schedule(_settings)

@@ -1,0 +1,1 @@
+"""Liquidation alerts: pure rules, and the alert log writer."""

@@ -1,0 +1,136 @@
+"""The `collector` command: one sub-command per part of the system.
+
+Errors an operator can fix (bad settings, a service that is down) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from collector.errors import ConfigError, ServiceUnavailable
+from collector.queue.keys import TABLES
+from collector.settings import Settings, get_settings
+
+EXIT_CONFIG = 2
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_streams(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.streams.runner import run
+
+    return run(settings)
+
+
+def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.web.server import run
+
+    run(settings)
+    return 0
+
+
+def _cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.db.init import init_db
+
+    with_timescale = init_db(settings)
+    print(f"database ready ({'TimescaleDB hypertables' if with_timescale else 'plain PostgreSQL tables'})")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.web.status import render
+
+    text, healthy = render(settings)
+    print(text)
+    return 0 if healthy else 1
+
+
+def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.celery import app
+
+    name, task_args, task_kwargs = _trigger_call(args)
+    result = app.send_task(name, args=task_args, kwargs=task_kwargs)
+    print(f"sent {name} args={task_args} kwargs={task_kwargs} id={result.id}")
+    return 0
+
+
+def _trigger_call(args: argparse.Namespace) -> tuple[str, list[object], dict[str, object]]:
+    """Map `collector trigger <what>` to a task name and its arguments."""
+    if args.what == "drain":
+        if args.table is None:
+            raise ConfigError(f"trigger drain needs --table (one of {', '.join(TABLES)})")
+        return "collector.tasks.ingest.drain", [args.table], {}
+    if args.what == "open-interest":
+        return "collector.tasks.rest.open_interest", [], {"symbol": args.symbol}
+    if args.what == "depth-snapshot":
+        return "collector.tasks.rest.depth_snapshot", [], {"market": args.market, "symbol": args.symbol}
+    return "collector.tasks.alerts.evaluate", [], {}
+
+
+def _cmd_fake_exchange(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.fake.server import main
+
+    return main(args.fake_args)
+
+
+def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.localservices import services_command
+
+    return services_command(args.action, args.dir)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collector", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("streams", help="hold the Binance WebSocket connections and fill the Redis queues")
+    sub.add_parser("web", help="serve /health and /metrics on WEB_PORT")
+    sub.add_parser("init-db", help="create the database, tables and hypertables (idempotent)")
+    sub.add_parser("status", help="print connections, queues, drains and dead letters")
+    trigger = sub.add_parser("trigger", help="run a task now through the Celery queue")
+    trigger.add_argument("what", choices=["drain", "open-interest", "depth-snapshot", "alerts"])
+    trigger.add_argument("--table", choices=TABLES)
+    trigger.add_argument("--symbol")
+    trigger.add_argument("--market", choices=["spot", "futures"])
+    fake = sub.add_parser("fake-exchange", help="run the fake Binance exchange", add_help=False)
+    fake.add_argument("fake_args", nargs=argparse.REMAINDER)
+    services = sub.add_parser("services", help="start/stop a local Redis and PostgreSQL (for make run)")
+    services.add_argument("action", choices=["up", "down", "env"])
+    services.add_argument("--dir", default="var")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "streams": _cmd_streams,
+    "web": _cmd_web,
+    "init-db": _cmd_init_db,
+    "status": _cmd_status,
+    "trigger": _cmd_trigger,
+    "fake-exchange": _cmd_fake_exchange,
+    "services": _cmd_services,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = get_settings()
+        _setup_logging(settings)
+        return COMMANDS[args.command](args, settings)
+    except (ConfigError, ServiceUnavailable) as error:
+        print(f"collector: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

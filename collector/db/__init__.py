@@ -1,0 +1,1 @@
+"""PostgreSQL / TimescaleDB: schema, connections, COPY through staging, Timescale SQL."""

@@ -1,0 +1,183 @@
+"""SQLAlchemy definitions of the six market-data tables, plus the alert bookkeeping tables.
+
+Each market-data table keeps the spec's columns, typed columns beside the JSONB `payload`, the
+local `received_at`, and a natural unique key (`NATURAL_KEYS`) so that a replayed batch inserts
+nothing twice. TimescaleDB requires the partitioning column in every unique index, so each key
+contains its table's `TIME_COLUMNS` entry; those columns come from the exchange (or, for REST rows,
+from the receive time fixed in the envelope), so a replay reproduces them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+
+def _ts(name: str, nullable: bool = False) -> Column:
+    return Column(name, DateTime(timezone=True), nullable=nullable)
+
+
+agg_trades = Table(
+    "agg_trades",
+    metadata,
+    _ts("event_time"),  # E
+    Column("market", Text, nullable=False),
+    Column("symbol", Text, nullable=False),  # s
+    Column("aggregate_trade_id", BigInteger, nullable=False),  # a
+    _ts("trade_time"),  # T: the trade's own time, identical on every connection that carries it
+    Column("price", Numeric, nullable=False),  # p
+    Column("quantity", Numeric, nullable=False),  # q
+    Column("first_trade_id", BigInteger),  # f
+    Column("last_trade_id", BigInteger),  # l
+    Column("is_buyer_maker", Boolean),  # m
+    _ts("received_at"),
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("market", "symbol", "aggregate_trade_id", "trade_time", name="agg_trades_natural_key"),
+)
+
+depth_updates = Table(
+    "depth_updates",
+    metadata,
+    _ts("event_time"),  # E
+    Column("market", Text, nullable=False),
+    Column("symbol", Text, nullable=False),  # s
+    Column("first_update_id", BigInteger, nullable=False),  # U
+    Column("final_update_id", BigInteger, nullable=False),  # u
+    Column("previous_final_update_id", BigInteger),  # pu (futures only)
+    _ts("transaction_time", nullable=True),  # T (futures only): matching-engine time
+    _ts("received_at"),
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("market", "symbol", "final_update_id", "event_time", name="depth_updates_natural_key"),
+)
+
+mark_prices = Table(
+    "mark_prices",
+    metadata,
+    _ts("event_time"),  # E
+    Column("symbol", Text, nullable=False),  # s
+    Column("mark_price", Numeric),  # p
+    Column("index_price", Numeric),  # i
+    Column("estimated_settle_price", Numeric),  # P
+    Column("funding_rate", Numeric),  # r
+    _ts("next_funding_time", nullable=True),  # T (0 when no funding is scheduled -> NULL)
+    _ts("received_at"),
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("symbol", "event_time", name="mark_prices_natural_key"),
+)
+
+force_orders = Table(
+    "force_orders",
+    metadata,
+    _ts("event_time"),  # E
+    _ts("transaction_time"),  # o.T
+    Column("symbol", Text, nullable=False),  # o.s
+    Column("side", Text, nullable=False),  # o.S
+    Column("quantity", Numeric, nullable=False),  # o.q
+    Column("price", Numeric, nullable=False),  # o.p
+    Column("average_price", Numeric),  # o.ap
+    Column("order_status", Text),  # o.X
+    Column("filled_quantity", Numeric),  # o.z
+    _ts("received_at"),
+    Column("payload", JSONB, nullable=False),
+    # Commit order of inserts (drains of one table never overlap): the alert task's cursor.
+    Column("ingest_seq", BigInteger, Identity(always=False), nullable=False),
+    UniqueConstraint(
+        "symbol", "side", "transaction_time", "price", "quantity", name="force_orders_natural_key"
+    ),
+    Index("force_orders_ingest_seq", "ingest_seq"),
+)
+
+open_interest = Table(
+    "open_interest",
+    metadata,
+    _ts("time"),  # receive time, fixed in the envelope when the response arrived
+    Column("symbol", Text, nullable=False),  # symbol
+    Column("open_interest", Numeric, nullable=False),  # openInterest
+    _ts("exchange_time", nullable=True),  # time
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("symbol", "time", name="open_interest_natural_key"),
+)
+
+depth_snapshots = Table(
+    "depth_snapshots",
+    metadata,
+    _ts("time"),  # receive time, fixed in the envelope
+    Column("symbol", Text, nullable=False),
+    Column("market_type", Text, nullable=False),
+    Column("last_update_id", BigInteger, nullable=False),  # lastUpdateId
+    _ts("event_time", nullable=True),  # E (futures only)
+    _ts("transaction_time", nullable=True),  # T (futures only)
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("market_type", "symbol", "last_update_id", "time", name="depth_snapshots_natural_key"),
+)
+
+# Alerts already decided; `alert_key` names the liquidation(s) that fired it, so a retried
+# evaluation cannot create a second alert for them.
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("alert_id", BigInteger, Identity(always=False), primary_key=True),
+    Column("alert_key", Text, nullable=False, unique=True),
+    _ts("created_at"),
+    _ts("liquidation_time"),
+    Column("rule", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("side", Text, nullable=False),
+    Column("quantity", Numeric, nullable=False),
+    Column("price", Numeric, nullable=False),
+    Column("notional_usd", Numeric, nullable=False),
+    Column("line", Text, nullable=False),
+    Column("published", Boolean, nullable=False, server_default="false"),
+)
+
+# Where the alert task stopped reading `force_orders` (by `ingest_seq`).
+alert_cursor = Table(
+    "alert_cursor",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("last_ingest_seq", BigInteger, nullable=False),
+)
+
+MARKET_TABLES: Final = (agg_trades, depth_updates, mark_prices, force_orders, open_interest, depth_snapshots)
+
+# The hypertable partitioning column of each market-data table.
+TIME_COLUMNS: Final = {
+    "agg_trades": "trade_time",
+    "depth_updates": "event_time",
+    "mark_prices": "event_time",
+    "force_orders": "transaction_time",
+    "open_interest": "time",
+    "depth_snapshots": "time",
+}
+
+# Columns a batch writes, in COPY order (generated columns such as `ingest_seq` left out).
+COPY_COLUMNS: Final = {
+    table.name: tuple(column.name for column in table.columns if column.name != "ingest_seq")
+    for table in MARKET_TABLES
+}
+
+NATURAL_KEYS: Final = {
+    table.name: tuple(
+        column.name
+        for constraint in table.constraints
+        if isinstance(constraint, UniqueConstraint)
+        for column in constraint.columns
+    )
+    for table in MARKET_TABLES
+}

@@ -1,0 +1,53 @@
+"""The collector's error hierarchy, and the one predicate that says what is worth retrying.
+
+- `CollectorError`: base of everything below.
+  - `ConfigError`: a bad setting; fatal at start, printed as one line naming the variable.
+  - `ServiceUnavailable`: Redis or PostgreSQL cannot be reached; retryable.
+  - `FrameError`: a frame or REST body that cannot be parsed; never retried, it goes to the dead-letter list.
+  - `RestError`: a Binance REST call failed.
+    - `RateLimited`: HTTP 429 or 418; carries the seconds Binance asked us to wait.
+"""
+
+from __future__ import annotations
+
+
+class CollectorError(Exception):
+    """Base class of the collector's own errors."""
+
+
+class ConfigError(CollectorError):
+    """A setting is missing or malformed. The message is one line that names the variable."""
+
+
+class ServiceUnavailable(CollectorError):
+    """Redis or PostgreSQL could not be reached. The message names the service and its address."""
+
+
+class FrameError(CollectorError):
+    """A received frame or body could not be parsed; the reason goes to the dead-letter list."""
+
+
+class RestError(CollectorError):
+    """A Binance REST request failed."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RateLimited(RestError):
+    """Binance answered 429 (slow down) or 418 (IP banned); wait `retry_after_s` before any request."""
+
+    def __init__(self, message: str, status: int, retry_after_s: float) -> None:
+        super().__init__(message, status)
+        self.retry_after_s = retry_after_s
+
+
+def is_retryable(error: BaseException) -> bool:
+    """True when trying the same operation again later may succeed."""
+    if isinstance(error, RateLimited | ServiceUnavailable):
+        return True
+    if isinstance(error, RestError):
+        # 5XX means "status unknown" on Binance (binance.md §4.5); 4XX other than 429/418 will not improve.
+        return error.status is None or error.status >= 500
+    return isinstance(error, ConnectionError | TimeoutError | OSError)

@@ -1,0 +1,74 @@
+"""The Redis key layout: every key the collector reads or writes is named here and nowhere else.
+
+| key | type | written by | read by | meaning |
+|---|---|---|---|---|
+| `collector:queue:<table>` | LIST | stream process, REST tasks (RPUSH) | drain (LPOP from the head) | envelopes waiting to be written, oldest first |
+| `collector:inflight:<table>` | LIST | drain (claim script) | drain | the batch being written; deleted only after the COMMIT |
+| `collector:lock:drain:<table>` | STRING | drain (SET NX EX) | drain | token of the one drain allowed to run for the table |
+| `collector:deadletter` | LIST | everyone (RPUSH) | operators | JSON `{reason, source, market, received_at_us, frame}` of what could not be parsed |
+| `collector:stream:messages` | HASH | stream process | web, status | field `<market>:<stream>` -> events received |
+| `collector:stream:last_us` | HASH | stream process | web, status | field `<market>:<stream>` -> receive time (µs) of its last event |
+| `collector:connections` | HASH | stream process | web, status | field `<connection id>` -> JSON state of that WebSocket connection |
+| `collector:drain:last_success_us` | HASH | drain | web, status | field `<table>` -> time (µs) of the last batch committed |
+| `collector:metrics:<counter>` | HASH | everyone (HINCRBY) | web `/metrics` | field = label value(s) joined by `|`, value = counter |
+| `collector:lock:alerts` | STRING | alert task | alert task | lock so two alert evaluations never run at once |
+| `collector:alerts` | pub/sub channel | alert task | subscribers | one JSON message per alert |
+| `collector:rest:pause_until_us:<market>` | STRING | REST tasks | REST tasks | no REST call to that market before this time (429/418 Retry-After) |
+
+Envelope (one list element): `{"market": "spot"|"futures", "received_at_us": <int>, "frame": <raw JSON>}`;
+REST envelopes also carry `"symbol"` (the symbol asked for: spot depth bodies do not name it).
+`frame` is the WebSocket frame or REST body exactly as received.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "collector"
+
+TABLES: Final = (
+    "agg_trades",
+    "depth_updates",
+    "mark_prices",
+    "force_orders",
+    "open_interest",
+    "depth_snapshots",
+)
+
+DEADLETTER: Final = f"{PREFIX}:deadletter"
+STREAM_MESSAGES: Final = f"{PREFIX}:stream:messages"
+STREAM_LAST_US: Final = f"{PREFIX}:stream:last_us"
+CONNECTIONS: Final = f"{PREFIX}:connections"
+DRAIN_LAST_SUCCESS_US: Final = f"{PREFIX}:drain:last_success_us"
+ALERTS_CHANNEL: Final = f"{PREFIX}:alerts"
+ALERTS_LOCK: Final = f"{PREFIX}:lock:alerts"
+
+
+def queue(table: str) -> str:
+    """The list of envelopes waiting to be written into `table`."""
+    return f"{PREFIX}:queue:{table}"
+
+
+def inflight(table: str) -> str:
+    """The list holding the batch currently being written into `table`."""
+    return f"{PREFIX}:inflight:{table}"
+
+
+def drain_lock(table: str) -> str:
+    """The lock that keeps two drains of `table` from overlapping."""
+    return f"{PREFIX}:lock:drain:{table}"
+
+
+def metric(counter: str) -> str:
+    """The hash holding one counter's values by label."""
+    return f"{PREFIX}:metrics:{counter}"
+
+
+def rest_pause_until(market: str) -> str:
+    """Time (µs) before which no REST request may go to `market` (set from Retry-After)."""
+    return f"{PREFIX}:rest:pause_until_us:{market}"
+
+
+def stream_field(market: str, stream: str) -> str:
+    """Field name used in the per-stream hashes."""
+    return f"{market}:{stream}"

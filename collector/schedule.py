@@ -1,0 +1,53 @@
+"""The Celery beat schedule, built from the settings by a pure function.
+
+Every entry names its queue and carries `expires`, so a beat that ran while workers were down does
+not leave a pile of stale runs behind (Sentry's rule): a missed drain is simply folded into the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from collector.queue.keys import TABLES
+from collector.settings import Settings
+
+QUEUE_INGEST = "ingest"
+QUEUE_REST = "rest"
+QUEUE_ALERTS = "alerts"
+QUEUES = (QUEUE_INGEST, QUEUE_REST, QUEUE_ALERTS)
+
+# task name -> queue; `celeryconfig.task_routes` is derived from this.
+TASK_QUEUES = {
+    "collector.tasks.ingest.drain": QUEUE_INGEST,
+    "collector.tasks.rest.open_interest": QUEUE_REST,
+    "collector.tasks.rest.depth_snapshot": QUEUE_REST,
+    "collector.tasks.alerts.evaluate": QUEUE_ALERTS,
+}
+
+
+def _entry(task: str, every_s: float, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "task": task,
+        "schedule": every_s,
+        "args": args,
+        "kwargs": kwargs or {},
+        # A run that could not start within its own period is superseded by the next one.
+        "options": {"queue": TASK_QUEUES[task], "expires": max(every_s, 1.0)},
+    }
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """One drain per table, the REST pollers (only for markets with symbols) and the alert check."""
+    schedule = {
+        f"drain-{table}": _entry("collector.tasks.ingest.drain", settings.drain_interval_s, (table,))
+        for table in TABLES
+    }
+    if settings.futures_symbols:
+        schedule["open-interest"] = _entry("collector.tasks.rest.open_interest", settings.open_interest_interval_s)
+    for market in ("spot", "futures"):
+        if settings.symbols(market):
+            schedule[f"depth-snapshot-{market}"] = _entry(
+                "collector.tasks.rest.depth_snapshot", settings.depth_snapshot_interval_s, kwargs={"market": market}
+            )
+    schedule["alerts"] = _entry("collector.tasks.alerts.evaluate", settings.alert_interval_s)
+    return schedule

@@ -1,0 +1,204 @@
+"""The one typed settings object, read once from the environment and an optional `.env`.
+
+Every tunable carries its unit in its name (`_S` seconds, `_MS` milliseconds, `_USD` dollars).
+`load_settings()` turns any bad value into one `ConfigError` line naming the variable, so the
+CLI can print it and exit without a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from collector.errors import ConfigError
+
+Market = Literal["spot", "futures"]
+
+# Binance symbols are upper-case letters and digits; USD-M quarterlies add `_YYMMDD`.
+SYMBOL_PATTERN = re.compile(r"^[A-Z0-9]{2,20}(_[0-9]{6})?$")
+
+# Stream types a user may list in SPOT_STREAMS / FUTURES_STREAMS. The exact wire names are built
+# in `collector.binance.streams`; anything else is refused at start, because Binance acknowledges a
+# bad name and then sends nothing (binance.md §0 fact 3), which looks exactly like a quiet market.
+SPOT_STREAM_TYPES = frozenset({"aggTrade", "depth", "depth@100ms", "depth@500ms", "depth@1000ms"})
+FUTURES_STREAM_TYPES = frozenset(
+    {
+        "aggTrade",
+        "depth",
+        "depth@100ms",
+        "depth@250ms",
+        "depth@500ms",
+        "markPrice",
+        "markPrice@1s",
+        "markPrice@arr",
+        "markPrice@arr@1s",
+        "forceOrder",
+        "forceOrder@symbol",
+    }
+)
+# Valid `limit` values of GET /fapi/v1/depth; any other answers -4021 (binance.md §4.2).
+FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
+SPOT_DEPTH_LIMIT_MAX = 5000  # GET /api/v3/depth caps at 5000 levels (binance.md §4.1)
+
+# The env variable that holds each field, used to name the culprit in a ConfigError.
+_ENV_NAME = {
+    "spot_symbols": "SPOT_SYMBOLS",
+    "futures_symbols": "FUTURES_SYMBOLS",
+    "spot_streams": "SPOT_STREAMS",
+    "futures_streams": "FUTURES_STREAMS",
+}
+
+
+def _split_comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the collector can be told. Field names map to upper-case environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    # --- services -------------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/collector"
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    database_connect_timeout_s: int = Field(5, gt=0)
+
+    # --- Binance endpoints ----------------------------------------------------------------------
+    binance_spot_ws_url: str = "wss://stream.binance.com:9443"
+    binance_futures_ws_url: str = "wss://fstream.binance.com"
+    binance_spot_rest_url: str = "https://api.binance.com"
+    binance_futures_rest_url: str = "https://fapi.binance.com"
+
+    # --- what to record -------------------------------------------------------------------------
+    spot_symbols: Annotated[list[str], NoDecode] = ["BTCUSDT", "ETHUSDT"]
+    futures_symbols: Annotated[list[str], NoDecode] = ["BTCUSDT", "ETHUSDT"]
+    spot_streams: Annotated[list[str], NoDecode] = ["aggTrade", "depth@500ms"]
+    futures_streams: Annotated[list[str], NoDecode] = [
+        "aggTrade",
+        "depth@500ms",
+        "markPrice@arr@1s",
+        "forceOrder",
+    ]
+    # Since 2026-06-30 the all-market futures streams also carry COIN-M rows (`st` == 2).
+    keep_coin_m_rows: bool = False
+
+    # --- REST polling ---------------------------------------------------------------------------
+    open_interest_interval_s: float = Field(60, gt=0)
+    depth_snapshot_interval_s: float = Field(300, gt=0)
+    depth_snapshot_limit: int = Field(1000, gt=0)
+    rest_connect_timeout_s: float = Field(3.05, gt=0)
+    rest_read_timeout_s: float = Field(10, gt=0)
+    rest_max_retries: int = Field(4, ge=0)
+    rest_backoff_initial_s: float = Field(0.5, gt=0)
+    rest_backoff_max_s: float = Field(30, gt=0)
+
+    # --- liquidation alerts ---------------------------------------------------------------------
+    alert_log: Path = Path("alert.log")
+    alert_min_notional_usd: float = Field(100_000, gt=0)
+    alert_window_s: float = Field(60, gt=0)
+    alert_window_notional_usd: float = Field(1_000_000, gt=0)
+    alert_cooldown_s: float = Field(300, ge=0)
+    alert_interval_s: float = Field(1, gt=0)
+    alert_batch_max_rows: int = Field(5000, gt=0)
+
+    # --- stream process -------------------------------------------------------------------------
+    stream_flush_interval_ms: int = Field(50, gt=0)
+    stream_flush_max_events: int = Field(2000, gt=0)
+    stream_buffer_warn_events: int = Field(1_000_000, gt=0)
+    ws_open_timeout_s: float = Field(10, gt=0)
+    ws_idle_timeout_s: float = Field(300, gt=0)
+    ws_backoff_initial_s: float = Field(1, gt=0)
+    ws_backoff_max_s: float = Field(60, gt=0)
+    ws_max_streams_per_connection: int = Field(200, gt=0, le=1024)
+
+    # --- drain (Redis -> PostgreSQL) ------------------------------------------------------------
+    drain_interval_s: float = Field(1, gt=0)
+    drain_batch_max_rows: int = Field(5000, gt=0, le=7000)
+    drain_run_max_s: float = Field(20, gt=0)
+    drain_lock_ttl_s: int = Field(30, gt=0)
+
+    # --- TimescaleDB (used only when the extension is installed) -------------------------------
+    timescale_chunk_interval_h: int = Field(24, gt=0)
+    timescale_compress_after_days: int = Field(7, ge=0)  # 0 = never compress
+    timescale_retention_days: int = Field(0, ge=0)  # 0 = keep forever
+
+    # --- monitoring -----------------------------------------------------------------------------
+    web_host: str = "0.0.0.0"
+    web_port: int = Field(8000, gt=0, lt=65536)
+    health_max_message_age_s: float = Field(60, gt=0)
+    health_max_drain_age_s: float = Field(30, gt=0)
+    flower_port: int = Field(5555, gt=0, lt=65536)
+    flower_user: str = "admin"
+    flower_password: SecretStr = SecretStr("change-me")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("spot_symbols", "futures_symbols", mode="before")
+    @classmethod
+    def _parse_symbols(cls, value: object) -> object:
+        items = _split_comma_list(value)
+        if isinstance(items, list):
+            items = [str(item).upper() for item in items]
+            for symbol in items:
+                if not SYMBOL_PATTERN.match(symbol):
+                    raise ValueError(f"{symbol!r} is not a Binance symbol (letters and digits, e.g. BTCUSDT)")
+            if not items:
+                raise ValueError("the list is empty")
+        return items
+
+    @field_validator("spot_streams", "futures_streams", mode="before")
+    @classmethod
+    def _parse_streams(cls, value: object) -> object:
+        return _split_comma_list(value)
+
+    @model_validator(mode="after")
+    def _check_streams(self) -> Settings:
+        for field, allowed in (("spot_streams", SPOT_STREAM_TYPES), ("futures_streams", FUTURES_STREAM_TYPES)):
+            for stream in getattr(self, field):
+                if stream not in allowed:
+                    raise ValueError(
+                        f"{_ENV_NAME[field]}: unknown stream type {stream!r} "
+                        f"(known: {', '.join(sorted(allowed))})"
+                    )
+        if self.depth_snapshot_limit not in FUTURES_DEPTH_LIMITS and self.futures_symbols:
+            raise ValueError(
+                f"DEPTH_SNAPSHOT_LIMIT: {self.depth_snapshot_limit} is not a futures depth limit "
+                f"(one of {', '.join(map(str, FUTURES_DEPTH_LIMITS))})"
+            )
+        if self.depth_snapshot_limit > SPOT_DEPTH_LIMIT_MAX:
+            raise ValueError(f"DEPTH_SNAPSHOT_LIMIT: at most {SPOT_DEPTH_LIMIT_MAX}")
+        return self
+
+    def symbols(self, market: Market) -> list[str]:
+        return self.spot_symbols if market == "spot" else self.futures_symbols
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming the first bad variable and why, from pydantic's error list."""
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("__root__",)]
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if location:
+        return f"{location[0].upper()}: {message} (got {first.get('input')!r})"
+    return message
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise `ConfigError` with one line on any bad value."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigError(f"configuration error: {_describe(error)}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

@@ -1,0 +1,1 @@
+"""The stream process: Binance WebSocket connections -> Redis lists."""

@@ -1,0 +1,1 @@
+"""Thin Celery task shells: ingest (drain), rest (open interest, depth snapshots), alerts."""

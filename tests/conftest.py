@@ -1,0 +1,88 @@
+"""Real servers for the tests: a throwaway Redis and PostgreSQL on free ports, stopped at the end.
+
+Each test gets an empty Redis database (FLUSHALL) and a fresh PostgreSQL database of its own.
+`TIMEOUT_FACTOR` (env) scales every waiting deadline, as websockets' test suite does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+
+from collector.localservices import LocalService, start_postgres, start_redis
+from collector.settings import Settings, load_settings
+
+TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
+_db_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def services_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="collector-tests-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(services_dir: Path) -> Iterator[LocalService]:
+    server = start_redis(services_dir / "redis")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(services_dir: Path) -> Iterator[LocalService]:
+    server = start_postgres(services_dir / "pg", durable=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalService) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def database_url(postgres_server: LocalService) -> Iterator[str]:
+    """URL of a database that does not exist yet: the code under test creates it."""
+    name = f"collector_test_{os.getpid()}_{next(_db_counter)}"
+    url = f"postgresql://postgres@127.0.0.1:{postgres_server.port}/{name}"
+    yield url
+    admin = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{postgres_server.port}/postgres")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture
+def settings(redis_url: str, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings pointing at the test servers; also exported to the environment for subprocesses."""
+    env = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "ALERT_LOG": str(tmp_path / "alert.log"),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)  # keep a developer's .env out of the tests
+    return load_settings()
+
+
+@pytest.fixture
+def redis_conn(settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(settings.redis_url)
+    yield client
+    client.close()
