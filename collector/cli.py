@@ -38,6 +38,12 @@ def _cmd_web(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.web.flower import run
+
+    return run(settings)
+
+
 def _cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
     from collector.db.init import init_db
 
@@ -93,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("streams", help="hold the Binance WebSocket connections and fill the Redis queues")
     sub.add_parser("web", help="serve /health and /metrics on WEB_PORT")
+    sub.add_parser("flower", help="run Flower on FLOWER_PORT with basic auth from the settings")
     sub.add_parser("init-db", help="create the database, tables and hypertables (idempotent)")
     sub.add_parser("status", help="print connections, queues, drains and dead letters")
     trigger = sub.add_parser("trigger", help="run a task now through the Celery queue")
@@ -111,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "streams": _cmd_streams,
     "web": _cmd_web,
+    "flower": _cmd_flower,
     "init-db": _cmd_init_db,
     "status": _cmd_status,
     "trigger": _cmd_trigger,
