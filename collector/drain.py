@@ -1,0 +1,184 @@
+"""Drain one table's Redis queue into PostgreSQL: claim a batch, COPY it, commit, then acknowledge.
+
+Guarantees:
+- Nothing is lost: a batch leaves Redis only after PostgreSQL committed its rows. If PostgreSQL is
+  down, or the worker dies mid-batch, the batch stays in flight and is written by the next drain.
+- Nothing is stored twice: every table has a natural unique key and rows are inserted with
+  `ON CONFLICT DO NOTHING`, so a re-delivered or duplicated batch inserts only what is new.
+- One drain per table at a time, through a Redis lock (`collector:lock:drain:<table>`) whose
+  expiry frees the table when its holder died.
+- An envelope that cannot be stored (bad JSON, missing field, a value PostgreSQL rejects) goes to
+  the dead-letter list with its reason and never blocks the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+import psycopg2
+import redis
+from psycopg2.extensions import connection as Connection
+from redis.exceptions import LockError
+
+from collector.binance.rows import Row, parse_envelope
+from collector.db.copy import CopyResult, copy_rows
+from collector.errors import FrameError
+from collector.queue import keys
+from collector.queue.batches import BatchQueue
+from collector.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchRows:
+    """What one claimed batch turns into: rows to write, dead letters, and filtered COIN-M rows."""
+
+    rows: list[Row] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # index of the envelope each row came from
+    dead_letters: list[bytes] = field(default_factory=list)
+    coin_m_skipped: int = 0
+
+
+@dataclass
+class DrainResult:
+    table: str
+    batches: int = 0
+    envelopes: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    lock_busy: bool = False
+    remaining: int = 0
+
+
+def dead_letter(reason: str, source: str, table: str, raw: bytes) -> bytes:
+    """A dead-letter entry that keeps the original bytes (as text when they are UTF-8)."""
+    entry: dict[str, object] = {"reason": reason, "source": source, "table": table,
+                                "dead_at_us": time.time_ns() // 1000}
+    try:
+        entry["envelope"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+
+        entry["envelope_b64"] = base64.b64encode(raw).decode("ascii")
+    return orjson.dumps(entry)
+
+
+def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
+    """Parse a batch; pure. Envelopes that cannot be stored become dead letters."""
+    out = BatchRows()
+    for index, raw in enumerate(batch):
+        try:
+            parsed = parse_envelope(table, raw, keep_coin_m)
+        except FrameError as error:
+            out.dead_letters.append(dead_letter(str(error), "drain", table, raw))
+            continue
+        out.rows.extend(parsed.rows)
+        out.owners.extend([index] * len(parsed.rows))
+        out.coin_m_skipped += parsed.skipped_coin_m
+    return out
+
+
+def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchRows) -> CopyResult:
+    """COPY the batch in one transaction; if PostgreSQL rejects a value, isolate the culprits.
+
+    A `DataError` (say a `\\u0000` in a payload, which JSONB refuses) would otherwise fail the whole
+    batch forever. Then each envelope is written on its own and the rejected ones become dead letters.
+    """
+    try:
+        result = copy_rows(conn, table, parsed.rows)
+        conn.commit()
+        return result
+    except psycopg2.DataError as error:
+        conn.rollback()
+        logger.warning("drain.batch_rejected table=%s error=%s action=isolate", table, str(error).splitlines()[0])
+    staged = inserted = 0
+    by_owner: dict[int, list[Row]] = {}
+    for owner, row in zip(parsed.owners, parsed.rows, strict=True):
+        by_owner.setdefault(owner, []).append(row)
+    for owner, rows in by_owner.items():
+        try:
+            result = copy_rows(conn, table, rows)
+            conn.commit()
+        except psycopg2.DataError as error:
+            conn.rollback()
+            reason = f"rejected by PostgreSQL: {str(error).splitlines()[0]}"
+            parsed.dead_letters.append(dead_letter(reason, "drain", table, batch[owner]))
+            continue
+        staged += result.staged
+        inserted += result.inserted
+    return CopyResult(staged, inserted)
+
+
+class Drainer:
+    """Moves one table's queue into PostgreSQL in batches until it is empty or the time is up."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        connect: Callable[[], Connection],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._redis = client
+        self._connect = connect
+        self._clock = clock
+
+    def drain(self, table: str) -> DrainResult:
+        """Drain `table` once. Idempotence key: the natural key of each row; a duplicate run is a no-op."""
+        if table not in keys.TABLES:
+            raise ValueError(f"unknown table {table!r} (one of {', '.join(keys.TABLES)})")
+        result = DrainResult(table)
+        lock = self._redis.lock(keys.drain_lock(table), timeout=self._settings.drain_lock_ttl_s, blocking=False)
+        if not lock.acquire(blocking=False):
+            logger.info("drain.lock_busy table=%s", table)
+            result.lock_busy = True
+            return result
+        try:
+            self._drain_locked(table, lock, result)
+        finally:
+            try:
+                lock.release()
+            except LockError:
+                logger.warning("drain.lock_lost table=%s (expired during the run; the next drain re-claims)", table)
+        return result
+
+    def _drain_locked(self, table: str, lock: redis.lock.Lock, result: DrainResult) -> None:
+        queue = BatchQueue(self._redis, table)
+        conn = self._connect()  # before claiming: with PostgreSQL down, nothing moves
+        deadline = self._clock() + self._settings.drain_run_max_s
+        max_rows = self._settings.drain_batch_max_rows
+        while self._clock() < deadline:
+            batch = queue.claim(max_rows)
+            if not batch:
+                break
+            parsed = build_rows(table, batch, self._settings.keep_coin_m_rows)
+            written = write_batch(conn, table, batch, parsed)
+            queue.acknowledge(
+                committed_at_us=time.time_ns() // 1000,
+                dead_letters=parsed.dead_letters,
+                inserted=written.inserted,
+                duplicates=written.duplicates,
+                coin_m_skipped=parsed.coin_m_skipped,
+            )
+            result.batches += 1
+            result.envelopes += len(batch)
+            result.inserted += written.inserted
+            result.duplicates += written.duplicates
+            result.dead_letters += len(parsed.dead_letters)
+            for entry in parsed.dead_letters:
+                logger.warning("drain.dead_letter table=%s entry=%s", table, entry[:300].decode("utf-8", "replace"))
+            lock.extend(self._settings.drain_lock_ttl_s, replace_ttl=True)
+        result.remaining = queue.lengths()[0]
+        if result.batches:
+            logger.info(
+                "drain.done table=%s batches=%d envelopes=%d inserted=%d duplicates=%d dead_letters=%d remaining=%d",
+                table, result.batches, result.envelopes, result.inserted, result.duplicates,
+                result.dead_letters, result.remaining,
+            )
