@@ -2,7 +2,7 @@
 
 Guarantees:
 - Nothing is lost: a batch leaves Redis only after PostgreSQL committed its rows. If PostgreSQL is
-  down, or the worker dies mid-batch, the batch stays in flight and is written by the next drain.
+  down, or the worker dies mid-batch, the batch stays in flight and the next drain recovers it.
 - Nothing is stored twice: every table has a natural unique key and rows are inserted with
   `ON CONFLICT DO NOTHING`, so a re-delivered or duplicated batch inserts only what is new.
 - One drain per table at a time, through a Redis lock (`collector:lock:drain:<table>`) whose
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import orjson
@@ -23,12 +24,13 @@ import psycopg2
 import redis
 from psycopg2.extensions import connection as Connection
 from redis.exceptions import LockError
+from redis.lock import Lock
 
 from collector.binance.rows import Row, parse_envelope
-from collector.db.copy import CopyResult, copy_rows
+from collector.db.copy import CopyResult, copy_rows, copy_text
 from collector.errors import FrameError
 from collector.queue import keys
-from collector.queue.batches import BatchQueue
+from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class BatchRows:
     owners: list[int] = field(default_factory=list)  # index of the envelope each row came from
     dead_letters: list[bytes] = field(default_factory=list)
     coin_m_skipped: int = 0
+    rendered: bytes = b""  # the rows in COPY text format
 
 
 @dataclass
@@ -70,7 +73,7 @@ def dead_letter(reason: str, source: str, table: str, raw: bytes) -> bytes:
 
 
 def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
-    """Parse a batch; pure. Envelopes that cannot be stored become dead letters."""
+    """Parse and render a batch; pure. Envelopes that cannot be stored become dead letters."""
     out = BatchRows()
     for index, raw in enumerate(batch):
         try:
@@ -81,6 +84,7 @@ def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
         out.rows.extend(parsed.rows)
         out.owners.extend([index] * len(parsed.rows))
         out.coin_m_skipped += parsed.skipped_coin_m
+    out.rendered = copy_text(out.rows)
     return out
 
 
@@ -91,7 +95,7 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
     batch forever. Then each envelope is written on its own and the rejected ones become dead letters.
     """
     try:
-        result = copy_rows(conn, table, parsed.rows)
+        result = copy_rows(conn, table, parsed.rows, parsed.rendered)
         conn.commit()
         return result
     except psycopg2.DataError as error:
@@ -116,7 +120,12 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
 
 
 class Drainer:
-    """Moves one table's queue into PostgreSQL in batches until it is empty or the time is up."""
+    """Moves one table's queue into PostgreSQL in batches until it is empty or the time is up.
+
+    Two batches are in flight at most: while a writer thread COPYs and commits batch k, this thread
+    claims and parses batch k+1, so Python and PostgreSQL work side by side. Batches are still
+    written and acknowledged in claim order.
+    """
 
     def __init__(
         self,
@@ -141,44 +150,62 @@ class Drainer:
             result.lock_busy = True
             return result
         try:
-            self._drain_locked(table, lock, result)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drain-{table}") as writer:
+                self._drain_locked(table, lock, result, writer)
         finally:
             try:
                 lock.release()
             except LockError:
-                logger.warning("drain.lock_lost table=%s (expired during the run; the next drain re-claims)", table)
+                logger.warning("drain.lock_lost table=%s (expired during the run; the next drain recovers)", table)
         return result
 
-    def _drain_locked(self, table: str, lock: redis.lock.Lock, result: DrainResult) -> None:
+    def _drain_locked(self, table: str, lock: Lock, result: DrainResult, writer: ThreadPoolExecutor) -> None:
         queue = BatchQueue(self._redis, table)
         conn = self._connect()  # before claiming: with PostgreSQL down, nothing moves
         deadline = self._clock() + self._settings.drain_run_max_s
-        max_rows = self._settings.drain_batch_max_rows
-        while self._clock() < deadline:
-            batch = queue.claim(max_rows)
-            if not batch:
-                break
-            parsed = build_rows(table, batch, self._settings.keep_coin_m_rows)
-            written = write_batch(conn, table, batch, parsed)
-            queue.acknowledge(
-                committed_at_us=time.time_ns() // 1000,
-                dead_letters=parsed.dead_letters,
-                inserted=written.inserted,
-                duplicates=written.duplicates,
-                coin_m_skipped=parsed.coin_m_skipped,
-            )
-            result.batches += 1
-            result.envelopes += len(batch)
-            result.inserted += written.inserted
-            result.duplicates += written.duplicates
-            result.dead_letters += len(parsed.dead_letters)
-            for entry in parsed.dead_letters:
-                logger.warning("drain.dead_letter table=%s entry=%s", table, entry[:300].decode("utf-8", "replace"))
-            lock.extend(self._settings.drain_lock_ttl_s, replace_ttl=True)
-        result.remaining = queue.lengths()[0]
+        recovered = queue.recover()
+        if recovered:
+            logger.warning("drain.recovering table=%s batches=%d", table, len(recovered))
+        pending: Future[None] | None = None
+        try:
+            while self._clock() < deadline:
+                batch = recovered.pop(0) if recovered else queue.claim(self._settings.drain_batch_max_rows)
+                if batch is None:
+                    break
+                parsed = build_rows(table, batch.items, self._settings.keep_coin_m_rows)
+                if pending is not None:
+                    pending.result()  # the previous batch is committed and acknowledged (or raises)
+                # Still ours? If the lock expired, another drain may be recovering: stop claiming.
+                lock.extend(self._settings.drain_lock_ttl_s, replace_ttl=True)
+                pending = writer.submit(self._write_and_acknowledge, conn, queue, batch, parsed, result)
+        finally:
+            if pending is not None:
+                pending.result()
+        result.remaining = queue_length(self._redis, table)
         if result.batches:
             logger.info(
                 "drain.done table=%s batches=%d envelopes=%d inserted=%d duplicates=%d dead_letters=%d remaining=%d",
                 table, result.batches, result.envelopes, result.inserted, result.duplicates,
                 result.dead_letters, result.remaining,
             )
+
+    @staticmethod
+    def _write_and_acknowledge(
+        conn: Connection, queue: BatchQueue, batch: Batch, parsed: BatchRows, result: DrainResult
+    ) -> None:
+        written = write_batch(conn, queue.table, batch.items, parsed)
+        queue.acknowledge(
+            batch,
+            committed_at_us=time.time_ns() // 1000,
+            dead_letters=parsed.dead_letters,
+            inserted=written.inserted,
+            duplicates=written.duplicates,
+            coin_m_skipped=parsed.coin_m_skipped,
+        )
+        result.batches += 1
+        result.envelopes += len(batch.items)
+        result.inserted += written.inserted
+        result.duplicates += written.duplicates
+        result.dead_letters += len(parsed.dead_letters)
+        for entry in parsed.dead_letters:
+            logger.warning("drain.dead_letter table=%s entry=%s", queue.table, entry[:300].decode("utf-8", "replace"))

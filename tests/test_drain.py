@@ -15,7 +15,7 @@ from collector.db.init import init_db
 from collector.drain import Drainer
 from collector.localservices import LocalService, start_postgres
 from collector.queue import keys
-from collector.queue.batches import BatchQueue
+from collector.queue.batches import BatchQueue, inflight_length
 from collector.settings import Settings, load_settings
 from tests import factories
 
@@ -69,7 +69,7 @@ def test_every_table_gets_typed_rows(settings: Settings, redis_conn: redis.Redis
         assert cur.fetchall() == [("futures", 2000, False), ("spot", 1000, True)]
         cur.execute("SELECT extract(epoch from received_at)*1000000 FROM agg_trades WHERE market='futures'")
         assert cur.fetchone()[0] == (factories.BASE_MS + 1) * 1000 + 7
-    assert all(redis_conn.llen(keys.queue(t)) == 0 and redis_conn.llen(keys.inflight(t)) == 0 for t in keys.TABLES)
+    assert all(redis_conn.llen(keys.queue(t)) == 0 and inflight_length(redis_conn, t) == 0 for t in keys.TABLES)
 
 
 def test_same_batch_twice_inserts_once(settings: Settings, redis_conn: redis.Redis, db) -> None:
@@ -107,7 +107,7 @@ def test_malformed_envelopes_go_to_dead_letters(settings: Settings, redis_conn: 
     assert [x["source"] for x in letters] == ["drain"] * 3
     assert letters[0]["envelope"] == "{not json" and "not JSON" in letters[0]["reason"]
     assert "'a'" in letters[1]["reason"] and "'p'" in letters[2]["reason"]
-    assert redis_conn.llen(keys.inflight("agg_trades")) == 0
+    assert inflight_length(redis_conn, "agg_trades") == 0
 
 
 def test_value_postgres_rejects_is_isolated(settings: Settings, redis_conn: redis.Redis, db) -> None:
@@ -139,11 +139,13 @@ def test_coin_m_rows_are_left_out_unless_kept(settings: Settings, redis_conn: re
 def test_batch_left_in_flight_is_written_by_next_drain(settings: Settings, redis_conn: redis.Redis, db) -> None:
     """A batch claimed by a drain that died before acknowledging is written by the next one, once."""
     redis_conn.rpush(keys.queue("agg_trades"), *[factories.agg_trade(i) for i in range(100)])
-    claimed = BatchQueue(redis_conn, "agg_trades").claim(60)  # the "dead" drain took 60 and vanished
-    assert len(claimed) == 60 and redis_conn.llen(keys.inflight("agg_trades")) == 60
+    queue = BatchQueue(redis_conn, "agg_trades")
+    first, second = queue.claim(30), queue.claim(30)  # the "dead" drain took two batches and vanished
+    assert first and second and inflight_length(redis_conn, "agg_trades") == 60
     result = _drainer(settings, redis_conn).drain("agg_trades")
     assert result.inserted == 100 and _count(db, "agg_trades") == 100
-    assert redis_conn.llen(keys.inflight("agg_trades")) == 0
+    assert inflight_length(redis_conn, "agg_trades") == 0
+    assert not redis_conn.exists(first.key, second.key, keys.inflight("agg_trades"))
 
 
 def test_two_drains_of_one_table_never_overlap(settings: Settings, redis_conn: redis.Redis, db) -> None:

@@ -85,16 +85,17 @@ def copy_text(rows: Iterable[Sequence[Any]]) -> bytes:
     return b"".join(b"\t".join([_field(value) for value in row]) + b"\n" for row in rows)
 
 
-def copy_rows(conn: Connection, table: str, rows: Sequence[Sequence[Any]]) -> CopyResult:
+def copy_rows(conn: Connection, table: str, rows: Sequence[Sequence[Any]], rendered: bytes | None = None) -> CopyResult:
     """Stage `rows` and insert the new ones, inside the caller's transaction.
 
-    The caller commits (which also empties the staging table) before staging again.
+    The caller commits (which also empties the staging table) before staging again. `rendered`
+    is `copy_text(rows)` when the caller already has it (the drain renders on its parsing thread).
     """
     if not rows:
         return CopyResult(0, 0)
     with conn.cursor() as cur:
         cur.execute(STAGING_DDL[table])
-        cur.copy_expert(COPY_SQL[table], io.BytesIO(copy_text(rows)))
+        cur.copy_expert(COPY_SQL[table], io.BytesIO(copy_text(rows) if rendered is None else rendered))
         cur.execute(INSERT_SQL[table])
         inserted = cur.rowcount
     return CopyResult(len(rows), inserted)

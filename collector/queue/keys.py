@@ -3,7 +3,9 @@
 | key | type | written by | read by | meaning |
 |---|---|---|---|---|
 | `collector:queue:<table>` | LIST | stream process, REST tasks (RPUSH) | drain (LPOP from the head) | envelopes waiting to be written, oldest first |
-| `collector:inflight:<table>` | LIST | drain (claim script) | drain | the batch being written; deleted only after the COMMIT |
+| `collector:inflight:<table>` | SET | drain (claim script) | drain, web, status | keys of that table's batches in flight |
+| `collector:inflight:<table>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
+| `collector:inflight_seq:<table>` | STRING | drain (claim script) | drain | counter numbering the batches |
 | `collector:lock:drain:<table>` | STRING | drain (SET NX EX) | drain | token of the one drain allowed to run for the table |
 | `collector:deadletter` | LIST | everyone (RPUSH) | operators | JSON `{reason, source, market, received_at_us, frame}` of what could not be parsed |
 | `collector:stream:messages` | HASH | stream process | web, status | field `<market>:<stream>` -> events received |
@@ -50,8 +52,18 @@ def queue(table: str) -> str:
 
 
 def inflight(table: str) -> str:
-    """The list holding the batch currently being written into `table`."""
+    """The set of `table`'s in-flight batch keys (use `collector.queue.batches.inflight_length`)."""
     return f"{PREFIX}:inflight:{table}"
+
+
+def inflight_batch_prefix(table: str) -> str:
+    """Prefix of one in-flight batch's list key; the claim script appends the batch number."""
+    return f"{PREFIX}:inflight:{table}:"
+
+
+def inflight_counter(table: str) -> str:
+    """Counter that numbers `table`'s batches."""
+    return f"{PREFIX}:inflight_seq:{table}"
 
 
 def drain_lock(table: str) -> str:
