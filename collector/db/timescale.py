@@ -10,7 +10,7 @@ import logging
 
 from psycopg2.extensions import cursor as Cursor
 
-from collector.db.schema import TIME_COLUMNS
+from collector.db.schema import NATURAL_KEYS, TIME_COLUMNS
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,6 +24,15 @@ SEGMENT_BY = {
     "open_interest": "symbol",
     "depth_snapshots": "market_type, symbol",
 }
+
+
+def order_by(table: str) -> str:
+    """Newest first, then the rest of the natural key: TimescaleDB wants every unique-key column in
+    segment-by or order-by, so a re-delivered row can be found (and skipped) inside a compressed chunk."""
+    segment = {c.strip() for c in SEGMENT_BY[table].split(",")}
+    time_column = TIME_COLUMNS[table]
+    rest = [c for c in NATURAL_KEYS[table] if c not in segment and c != time_column]
+    return ", ".join([f"{time_column} DESC", *rest])
 
 
 def extension_available(cur: Cursor) -> bool:
@@ -44,7 +53,7 @@ def hypertable_statements(table: str, settings: Settings) -> list[str]:
         statements += [
             f"ALTER TABLE {table} SET (timescaledb.compress, "
             f"timescaledb.compress_segmentby = '{SEGMENT_BY[table]}', "
-            f"timescaledb.compress_orderby = '{time_column} DESC')",
+            f"timescaledb.compress_orderby = '{order_by(table)}')",
             f"SELECT add_compression_policy('{table}', "
             f"INTERVAL '{settings.timescale_compress_after_days} days', if_not_exists => TRUE)",
         ]

@@ -1,0 +1,207 @@
+"""Settings validation, stream naming and connection plans, the beat schedule, the Timescale SQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collector.binance.streams import (
+    combined_url,
+    connection_plans,
+    family_for_futures_stream,
+    futures_stream_name,
+    spot_stream_name,
+    stream_specs,
+    table_for_stream,
+)
+from collector.db import timescale
+from collector.db.init import init_db
+from collector.errors import ConfigError
+from collector.schedule import TASK_QUEUES, beat_schedule
+from collector.settings import Settings, load_settings
+
+COLLECTOR = str(Path(sys.executable).with_name("collector"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no developer .env
+
+
+def test_defaults_match_the_issue() -> None:
+    """Default symbols, stream types and intervals are the ones the issue names."""
+    s = Settings()
+    assert s.spot_symbols == ["BTCUSDT", "ETHUSDT"] and s.futures_symbols == ["BTCUSDT", "ETHUSDT"]
+    assert s.spot_streams == ["aggTrade", "depth@500ms"]
+    assert s.futures_streams == ["aggTrade", "depth@500ms", "markPrice@arr@1s", "forceOrder"]
+    assert (s.open_interest_interval_s, s.depth_snapshot_interval_s, s.depth_snapshot_limit) == (60, 300, 1000)
+    assert s.binance_futures_ws_url == "wss://fstream.binance.com"
+
+
+def test_comma_lists_are_parsed_and_upper_cased(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPOT_SYMBOLS=btcusdt, solusdt gives upper-case symbols."""
+    monkeypatch.setenv("SPOT_SYMBOLS", "btcusdt, solusdt")
+    monkeypatch.setenv("FUTURES_STREAMS", "aggTrade,forceOrder")
+    s = load_settings()
+    assert s.spot_symbols == ["BTCUSDT", "SOLUSDT"] and s.futures_streams == ["aggTrade", "forceOrder"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("SPOT_SYMBOLS", "BTC-USDT", "SPOT_SYMBOLS: 'BTC-USDT' is not a Binance symbol"),
+        ("FUTURES_STREAMS", "aggTrade,trades", "FUTURES_STREAMS: unknown stream type 'trades'"),
+        ("SPOT_STREAMS", "markPrice@arr", "SPOT_STREAMS: unknown stream type 'markPrice@arr'"),
+        ("OPEN_INTEREST_INTERVAL_S", "soon", "OPEN_INTEREST_INTERVAL_S: Input should be a valid number"),
+        ("DEPTH_SNAPSHOT_LIMIT", "7", "DEPTH_SNAPSHOT_LIMIT: 7 is not a futures depth limit"),
+        ("WEB_PORT", "70000", "WEB_PORT: Input should be less than 65536"),
+    ],
+)
+def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str) -> None:
+    """Every bad value raises one ConfigError line that names the variable."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as error:
+        load_settings()
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_config(tmp_path: Path) -> None:
+    """`collector init-db` with a bad setting prints one line, no traceback, exit code 2."""
+    done = subprocess.run([COLLECTOR, "init-db"], env={"SPOT_SYMBOLS": "BTC/USDT", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "SPOT_SYMBOLS" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_names_unreachable_postgres(tmp_path: Path) -> None:
+    """`collector init-db` against a closed port names PostgreSQL in one line and exits 2."""
+    env = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/collector", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([COLLECTOR, "init-db"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 2 and "PostgreSQL at postgresql://postgres@127.0.0.1:1/collector is unreachable" in done.stderr
+    assert done.stderr.strip().count("\n") == 0
+
+
+def test_env_file_is_read(tmp_path: Path) -> None:
+    """Settings come from a .env file in the working directory too."""
+    (tmp_path / ".env").write_text("FUTURES_SYMBOLS=SOLUSDT\nALERT_COOLDOWN_S=5\n")
+    s = load_settings()
+    assert s.futures_symbols == ["SOLUSDT"] and s.alert_cooldown_s == 5
+
+
+def test_stream_names_follow_binance() -> None:
+    """Wire names are lower-case per symbol, `!`-prefixed for all-market, valid speeds only."""
+    assert spot_stream_name("BTCUSDT", "aggTrade") == "btcusdt@aggTrade"
+    assert spot_stream_name("BTCUSDT", "depth@500ms") == "btcusdt@depth@100ms"  # spot has no 500 ms
+    assert spot_stream_name("BTCUSDT", "depth") == "btcusdt@depth"
+    assert futures_stream_name("BTCUSDT", "depth@500ms") == "btcusdt@depth@500ms"
+    assert futures_stream_name("BTCUSDT", "depth@250ms") == "btcusdt@depth"
+    assert futures_stream_name(None, "markPrice@arr@1s") == "!markPrice@arr@1s"
+    assert futures_stream_name(None, "forceOrder") == "!forceOrder@arr"
+    assert futures_stream_name("ETHUSDT", "forceOrder@symbol") == "ethusdt@forceOrder"
+
+
+def test_streams_route_to_tables_and_paths() -> None:
+    """Depth goes to /public, the rest to /market; each stream feeds its table; partial books feed none."""
+    assert [family_for_futures_stream(n) for n in ("btcusdt@depth@500ms", "btcusdt@aggTrade", "!forceOrder@arr")] == [
+        "public", "market", "market"]
+    assert table_for_stream("btcusdt@depth@100ms") == "depth_updates"
+    assert table_for_stream("btcusdt@depth") == "depth_updates"
+    assert table_for_stream("btcusdt@depth20@100ms") is None
+    assert table_for_stream("!markPrice@arr@1s") == "mark_prices"
+    assert table_for_stream("btcusdt@markPrice") == "mark_prices"
+    assert table_for_stream("!forceOrder@arr") == "force_orders"
+    assert table_for_stream("btcusdt@bookTicker") is None
+
+
+def test_default_plan_keeps_public_and_market_apart() -> None:
+    """The default futures streams need two connections: depth on /public, the rest on /market."""
+    plans = {p.connection_id: p for p in connection_plans(Settings())}
+    assert set(plans) == {"spot-0", "futures-public-0", "futures-market-0"}
+    assert plans["futures-public-0"].url == (
+        "wss://fstream.binance.com/public/stream?streams=btcusdt@depth@500ms/ethusdt@depth@500ms")
+    assert plans["futures-market-0"].streams == (
+        "btcusdt@aggTrade", "ethusdt@aggTrade", "!markPrice@arr@1s", "!forceOrder@arr")
+    assert plans["spot-0"].url.startswith("wss://stream.binance.com:9443/stream?streams=btcusdt@aggTrade/")
+
+
+def test_many_symbols_split_across_connections() -> None:
+    """Streams beyond WS_MAX_STREAMS_PER_CONNECTION go on further connections, none lost or repeated."""
+    symbols = [f"S{i:03d}USDT" for i in range(250)]
+    s = load_settings(spot_symbols=symbols, futures_symbols=symbols, ws_max_streams_per_connection=100)
+    plans = connection_plans(s)
+    assert all(len(p.streams) <= 100 for p in plans)
+    spot = [n for p in plans if p.market == "spot" for n in p.streams]
+    assert len(spot) == len(set(spot)) == 500
+    market = [n for p in plans if p.family == "market" for n in p.streams]
+    assert len(market) == 252 and market.count("!forceOrder@arr") == 1
+    assert len(stream_specs(s)) == 500 + 250 + 252
+    assert combined_url("ws://x/futures/", "public", ["a", "b"]) == "ws://x/futures/public/stream?streams=a/b"
+
+
+def test_beat_schedule_from_settings() -> None:
+    """One drain per table every second, pollers at their intervals, every entry with queue and expiry."""
+    s = load_settings(open_interest_interval_s=15, depth_snapshot_interval_s=120)
+    schedule = beat_schedule(s)
+    drains = [e for e in schedule.values() if e["task"] == "collector.tasks.ingest.drain"]
+    assert sorted(e["args"][0] for e in drains) == sorted(
+        ["agg_trades", "depth_updates", "mark_prices", "force_orders", "open_interest", "depth_snapshots"])
+    assert schedule["open-interest"]["schedule"] == 15
+    assert schedule["depth-snapshot-spot"]["kwargs"] == {"market": "spot"}
+    assert schedule["depth-snapshot-futures"]["schedule"] == 120
+    for entry in schedule.values():
+        assert entry["options"]["queue"] == TASK_QUEUES[entry["task"]] and entry["options"]["expires"] >= 1
+
+
+def test_timescale_statements_are_idempotent_and_complete() -> None:
+    """Each table becomes a hypertable on its time column, compressed by symbol, retention optional."""
+    s = load_settings(timescale_retention_days=90)
+    statements = timescale.hypertable_statements("agg_trades", s)
+    assert statements[0].startswith("SELECT create_hypertable('agg_trades', 'trade_time'")
+    assert all("if_not_exists => TRUE" in x for x in statements if x.startswith("SELECT"))
+    assert "compress_segmentby = 'market, symbol'" in statements[1]
+    assert "compress_orderby = 'trade_time DESC, aggregate_trade_id'" in statements[1]
+    assert timescale.order_by("force_orders") == "transaction_time DESC, side, price, quantity"
+    assert "add_retention_policy('agg_trades', INTERVAL '90 days'" in statements[-1]
+    assert not any("retention" in x for x in timescale.hypertable_statements("agg_trades", Settings()))
+
+
+def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
+    """init-db creates the database and tables, and a second run changes nothing."""
+    import psycopg2
+
+    first = init_db(settings)
+    second = init_db(settings)
+    assert first == second
+    conn = psycopg2.connect(settings.database_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
+        assert [r[0] for r in cur.fetchall()] == [
+            "agg_trades", "alert_cursor", "alerts", "depth_snapshots", "depth_updates", "force_orders",
+            "mark_prices", "open_interest"]
+        if first:  # TimescaleDB present: every market table is a hypertable
+            cur.execute("SELECT count(*) FROM timescaledb_information.hypertables")
+            assert cur.fetchone()[0] == 6
+    conn.close()
+
+
+def test_timescale_hypertables_when_extension_present(settings: Settings) -> None:
+    """With the timescaledb extension installed, init-db makes six compressed hypertables."""
+    import psycopg2
+
+    from collector.db.connection import connect, ensure_database
+
+    ensure_database(settings)
+    conn = connect(settings)
+    with conn.cursor() as cur:
+        if not timescale.extension_available(cur):
+            pytest.skip("the timescaledb extension is not installed on this PostgreSQL")
+    conn.close()
+    assert init_db(settings) is True
+    conn = psycopg2.connect(settings.database_url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT hypertable_name, compression_enabled FROM timescaledb_information.hypertables")
+        assert sorted(cur.fetchall()) == sorted((t, True) for t in timescale.SEGMENT_BY)
+    conn.close()
