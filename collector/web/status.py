@@ -1,0 +1,140 @@
+"""`collector status`: the health snapshot as text for a terminal, ending in `HEALTHY` or `UNHEALTHY: ...`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from collector.queue.client import redis_client
+from collector.settings import Settings
+from collector.web.health import HealthReport, HealthSnapshot, age_s, assess, now_us, snapshot
+
+COUNTER_ENTRIES_SHOWN = 6  # per counter, the largest label sets; the rest are summed up as "+N more"
+ERROR_CHARS_SHOWN = 80
+
+
+def render(settings: Settings) -> tuple[str, bool]:
+    """Take a snapshot and describe it; returns the text and whether the collector is healthy."""
+    client = redis_client(settings)
+    try:
+        snap = snapshot(settings, client)
+    finally:
+        client.close()
+    now = now_us()
+    report = assess(snap, now, settings)
+    return format_status(snap, report, now), report.healthy
+
+
+def format_status(snap: HealthSnapshot, report: HealthReport, now: int) -> str:
+    """The text of `collector status`. Pure."""
+    lines = ["services", *_indent(_services(snap)), ""]
+    if snap.redis_up:
+        lines += ["connections", *_indent(_connections(snap, now)), ""]
+        lines += ["streams", *_indent(_streams(snap, now)), ""]
+        lines += ["queues", *_indent(_tables(snap, now)), ""]
+        lines += [f"dead letters: {snap.deadletter_length}", ""]
+        lines += ["counters", *_indent(_counters(snap)), ""]
+    lines.append("HEALTHY" if report.healthy else "UNHEALTHY: " + "; ".join(report.reasons))
+    return "\n".join(lines)
+
+
+def format_age(seconds: float | None) -> str:
+    """`0.4s`, `42s`, `12m05s`, `3h02m`, `2d04h`; `never` for None."""
+    if seconds is None:
+        return "never"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _ago(then_us: int | None, now: int) -> str:
+    age = age_s(then_us, now)
+    return "never" if age is None else f"{format_age(age)} ago"
+
+
+def _indent(lines: list[str]) -> list[str]:
+    return ["  " + line for line in lines]
+
+
+def _columns(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
+
+
+def _services(snap: HealthSnapshot) -> list[str]:
+    return [
+        "redis       " + ("up" if snap.redis_up else f"DOWN  {snap.redis_error}"),
+        "postgresql  " + ("up" if snap.postgres_up else f"DOWN  {snap.postgres_error}"),
+    ]
+
+
+def _short(text: str | None) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= ERROR_CHARS_SHOWN else text[: ERROR_CHARS_SHOWN - 1] + "…"
+
+
+def _connections(snap: HealthSnapshot, now: int) -> list[str]:
+    if not snap.connections:
+        return ["(none registered)"]
+    header = (
+        "ID",
+        "MARKET",
+        "FAMILY",
+        "STATE",
+        "STREAMS",
+        "LAST MESSAGE",
+        "UP FOR",
+        "MESSAGES",
+        "RECONNECTS",
+        "ERROR",
+    )
+    rows = [
+        (
+            c.connection_id,
+            c.market,
+            c.family,
+            c.state,
+            len(c.streams),
+            _ago(c.last_message_us, now),
+            format_age(age_s(c.connected_since_us, now)) if c.state == "connected" else "-",
+            c.messages,
+            c.reconnects,
+            _short(c.last_error),
+        )
+        for c in snap.connections
+    ]
+    return _columns(header, rows)
+
+
+def _streams(snap: HealthSnapshot, now: int) -> list[str]:
+    if not snap.streams:
+        return ["(no message received yet)"]
+    rows = [(s.market, s.stream, s.messages, _ago(s.last_message_us, now)) for s in snap.streams]
+    return _columns(("MARKET", "STREAM", "MESSAGES", "LAST MESSAGE"), rows)
+
+
+def _tables(snap: HealthSnapshot, now: int) -> list[str]:
+    rows = [(t.table, t.queue_length, t.inflight_length, _ago(t.last_drain_us, now)) for t in snap.tables]
+    return _columns(("TABLE", "QUEUED", "IN-FLIGHT", "LAST DRAIN"), rows)
+
+
+def _counters(snap: HealthSnapshot) -> list[str]:
+    rows = []
+    for name, values in snap.counters.items():
+        ranked = sorted(values.items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{'|'.join(labels)}={value}" for labels, value in ranked[:COUNTER_ENTRIES_SHOWN])
+        if len(ranked) > COUNTER_ENTRIES_SHOWN:
+            shown += f", +{len(ranked) - COUNTER_ENTRIES_SHOWN} more"
+        rows.append((name, sum(values.values()), shown or "-"))
+    return _columns(("COUNTER", "TOTAL", "LARGEST"), rows)

@@ -1,0 +1,75 @@
+"""Start the collector's real processes (Celery worker/beat, stream process) for tests, and stop them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
+
+
+class Process:
+    """A child process in its own session, with its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.popen = subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, wait, then SIGKILL the whole group. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout_s * TIMEOUT_FACTOR)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.popen.wait(timeout=10)
+        self.signal_group(signal.SIGKILL)  # leftover pool children
+        self._log.close()
+        return self.popen.returncode
+
+
+def celery_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker", concurrency: int = 2) -> Process:
+    return Process(name, [str(BIN / "celery"), "-A", "collector", "worker", "-Q", "ingest,rest,alerts",
+                          f"--concurrency={concurrency}", "--loglevel=INFO", "-n", f"{name}@%h",
+                          "--without-gossip", "--without-mingle"], env, log_dir)
+
+
+def celery_beat(env: Mapping[str, str], log_dir: Path) -> Process:
+    return Process("beat", [str(BIN / "celery"), "-A", "collector", "beat", "--loglevel=INFO",
+                            "--schedule", str(log_dir / "celerybeat-schedule")], env, log_dir)
+
+
+def stream_process(env: Mapping[str, str], log_dir: Path) -> Process:
+    return Process("streams", [str(BIN / "collector"), "streams"], env, log_dir)
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2) -> object:
+    """Poll `condition` until it is truthy; fail with `what` after `timeout_s` (scaled by TIMEOUT_FACTOR)."""
+    deadline = time.monotonic() + timeout_s * TIMEOUT_FACTOR
+    last: object = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
