@@ -15,14 +15,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def collector_task(name: str, soft_time_limit_s: int = 60, time_limit_s: int = 90, **options: Any) -> Callable[[F], Any]:
-    """Register `name` (which must be listed in `collector.schedule.TASK_QUEUES`) on its queue."""
+    """Register `name`, which must be listed in `collector.schedule.TASK_QUEUES`.
+
+    Its queue comes from `celeryconfig.task_routes` (derived from that table), not a task attribute,
+    which Celery deprecates.
+    """
     if name not in TASK_QUEUES:
         raise KeyError(f"task {name!r} has no queue in collector.schedule.TASK_QUEUES")
 
     def decorator(func: F) -> Any:
         return app.task(
             name=name,
-            queue=TASK_QUEUES[name],
             ignore_result=True,
             acks_late=True,
             soft_time_limit=soft_time_limit_s,

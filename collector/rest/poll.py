@@ -1,0 +1,149 @@
+"""The REST pollers: fetch open interest and depth snapshots, queue each body for the drain.
+
+Each body is wrapped, unmodified, in an envelope with its receive time and symbol and pushed onto
+`collector:queue:open_interest` / `collector:queue:depth_snapshots`; the drain writes it to PostgreSQL.
+A body that is not a JSON object goes to the dead-letter list instead. One symbol failing never
+stops the others, except a rate-limit pause: the rest of that market is then skipped, since every
+further request would only be refused (and repeating requests after a 429 earns a 418 ban).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import orjson
+import redis
+import requests
+
+from collector.binance.rest import Market, RestRequest, depth_request, open_interest_request
+from collector.binance.rows import make_envelope
+from collector.errors import RateLimited, RestError
+from collector.queue import counters, keys
+from collector.rest.client import RestClient, RestResponse
+from collector.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PollSummary:
+    """What one poll did: the symbols queued, and the reason for each one that failed."""
+
+    table: str
+    market: str
+    ok: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"table": self.table, "market": self.market, "ok": list(self.ok), "failed": dict(self.failed)}
+
+
+def poll_open_interest(
+    settings: Settings, client: redis.Redis, session: requests.Session, symbols: Iterable[str]
+) -> PollSummary:
+    """Fetch GET /fapi/v1/openInterest for each symbol and queue the bodies for `open_interest`."""
+    base = settings.binance_futures_rest_url
+    return _poll(
+        settings,
+        client,
+        session,
+        "open_interest",
+        "futures",
+        [open_interest_request(base, symbol) for symbol in symbols],
+    )
+
+
+def poll_depth_snapshots(
+    settings: Settings, client: redis.Redis, session: requests.Session, market: Market, symbols: Iterable[str]
+) -> PollSummary:
+    """Fetch a `DEPTH_SNAPSHOT_LIMIT`-level book per symbol and queue the bodies for `depth_snapshots`."""
+    base = settings.binance_spot_rest_url if market == "spot" else settings.binance_futures_rest_url
+    return _poll(
+        settings,
+        client,
+        session,
+        "depth_snapshots",
+        market,
+        [depth_request(market, base, symbol, settings.depth_snapshot_limit) for symbol in symbols],
+    )
+
+
+def _poll(
+    settings: Settings,
+    client: redis.Redis,
+    session: requests.Session,
+    table: str,
+    market: str,
+    requests_: list[RestRequest],
+) -> PollSummary:
+    rest = RestClient(settings, client, session)
+    summary = PollSummary(table, market)
+    for index, request in enumerate(requests_):
+        symbol = request.symbol or ""
+        try:
+            response = rest.get(request)
+        except RateLimited as error:
+            for skipped in requests_[index:]:
+                summary.failed[skipped.symbol or ""] = "rate_limited"
+            logger.warning(
+                "rest.poll_paused table=%s market=%s skipped=%d retry_after_s=%.1f",
+                table,
+                market,
+                len(requests_) - index,
+                error.retry_after_s,
+            )
+            break
+        except RestError as error:
+            summary.failed[symbol] = str(error)
+            continue
+        reason = _queue(client, table, market, symbol, response)
+        if reason:
+            summary.failed[symbol] = reason
+        else:
+            summary.ok.append(symbol)
+    logger.info(
+        "rest.poll_done table=%s market=%s ok=%d failed=%d",
+        table,
+        market,
+        len(summary.ok),
+        len(summary.failed),
+    )
+    return summary
+
+
+def _queue(client: redis.Redis, table: str, market: str, symbol: str, response: RestResponse) -> str:
+    """Push the envelope (or a dead letter); returns the failure reason, "" when queued."""
+    reason = body_problem(response.body)
+    if reason:
+        letter = {
+            "reason": reason,
+            "source": "rest",
+            "market": market,
+            "table": table,
+            "symbol": symbol,
+            "received_at_us": response.received_at_us,
+            "frame": response.body.decode("utf-8", "replace"),
+        }
+        pipe = client.pipeline(transaction=True)
+        pipe.rpush(keys.DEADLETTER, orjson.dumps(letter))
+        counters.incr(pipe, "deadletters", "rest")
+        pipe.execute()
+        logger.error("rest.deadletter table=%s market=%s symbol=%s reason=%s", table, market, symbol, reason)
+        return reason
+    client.rpush(
+        keys.queue(table), make_envelope(market, response.received_at_us, response.body, symbol=symbol)
+    )
+    return ""
+
+
+def body_problem(body: bytes) -> str:
+    """Why `body` cannot be embedded in an envelope ("" when it can): it must be one JSON object."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        return f"body is not JSON: {error}"
+    if not isinstance(parsed, dict):
+        return "body is not a JSON object"
+    return ""

@@ -1,0 +1,69 @@
+"""Celery shell of the liquidation alerts: one evaluation at a time, under a Redis lock."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Final
+
+from celery.utils.log import get_task_logger
+
+from collector.alerts.evaluate import evaluate_alerts
+from collector.db.connection import connect
+from collector.queue import keys
+from collector.queue.client import redis_client
+from collector.settings import get_settings
+from collector.tasks.base import collector_task
+
+logger = get_task_logger(__name__)
+
+SOFT_TIME_LIMIT_S: Final = 45
+TIME_LIMIT_S: Final = 60
+# The lock outlives the longest possible run (the hard time limit), so it is never lost while the
+# task still works; a worker killed outright blocks alerts for at most this long.
+LOCK_TTL_MS: Final = TIME_LIMIT_S * 1000
+
+# KEYS[1] = lock key; ARGV[1] = token of the holder.
+# Delete the lock only if we still hold it: after an expiry another run may own it (redis-py's Lock).
+RELEASE_LOCK_SCRIPT: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@collector_task(
+    "collector.tasks.alerts.evaluate", soft_time_limit_s=SOFT_TIME_LIMIT_S, time_limit_s=TIME_LIMIT_S
+)
+def evaluate() -> dict[str, Any] | None:
+    """Decide alerts for new liquidations, write them to ALERT_LOG and publish them.
+
+    Idempotence key: `alert_key` (rule + the liquidation's natural key) and the `force_orders`
+    cursor. A duplicate or retried run finds the rows already past the cursor, the alerts already
+    decided and the lines already in the log: it writes nothing twice. Overlapping runs are turned
+    away by the lock (`alerts.lock_busy`) and leave the work to the one holding it.
+    """
+    settings = get_settings()
+    client = redis_client(settings)
+    token = uuid.uuid4().hex
+    try:
+        if not client.set(keys.ALERTS_LOCK, token, nx=True, px=LOCK_TTL_MS):
+            logger.info("alerts.lock_busy")
+            return None
+        release = client.register_script(RELEASE_LOCK_SCRIPT)
+        try:
+            conn = connect(settings)
+            try:
+                summary = evaluate_alerts(settings, conn, client)
+            finally:
+                conn.close()
+        finally:
+            release(keys=[keys.ALERTS_LOCK], args=[token])
+        return {
+            "rows": summary.rows,
+            "alerts": summary.alerts,
+            "written": summary.written,
+            "published": summary.published,
+        }
+    finally:
+        client.close()
