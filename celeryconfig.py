@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from kombu import Queue
 
-from collector.schedule import QUEUES, TASK_QUEUES, beat_schedule
+from collector.schedule import QUEUES, TASK_QUEUES
+from collector.schedule import beat_schedule as build_beat_schedule
 from collector.settings import get_settings
 
 _settings = get_settings()
@@ -36,4 +37,4 @@ timezone = "UTC"
 enable_utc = True
 worker_hijack_root_logger = False
 
-beat_schedule = beat_schedule(_settings)
+beat_schedule = build_beat_schedule(_settings)

@@ -22,14 +22,14 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from collector.db.connection import connect  # noqa: E402
-from collector.db.copy import copy_text  # noqa: E402
-from collector.db.init import init_db  # noqa: E402
-from collector.drain import Drainer, build_rows  # noqa: E402
-from collector.localservices import start_postgres, start_redis  # noqa: E402
-from collector.queue import keys  # noqa: E402
-from collector.settings import load_settings  # noqa: E402
-from tests.factories import agg_trade  # noqa: E402
+from collector.db.connection import connect
+from collector.db.copy import copy_text
+from collector.db.init import init_db
+from collector.drain import Drainer, build_rows
+from collector.localservices import start_postgres, start_redis
+from collector.queue import keys
+from collector.settings import load_settings
+from tests.factories import agg_trade
 
 
 def main() -> int:
@@ -44,7 +44,10 @@ def main() -> int:
     pg = start_postgres(workdir / "pg", durable=True)
     try:
         settings = load_settings(
-            redis_url=redis_server.url, database_url=pg.url, drain_batch_max_rows=args.batch, drain_run_max_s=3600
+            redis_url=redis_server.url,
+            database_url=pg.url,
+            drain_batch_max_rows=args.batch,
+            drain_run_max_s=3600,
         )
         init_db(settings)
         client = redis.Redis.from_url(settings.redis_url)
@@ -64,9 +67,11 @@ def main() -> int:
         buffer = copy_text(rows)
         conn = connect(settings)
         with conn.cursor() as cur:
-            cur.execute("CREATE TABLE plain_copy (event_time bigint, market text, symbol text, a bigint,"
-                        " trade_time bigint, price numeric, quantity numeric, f bigint, l bigint,"
-                        " m boolean, received_at bigint, payload jsonb)")
+            cur.execute(
+                "CREATE TABLE plain_copy (event_time bigint, market text, symbol text, a bigint,"
+                " trade_time bigint, price numeric, quantity numeric, f bigint, l bigint,"
+                " m boolean, received_at bigint, payload jsonb)"
+            )
             conn.commit()
             copy_started = time.perf_counter()
             cur.copy_expert("COPY plain_copy FROM STDIN", io.BytesIO(buffer))
@@ -74,10 +79,14 @@ def main() -> int:
             copy_elapsed = time.perf_counter() - copy_started
         conn.close()
 
-        print(f"drain: {args.events} events in {elapsed:.2f} s = {args.events / elapsed:,.0f} rows/s "
-              f"(batch {args.batch}, {result.batches} batches, drain process CPU {cpu / elapsed:.0%})")
-        print(f"limit: plain COPY of the same rows = {args.events / copy_elapsed:,.0f} rows/s "
-              f"({copy_elapsed:.2f} s; no parsing, no unique index, no dedup)")
+        print(
+            f"drain: {args.events} events in {elapsed:.2f} s = {args.events / elapsed:,.0f} rows/s "
+            f"(batch {args.batch}, {result.batches} batches, drain process CPU {cpu / elapsed:.0%})"
+        )
+        print(
+            f"limit: plain COPY of the same rows = {args.events / copy_elapsed:,.0f} rows/s "
+            f"({copy_elapsed:.2f} s; no parsing, no unique index, no dedup)"
+        )
         print(f"ratio: drain / plain COPY = {copy_elapsed / elapsed:.0%}")
         return 0
     finally:

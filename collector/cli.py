@@ -107,7 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     trigger.add_argument("--table", choices=TABLES)
     trigger.add_argument("--symbol")
     trigger.add_argument("--market", choices=["spot", "futures"])
-    fake = sub.add_parser("fake-exchange", help="run the fake Binance exchange", add_help=False)
+    # No prefix characters: every argument, `--port` included, goes to the fake exchange's own parser
+    # (argparse's REMAINDER alone rejects a leading option as unrecognized).
+    fake = sub.add_parser(
+        "fake-exchange", help="run the fake Binance exchange", add_help=False, prefix_chars="\0"
+    )
     fake.add_argument("fake_args", nargs=argparse.REMAINDER)
     services = sub.add_parser("services", help="start/stop a local Redis and PostgreSQL (for make run)")
     services.add_argument("action", choices=["up", "down", "env"])

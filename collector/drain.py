@@ -61,8 +61,12 @@ class DrainResult:
 
 def dead_letter(reason: str, source: str, table: str, raw: bytes) -> bytes:
     """A dead-letter entry that keeps the original bytes (as text when they are UTF-8)."""
-    entry: dict[str, object] = {"reason": reason, "source": source, "table": table,
-                                "dead_at_us": time.time_ns() // 1000}
+    entry: dict[str, object] = {
+        "reason": reason,
+        "source": source,
+        "table": table,
+        "dead_at_us": time.time_ns() // 1000,
+    }
     try:
         entry["envelope"] = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -100,7 +104,9 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
         return result
     except psycopg2.DataError as error:
         conn.rollback()
-        logger.warning("drain.batch_rejected table=%s error=%s action=isolate", table, str(error).splitlines()[0])
+        logger.warning(
+            "drain.batch_rejected table=%s error=%s action=isolate", table, str(error).splitlines()[0]
+        )
     staged = inserted = 0
     by_owner: dict[int, list[Row]] = {}
     for owner, row in zip(parsed.owners, parsed.rows, strict=True):
@@ -144,7 +150,9 @@ class Drainer:
         if table not in keys.TABLES:
             raise ValueError(f"unknown table {table!r} (one of {', '.join(keys.TABLES)})")
         result = DrainResult(table)
-        lock = self._redis.lock(keys.drain_lock(table), timeout=self._settings.drain_lock_ttl_s, blocking=False)
+        lock = self._redis.lock(
+            keys.drain_lock(table), timeout=self._settings.drain_lock_ttl_s, blocking=False
+        )
         if not lock.acquire(blocking=False):
             logger.info("drain.lock_busy table=%s", table)
             result.lock_busy = True
@@ -156,7 +164,9 @@ class Drainer:
             try:
                 lock.release()
             except LockError:
-                logger.warning("drain.lock_lost table=%s (expired during the run; the next drain recovers)", table)
+                logger.warning(
+                    "drain.lock_lost table=%s (expired during the run; the next drain recovers)", table
+                )
         return result
 
     def _drain_locked(self, table: str, lock: Lock, result: DrainResult, writer: ThreadPoolExecutor) -> None:
@@ -184,9 +194,15 @@ class Drainer:
         result.remaining = queue_length(self._redis, table)
         if result.batches:
             logger.info(
-                "drain.done table=%s batches=%d envelopes=%d inserted=%d duplicates=%d dead_letters=%d remaining=%d",
-                table, result.batches, result.envelopes, result.inserted, result.duplicates,
-                result.dead_letters, result.remaining,
+                "drain.done table=%s batches=%d envelopes=%d inserted=%d duplicates=%d "
+                "dead_letters=%d remaining=%d",
+                table,
+                result.batches,
+                result.envelopes,
+                result.inserted,
+                result.duplicates,
+                result.dead_letters,
+                result.remaining,
             )
 
     @staticmethod
@@ -208,4 +224,6 @@ class Drainer:
         result.duplicates += written.duplicates
         result.dead_letters += len(parsed.dead_letters)
         for entry in parsed.dead_letters:
-            logger.warning("drain.dead_letter table=%s entry=%s", queue.table, entry[:300].decode("utf-8", "replace"))
+            logger.warning(
+                "drain.dead_letter table=%s entry=%s", queue.table, entry[:300].decode("utf-8", "replace")
+            )

@@ -25,7 +25,9 @@ TASK_QUEUES = {
 }
 
 
-def _entry(task: str, every_s: float, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+def _entry(
+    task: str, every_s: float, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "task": task,
         "schedule": every_s,
@@ -43,11 +45,15 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         for table in TABLES
     }
     if settings.futures_symbols:
-        schedule["open-interest"] = _entry("collector.tasks.rest.open_interest", settings.open_interest_interval_s)
+        schedule["open-interest"] = _entry(
+            "collector.tasks.rest.open_interest", settings.open_interest_interval_s
+        )
     for market in ("spot", "futures"):
         if settings.symbols(market):
             schedule[f"depth-snapshot-{market}"] = _entry(
-                "collector.tasks.rest.depth_snapshot", settings.depth_snapshot_interval_s, kwargs={"market": market}
+                "collector.tasks.rest.depth_snapshot",
+                settings.depth_snapshot_interval_s,
+                kwargs={"market": market},
             )
     schedule["alerts"] = _entry("collector.tasks.alerts.evaluate", settings.alert_interval_s)
     return schedule

@@ -160,7 +160,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_streams(self) -> Settings:
-        for field, allowed in (("spot_streams", SPOT_STREAM_TYPES), ("futures_streams", FUTURES_STREAM_TYPES)):
+        for field, allowed in (
+            ("spot_streams", SPOT_STREAM_TYPES),
+            ("futures_streams", FUTURES_STREAM_TYPES),
+        ):
             for stream in getattr(self, field):
                 if stream not in allowed:
                     raise ValueError(

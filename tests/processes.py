@@ -22,7 +22,11 @@ class Process:
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(
-            args, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            args,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def log(self) -> str:
@@ -48,22 +52,54 @@ class Process:
         return self.popen.returncode
 
 
-def celery_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker", concurrency: int = 2) -> Process:
-    return Process(name, [str(BIN / "celery"), "-A", "collector", "worker", "-Q", "ingest,rest,alerts",
-                          f"--concurrency={concurrency}", "--loglevel=INFO", "-n", f"{name}@%h",
-                          "--without-gossip", "--without-mingle"], env, log_dir)
+def celery_worker(
+    env: Mapping[str, str], log_dir: Path, name: str = "worker", concurrency: int = 2
+) -> Process:
+    return Process(
+        name,
+        [
+            str(BIN / "celery"),
+            "-A",
+            "collector",
+            "worker",
+            "-Q",
+            "ingest,rest,alerts",
+            f"--concurrency={concurrency}",
+            "--loglevel=INFO",
+            "-n",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env,
+        log_dir,
+    )
 
 
 def celery_beat(env: Mapping[str, str], log_dir: Path) -> Process:
-    return Process("beat", [str(BIN / "celery"), "-A", "collector", "beat", "--loglevel=INFO",
-                            "--schedule", str(log_dir / "celerybeat-schedule")], env, log_dir)
+    return Process(
+        "beat",
+        [
+            str(BIN / "celery"),
+            "-A",
+            "collector",
+            "beat",
+            "--loglevel=INFO",
+            "--schedule",
+            str(log_dir / "celerybeat-schedule"),
+        ],
+        env,
+        log_dir,
+    )
 
 
 def stream_process(env: Mapping[str, str], log_dir: Path) -> Process:
     return Process("streams", [str(BIN / "collector"), "streams"], env, log_dir)
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2) -> object:
+def wait_until(
+    condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.2
+) -> object:
     """Poll `condition` until it is truthy; fail with `what` after `timeout_s` (scaled by TIMEOUT_FACTOR)."""
     deadline = time.monotonic() + timeout_s * TIMEOUT_FACTOR
     last: object = None

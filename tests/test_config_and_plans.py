@@ -37,7 +37,11 @@ def test_defaults_match_the_issue() -> None:
     assert s.spot_symbols == ["BTCUSDT", "ETHUSDT"] and s.futures_symbols == ["BTCUSDT", "ETHUSDT"]
     assert s.spot_streams == ["aggTrade", "depth@500ms"]
     assert s.futures_streams == ["aggTrade", "depth@500ms", "markPrice@arr@1s", "forceOrder"]
-    assert (s.open_interest_interval_s, s.depth_snapshot_interval_s, s.depth_snapshot_limit) == (60, 300, 1000)
+    assert (s.open_interest_interval_s, s.depth_snapshot_interval_s, s.depth_snapshot_limit) == (
+        60,
+        300,
+        1000,
+    )
     assert s.binance_futures_ws_url == "wss://fstream.binance.com"
 
 
@@ -60,7 +64,9 @@ def test_comma_lists_are_parsed_and_upper_cased(monkeypatch: pytest.MonkeyPatch)
         ("WEB_PORT", "70000", "WEB_PORT: Input should be less than 65536"),
     ],
 )
-def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str) -> None:
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
     """Every bad value raises one ConfigError line that names the variable."""
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as error:
@@ -70,17 +76,32 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str
 
 def test_cli_prints_one_line_and_exits_2_on_bad_config(tmp_path: Path) -> None:
     """`collector init-db` with a bad setting prints one line, no traceback, exit code 2."""
-    done = subprocess.run([COLLECTOR, "init-db"], env={"SPOT_SYMBOLS": "BTC/USDT", "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    done = subprocess.run(
+        [COLLECTOR, "init-db"],
+        env={"SPOT_SYMBOLS": "BTC/USDT", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().count("\n") == 0 and "SPOT_SYMBOLS" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.stderr.strip().count("\n") == 0
+        and "SPOT_SYMBOLS" in done.stderr
+        and "Traceback" not in done.stderr
+    )
 
 
 def test_cli_names_unreachable_postgres(tmp_path: Path) -> None:
     """`collector init-db` against a closed port names PostgreSQL in one line and exits 2."""
     env = {"DATABASE_URL": "postgresql://postgres@127.0.0.1:1/collector", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([COLLECTOR, "init-db"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert done.returncode == 2 and "PostgreSQL at postgresql://postgres@127.0.0.1:1/collector is unreachable" in done.stderr
+    done = subprocess.run(
+        [COLLECTOR, "init-db"], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert (
+        done.returncode == 2
+        and "PostgreSQL at postgresql://postgres@127.0.0.1:1/collector is unreachable" in done.stderr
+    )
     assert done.stderr.strip().count("\n") == 0
 
 
@@ -105,8 +126,9 @@ def test_stream_names_follow_binance() -> None:
 
 def test_streams_route_to_tables_and_paths() -> None:
     """Depth goes to /public, the rest to /market; each stream feeds its table; partial books feed none."""
-    assert [family_for_futures_stream(n) for n in ("btcusdt@depth@500ms", "btcusdt@aggTrade", "!forceOrder@arr")] == [
-        "public", "market", "market"]
+    assert [
+        family_for_futures_stream(n) for n in ("btcusdt@depth@500ms", "btcusdt@aggTrade", "!forceOrder@arr")
+    ] == ["public", "market", "market"]
     assert table_for_stream("btcusdt@depth@100ms") == "depth_updates"
     assert table_for_stream("btcusdt@depth") == "depth_updates"
     assert table_for_stream("btcusdt@depth20@100ms") is None
@@ -121,9 +143,14 @@ def test_default_plan_keeps_public_and_market_apart() -> None:
     plans = {p.connection_id: p for p in connection_plans(Settings())}
     assert set(plans) == {"spot-0", "futures-public-0", "futures-market-0"}
     assert plans["futures-public-0"].url == (
-        "wss://fstream.binance.com/public/stream?streams=btcusdt@depth@500ms/ethusdt@depth@500ms")
+        "wss://fstream.binance.com/public/stream?streams=btcusdt@depth@500ms/ethusdt@depth@500ms"
+    )
     assert plans["futures-market-0"].streams == (
-        "btcusdt@aggTrade", "ethusdt@aggTrade", "!markPrice@arr@1s", "!forceOrder@arr")
+        "btcusdt@aggTrade",
+        "ethusdt@aggTrade",
+        "!markPrice@arr@1s",
+        "!forceOrder@arr",
+    )
     assert plans["spot-0"].url.startswith("wss://stream.binance.com:9443/stream?streams=btcusdt@aggTrade/")
 
 
@@ -147,7 +174,8 @@ def test_beat_schedule_from_settings() -> None:
     schedule = beat_schedule(s)
     drains = [e for e in schedule.values() if e["task"] == "collector.tasks.ingest.drain"]
     assert sorted(e["args"][0] for e in drains) == sorted(
-        ["agg_trades", "depth_updates", "mark_prices", "force_orders", "open_interest", "depth_snapshots"])
+        ["agg_trades", "depth_updates", "mark_prices", "force_orders", "open_interest", "depth_snapshots"]
+    )
     assert schedule["open-interest"]["schedule"] == 15
     assert schedule["depth-snapshot-spot"]["kwargs"] == {"market": "spot"}
     assert schedule["depth-snapshot-futures"]["schedule"] == 120
@@ -179,8 +207,15 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
     with conn.cursor() as cur:
         cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
         assert [r[0] for r in cur.fetchall()] == [
-            "agg_trades", "alert_cursor", "alerts", "depth_snapshots", "depth_updates", "force_orders",
-            "mark_prices", "open_interest"]
+            "agg_trades",
+            "alert_cursor",
+            "alerts",
+            "depth_snapshots",
+            "depth_updates",
+            "force_orders",
+            "mark_prices",
+            "open_interest",
+        ]
         if first:  # TimescaleDB present: every market table is a hypertable
             cur.execute("SELECT count(*) FROM timescaledb_information.hypertables")
             assert cur.fetchone()[0] == 6

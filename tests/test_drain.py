@@ -41,23 +41,31 @@ def _count(conn: psycopg2.extensions.connection, table: str) -> int:
 def test_every_table_gets_typed_rows(settings: Settings, redis_conn: redis.Redis, db) -> None:
     """Each kind of envelope becomes a row with its typed columns, its payload and its receive time."""
     redis_conn.rpush(keys.queue("agg_trades"), factories.agg_trade(1), factories.agg_trade(2, market="spot"))
-    redis_conn.rpush(keys.queue("depth_updates"), factories.depth_update(1), factories.depth_update(2, market="spot"))
+    redis_conn.rpush(
+        keys.queue("depth_updates"), factories.depth_update(1), factories.depth_update(2, market="spot")
+    )
     redis_conn.rpush(keys.queue("mark_prices"), factories.mark_price_frame(1))
     redis_conn.rpush(keys.queue("force_orders"), factories.force_order(1))
     redis_conn.rpush(keys.queue("open_interest"), factories.open_interest(1))
-    redis_conn.rpush(keys.queue("depth_snapshots"), factories.depth_snapshot(1), factories.depth_snapshot(2, "futures"))
+    redis_conn.rpush(
+        keys.queue("depth_snapshots"), factories.depth_snapshot(1), factories.depth_snapshot(2, "futures")
+    )
     drainer = _drainer(settings, redis_conn)
     for table in keys.TABLES:
         drainer.drain(table)
     with db.cursor() as cur:
-        cur.execute("SELECT market, symbol, aggregate_trade_id, price::text, quantity::text, is_buyer_maker,"
-                    " extract(epoch from trade_time)*1000, payload->>'e' FROM agg_trades ORDER BY market")
+        cur.execute(
+            "SELECT market, symbol, aggregate_trade_id, price::text, quantity::text, is_buyer_maker,"
+            " extract(epoch from trade_time)*1000, payload->>'e' FROM agg_trades ORDER BY market"
+        )
         assert cur.fetchall() == [
             ("futures", "BTCUSDT", 1_000_001, "65001.10", "0.015", False, factories.BASE_MS, "aggTrade"),
             ("spot", "BTCUSDT", 1_000_002, "65002.10", "0.015", True, factories.BASE_MS + 1, "aggTrade"),
         ]
-        cur.execute("SELECT market, first_update_id, final_update_id, previous_final_update_id,"
-                    " transaction_time IS NULL FROM depth_updates ORDER BY market")
+        cur.execute(
+            "SELECT market, first_update_id, final_update_id, previous_final_update_id,"
+            " transaction_time IS NULL FROM depth_updates ORDER BY market"
+        )
         assert cur.fetchall() == [("futures", 11, 20, 10, False), ("spot", 21, 30, None, True)]
         cur.execute("SELECT symbol, mark_price::text, funding_rate::text FROM mark_prices ORDER BY symbol")
         assert cur.fetchall() == [("BTCUSDT", "65000.5", "0.00010000"), ("ETHUSDT", "65000.5", "0.00010000")]
@@ -65,11 +73,15 @@ def test_every_table_gets_typed_rows(settings: Settings, redis_conn: redis.Redis
         assert cur.fetchall() == [("BTCUSDT", "SELL", "0.5", "65000.0", "FILLED")]
         cur.execute("SELECT symbol, open_interest::text, exchange_time IS NOT NULL FROM open_interest")
         assert cur.fetchall() == [("BTCUSDT", "10001.509", True)]
-        cur.execute("SELECT market_type, last_update_id, event_time IS NULL FROM depth_snapshots ORDER BY market_type")
+        cur.execute(
+            "SELECT market_type, last_update_id, event_time IS NULL FROM depth_snapshots ORDER BY market_type"
+        )
         assert cur.fetchall() == [("futures", 2000, False), ("spot", 1000, True)]
         cur.execute("SELECT extract(epoch from received_at)*1000000 FROM agg_trades WHERE market='futures'")
         assert cur.fetchone()[0] == (factories.BASE_MS + 1) * 1000 + 7
-    assert all(redis_conn.llen(keys.queue(t)) == 0 and inflight_length(redis_conn, t) == 0 for t in keys.TABLES)
+    assert all(
+        redis_conn.llen(keys.queue(t)) == 0 and inflight_length(redis_conn, t) == 0 for t in keys.TABLES
+    )
 
 
 def test_same_batch_twice_inserts_once(settings: Settings, redis_conn: redis.Redis, db) -> None:
@@ -124,7 +136,9 @@ def test_value_postgres_rejects_is_isolated(settings: Settings, redis_conn: redi
 def test_coin_m_rows_are_left_out_unless_kept(settings: Settings, redis_conn: redis.Redis, db) -> None:
     """All-market rows with st != 1 are skipped by default; rows without st (old format) are kept."""
     redis_conn.rpush(keys.queue("mark_prices"), factories.mark_price_frame(1, coin_m=("BTCUSD_PERP",)))
-    redis_conn.rpush(keys.queue("force_orders"), factories.force_order(1, st=2), factories.force_order(2, st=None))
+    redis_conn.rpush(
+        keys.queue("force_orders"), factories.force_order(1, st=2), factories.force_order(2, st=None)
+    )
     drainer = _drainer(settings, redis_conn)
     drainer.drain("mark_prices")
     drainer.drain("force_orders")
@@ -136,7 +150,9 @@ def test_coin_m_rows_are_left_out_unless_kept(settings: Settings, redis_conn: re
     assert _count(db, "force_orders") == 2
 
 
-def test_batch_left_in_flight_is_written_by_next_drain(settings: Settings, redis_conn: redis.Redis, db) -> None:
+def test_batch_left_in_flight_is_written_by_next_drain(
+    settings: Settings, redis_conn: redis.Redis, db
+) -> None:
     """A batch claimed by a drain that died before acknowledging is written by the next one, once."""
     redis_conn.rpush(keys.queue("agg_trades"), *[factories.agg_trade(i) for i in range(100)])
     queue = BatchQueue(redis_conn, "agg_trades")

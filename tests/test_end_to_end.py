@@ -75,11 +75,22 @@ def test_whole_stack_stores_every_event_once(settings: Settings, fake: FakeExcha
     init_db(settings)
     env = _env(settings, fake)
     client = redis.Redis.from_url(settings.redis_url)
-    processes: list[Process] = [stream_process(env, tmp_path), celery_worker(env, tmp_path), celery_beat(env, tmp_path)]
+    processes: list[Process] = [
+        stream_process(env, tmp_path),
+        celery_worker(env, tmp_path),
+        celery_beat(env, tmp_path),
+    ]
     try:
-        wait_until(lambda: len(client.hgetall(keys.CONNECTIONS)) == 3 and all(
-            orjson.loads(v)["state"] == "connected" for v in client.hgetall(keys.CONNECTIONS).values()),
-            60, "three connected WebSocket connections")
+        wait_until(
+            lambda: (
+                len(client.hgetall(keys.CONNECTIONS)) == 3
+                and all(
+                    orjson.loads(v)["state"] == "connected" for v in client.hgetall(keys.CONNECTIONS).values()
+                )
+            ),
+            60,
+            "three connected WebSocket connections",
+        )
         # One liquidation over the single-order threshold, and a cascade on ETHUSDT whose sum crosses
         # the window threshold on its sixth order: exactly one alert each (cooldown stops the rest).
         fake.liquidation("BTCUSDT", "SELL", "65000.0", "200")
@@ -88,11 +99,17 @@ def test_whole_stack_stores_every_event_once(settings: Settings, fake: FakeExcha
 
         def everything_sent_is_stored() -> bool:
             ledger = fake.ledger()
-            return all(len(_db_keys(settings, t)) >= len(ledger[t]) for t in DB_KEYS) and sum(
-                len(ledger[t]) for t in DB_KEYS) >= MAX_EVENTS
+            return (
+                all(len(_db_keys(settings, t)) >= len(ledger[t]) for t in DB_KEYS)
+                and sum(len(ledger[t]) for t in DB_KEYS) >= MAX_EVENTS
+            )
+
         wait_until(everything_sent_is_stored, 120, "every sent event in PostgreSQL", interval_s=1)
-        wait_until(lambda: settings.alert_log.exists() and settings.alert_log.read_text().count("\n") >= 2, 60,
-                   "two alert lines")
+        wait_until(
+            lambda: settings.alert_log.exists() and settings.alert_log.read_text().count("\n") >= 2,
+            60,
+            "two alert lines",
+        )
         ledger = fake.ledger()
         for table in DB_KEYS:
             stored = _db_keys(settings, table)
@@ -106,8 +123,12 @@ def test_whole_stack_stores_every_event_once(settings: Settings, fake: FakeExcha
             cur.execute("SELECT DISTINCT symbol FROM open_interest ORDER BY 1")
             assert [r[0] for r in cur.fetchall()] == ["BTCUSDT", "ETHUSDT"]
             cur.execute("SELECT DISTINCT market_type, symbol FROM depth_snapshots ORDER BY 1, 2")
-            assert cur.fetchall() == [("futures", "BTCUSDT"), ("futures", "ETHUSDT"), ("spot", "BTCUSDT"),
-                                      ("spot", "ETHUSDT")]
+            assert cur.fetchall() == [
+                ("futures", "BTCUSDT"),
+                ("futures", "ETHUSDT"),
+                ("spot", "BTCUSDT"),
+                ("spot", "ETHUSDT"),
+            ]
         conn.close()
 
         lines = settings.alert_log.read_text().splitlines()
@@ -137,13 +158,18 @@ def test_malformed_frames_and_dropped_connections_lose_nothing(
         wait_until(lambda: sum(len(v) for k, v in fake.ledger().items() if k in DB_KEYS) > 500, 60, "traffic")
         fake.send_malformed(3)
         fake.drop_connections()
-        wait_until(lambda: sum(int(v) for v in client.hgetall(keys.metric("reconnects")).values()) >= 3, 60,
-                   "reconnects of all three connections")
+        wait_until(
+            lambda: sum(int(v) for v in client.hgetall(keys.metric("reconnects")).values()) >= 3,
+            60,
+            "reconnects of all three connections",
+        )
 
         def done() -> bool:
             ledger = fake.ledger()
             return sum(len(ledger[t]) for t in DB_KEYS) >= MAX_EVENTS and all(
-                len(_db_keys(settings, t)) >= len(ledger[t]) for t in DB_KEYS)
+                len(_db_keys(settings, t)) >= len(ledger[t]) for t in DB_KEYS
+            )
+
         wait_until(done, 120, "every sent event stored", interval_s=1)
         ledger = fake.ledger()
         for table in DB_KEYS:

@@ -30,8 +30,9 @@ def _counts(settings: Settings, table: str, key: str) -> tuple[int, int]:
 
 def _trigger(what: list[str], env: dict[str, str]) -> None:
     collector = str(Path(sys.executable).with_name("collector"))
-    done = subprocess.run([collector, "trigger", *what], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [collector, "trigger", *what], env={**os.environ, **env}, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -44,13 +45,20 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
     events = [factories.agg_trade(i) for i in range(total)]
     for start in range(0, total, 10_000):
         redis_conn.rpush(keys.queue("agg_trades"), *events[start : start + 10_000])
-    env = {"REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url, "DRAIN_LOCK_TTL_S": "3",
-           "DRAIN_BATCH_MAX_ROWS": "2000"}
+    env = {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "DRAIN_LOCK_TTL_S": "3",
+        "DRAIN_BATCH_MAX_ROWS": "2000",
+    }
     worker = celery_worker(env, tmp_path, name="doomed")
     try:
         _trigger(["drain", "--table", "agg_trades"], env)
-        wait_until(lambda: _counts(settings, "agg_trades", "aggregate_trade_id")[0] > 10_000, 60,
-                   f"the first rows (worker log: {worker.log_path})")
+        wait_until(
+            lambda: _counts(settings, "agg_trades", "aggregate_trade_id")[0] > 10_000,
+            60,
+            f"the first rows (worker log: {worker.log_path})",
+        )
         worker.signal_group(signal.SIGKILL)
         worker.popen.wait(timeout=10)
     finally:
@@ -62,9 +70,11 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
 
     survivor = celery_worker(env, tmp_path, name="survivor")
     try:
+
         def drained() -> bool:
             _trigger(["drain", "--table", "agg_trades"], env)  # the lock of the dead worker expires in 3 s
             return _counts(settings, "agg_trades", "aggregate_trade_id")[0] >= total
+
         wait_until(drained, 90, "every row after the restart", interval_s=2)
     finally:
         survivor.stop()
@@ -94,12 +104,26 @@ def test_same_events_delivered_twice_through_the_worker(
     try:
         for table in batches:
             _trigger(["drain", "--table", table], env)
-        wait_until(lambda: all(redis_conn.llen(keys.queue(t)) == 0 and inflight_length(redis_conn, t) == 0
-                               and redis_conn.hget(keys.DRAIN_LAST_SUCCESS_US, t) for t in batches), 60, "drains")
+        wait_until(
+            lambda: all(
+                redis_conn.llen(keys.queue(t)) == 0
+                and inflight_length(redis_conn, t) == 0
+                and redis_conn.hget(keys.DRAIN_LAST_SUCCESS_US, t)
+                for t in batches
+            ),
+            60,
+            "drains",
+        )
     finally:
         worker.stop()
-    expected = {"agg_trades": 500, "depth_updates": 500, "mark_prices": 100, "force_orders": 50,
-                "open_interest": 20, "depth_snapshots": 20}
+    expected = {
+        "agg_trades": 500,
+        "depth_updates": 500,
+        "mark_prices": 100,
+        "force_orders": 50,
+        "open_interest": 20,
+        "depth_snapshots": 20,
+    }
     conn = psycopg2.connect(settings.database_url)
     with conn.cursor() as cur:
         for table, count in expected.items():

@@ -119,20 +119,22 @@ def stream_specs(settings: Settings) -> list[StreamSpec]:
             specs.setdefault(f"spot|{name}", StreamSpec(name, "spot", "spot", _table(name)))
     for stream_type in settings.futures_streams:
         symbols: Iterable[str | None] = (
-            [None] if stream_type in ("markPrice@arr", "markPrice@arr@1s", "forceOrder") else settings.futures_symbols
+            [None]
+            if stream_type in ("markPrice@arr", "markPrice@arr@1s", "forceOrder")
+            else settings.futures_symbols
         )
-        for symbol in symbols:
-            name = futures_stream_name(symbol, stream_type)
+        for futures_symbol in symbols:
+            name = futures_stream_name(futures_symbol, stream_type)
             family = family_for_futures_stream(name)
             specs.setdefault(f"futures|{name}", StreamSpec(name, "futures", family, _table(name)))
     return list(specs.values())
 
 
 def _table(name: str) -> str:
-    table = table_for_stream(name)
-    if table is None:
+    found = table_for_stream(name)
+    if found is None:
         raise ValueError(f"stream {name!r} feeds no table")
-    return table
+    return found
 
 
 def combined_url(base_url: str, family: Family, streams: Sequence[str]) -> str:

@@ -30,10 +30,14 @@ def database_name(url: str) -> str:
 def connect(settings: Settings, autocommit: bool = False) -> psycopg2.extensions.connection:
     """A connection to the collector's database; `ServiceUnavailable` in one line when unreachable."""
     try:
-        conn = psycopg2.connect(_dsn(settings.database_url), connect_timeout=settings.database_connect_timeout_s)
+        conn = psycopg2.connect(
+            _dsn(settings.database_url), connect_timeout=settings.database_connect_timeout_s
+        )
     except psycopg2.OperationalError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
-        raise ServiceUnavailable(f"PostgreSQL at {_redacted(settings.database_url)} is unreachable: {reason}") from None
+        raise ServiceUnavailable(
+            f"PostgreSQL at {_redacted(settings.database_url)} is unreachable: {reason}"
+        ) from None
     conn.autocommit = autocommit
     return conn
 
@@ -47,7 +51,9 @@ def ensure_database(settings: Settings) -> bool:
         conn = psycopg2.connect(maintenance, connect_timeout=settings.database_connect_timeout_s)
     except psycopg2.OperationalError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else "no answer"
-        raise ServiceUnavailable(f"PostgreSQL at {_redacted(settings.database_url)} is unreachable: {reason}") from None
+        raise ServiceUnavailable(
+            f"PostgreSQL at {_redacted(settings.database_url)} is unreachable: {reason}"
+        ) from None
     try:
         conn.autocommit = True
         with conn.cursor() as cur:

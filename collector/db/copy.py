@@ -23,8 +23,14 @@ _TIME_COLUMNS = {
     table.name: frozenset(c.name for c in table.columns if c.type.__class__.__name__ == "DateTime")
     for table in MARKET_TABLES
 }
-_PG_TYPES = {"DateTime": "bigint", "BigInteger": "bigint", "Numeric": "numeric", "Boolean": "boolean",
-             "Text": "text", "JSONB": "jsonb"}
+_PG_TYPES = {
+    "DateTime": "bigint",
+    "BigInteger": "bigint",
+    "Numeric": "numeric",
+    "Boolean": "boolean",
+    "Text": "text",
+    "JSONB": "jsonb",
+}
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,9 @@ STAGING_DDL = {
     table: f"CREATE TEMP TABLE IF NOT EXISTS stage_{table} ({_staging_columns(table)}) ON COMMIT DELETE ROWS"
     for table in COPY_COLUMNS
 }
-COPY_SQL = {table: f"COPY stage_{table} ({', '.join(cols)}) FROM STDIN" for table, cols in COPY_COLUMNS.items()}
+COPY_SQL = {
+    table: f"COPY stage_{table} ({', '.join(cols)}) FROM STDIN" for table, cols in COPY_COLUMNS.items()
+}
 INSERT_SQL = {
     table: f"INSERT INTO {table} ({', '.join(cols)}) SELECT {_select_list(table)} FROM stage_{table} "
     "ON CONFLICT DO NOTHING"
@@ -85,7 +93,9 @@ def copy_text(rows: Iterable[Sequence[Any]]) -> bytes:
     return b"".join(b"\t".join([_field(value) for value in row]) + b"\n" for row in rows)
 
 
-def copy_rows(conn: Connection, table: str, rows: Sequence[Sequence[Any]], rendered: bytes | None = None) -> CopyResult:
+def copy_rows(
+    conn: Connection, table: str, rows: Sequence[Sequence[Any]], rendered: bytes | None = None
+) -> CopyResult:
     """Stage `rows` and insert the new ones, inside the caller's transaction.
 
     The caller commits (which also empties the staging table) before staging again. `rendered`

@@ -72,10 +72,11 @@ class BatchQueue:
 
         Only call this while holding the table's drain lock: then no other drain has batches in flight.
         """
-        batch_keys = sorted((k.decode() for k in self._client.smembers(keys.inflight(self.table))), key=_batch_number)
+        members: set[bytes] = self._client.smembers(keys.inflight(self.table))  # type: ignore[assignment]
+        batch_keys = sorted((k.decode() for k in members), key=_batch_number)
         batches = []
         for key in batch_keys:
-            items = self._client.lrange(key, 0, -1)
+            items: list[bytes] = self._client.lrange(key, 0, -1)  # type: ignore[assignment]
             if items:
                 batches.append(Batch(key, items))
             else:

@@ -14,7 +14,9 @@ from collector.schedule import TASK_QUEUES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def collector_task(name: str, soft_time_limit_s: int = 60, time_limit_s: int = 90, **options: Any) -> Callable[[F], Any]:
+def collector_task(
+    name: str, soft_time_limit_s: int = 60, time_limit_s: int = 90, **options: Any
+) -> Callable[[F], Any]:
     """Register `name`, which must be listed in `collector.schedule.TASK_QUEUES`.
 
     Its queue comes from `celeryconfig.task_routes` (derived from that table), not a task attribute,

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The whole collector in the foreground under honcho, for `make run`, `make demo` and `make stop`.
+#
+#   scripts/stack.sh run    live Binance; local Redis/PostgreSQL in var/ unless REDIS_URL /
+#                           DATABASE_URL are set (environment or .env); Procfile
+#   scripts/stack.sh demo   the fake exchange on 127.0.0.1:19443; always the local servers in var/,
+#                           with its own Redis database (1) and PostgreSQL database (collector_demo)
+#                           so it never mixes with a live run; Procfile.demo
+#   scripts/stack.sh stop   stop a running run/demo, then the local servers
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=${VENV:-.venv}
+[[ "$VENV" == /* ]] || VENV="$PWD/$VENV"
+export PATH="$VENV/bin:$PATH"
+VAR=var
+# honcho sends SIGTERM to every process, then SIGKILL after this many seconds (its default is 5).
+# A Celery worker finishes its running drain first (DRAIN_RUN_MAX_S, 20 s by default).
+STOP_GRACE_S=${STOP_GRACE_S:-30}
+DEMO_EXCHANGE_PORT=19443 # also written in Procfile.demo
+
+mkdir -p "$VAR"
+
+configured() { # true when variable $1 is set in the environment or in .env
+    [[ -n "${!1:-}" ]] && return 0
+    [[ -f .env ]] && grep -Eq "^[[:space:]]*(export[[:space:]]+)?$1=" .env
+}
+
+refuse_if_running() { # refuse_if_running PIDFILE
+    local pid
+    pid=$(cat "$1" 2>/dev/null || true)
+    if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+        echo "already running (pid $pid, $1); stop it with: make stop" >&2
+        exit 1
+    fi
+}
+
+honcho_start() { # honcho_start PROCFILE ENVFILE PIDFILE
+    echo $$ >"$3"
+    # The env file comes after .env, so its values win over .env's in every process.
+    exec python -c 'import sys
+import honcho.command, honcho.manager
+honcho.manager.KILL_WAIT = int(sys.argv.pop(1))
+sys.argv[0] = "honcho"
+honcho.command.main()' "$STOP_GRACE_S" start -f "$1" -e ".env,$2"
+}
+
+run() {
+    local envfile="$VAR/run.env" need=()
+    refuse_if_running "$VAR/run.pid"
+    configured REDIS_URL || need+=(redis)
+    configured DATABASE_URL || need+=(postgresql)
+    : >"$envfile"
+    if ((${#need[@]})); then
+        LOCAL_SERVICES=$(
+            IFS=,
+            echo "${need[*]}"
+        ) collector services up --dir "$VAR" >"$envfile"
+    fi
+    set -a
+    # shellcheck disable=SC1090
+    . "$envfile"
+    set +a
+    collector init-db
+    echo "starting streams, worker, beat, web (:${WEB_PORT:-8000}) and flower (:${FLOWER_PORT:-5555}); Ctrl-C stops them" >&2
+    honcho_start Procfile "$envfile" "$VAR/run.pid"
+}
+
+demo() {
+    local envfile="$VAR/demo.env"
+    refuse_if_running "$VAR/demo.pid"
+    LOCAL_SERVICES=redis,postgresql LOCAL_REDIS_DB=1 LOCAL_DATABASE_NAME=collector_demo \
+        collector services up --dir "$VAR" >"$envfile"
+    cat >>"$envfile" <<EOF
+SPOT_SYMBOLS=BTCUSDT,ETHUSDT
+FUTURES_SYMBOLS=BTCUSDT,ETHUSDT
+BINANCE_SPOT_WS_URL=ws://127.0.0.1:$DEMO_EXCHANGE_PORT/spot
+BINANCE_FUTURES_WS_URL=ws://127.0.0.1:$DEMO_EXCHANGE_PORT/futures
+BINANCE_SPOT_REST_URL=http://127.0.0.1:$DEMO_EXCHANGE_PORT/spot
+BINANCE_FUTURES_REST_URL=http://127.0.0.1:$DEMO_EXCHANGE_PORT/futures
+OPEN_INTEREST_INTERVAL_S=5
+DEPTH_SNAPSHOT_INTERVAL_S=30
+ALERT_MIN_NOTIONAL_USD=1000
+ALERT_WINDOW_S=60
+ALERT_WINDOW_NOTIONAL_USD=5000
+ALERT_COOLDOWN_S=30
+ALERT_LOG=$VAR/demo-alert.log
+WEB_PORT=8001
+FLOWER_PORT=5556
+EOF
+    set -a
+    # shellcheck disable=SC1090
+    . "$envfile"
+    set +a
+    collector init-db
+    echo "demo: fake exchange on :$DEMO_EXCHANGE_PORT, web on :8001, flower on :5556, alerts in $VAR/demo-alert.log; Ctrl-C stops it" >&2
+    honcho_start Procfile.demo "$envfile" "$VAR/demo.pid"
+}
+
+stop() {
+    local pidfile pid
+    for pidfile in "$VAR/run.pid" "$VAR/demo.pid"; do
+        [[ -f "$pidfile" ]] || continue
+        pid=$(<"$pidfile")
+        if [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null; then
+            echo "stopping ${pidfile##*/} (pid $pid)" >&2
+            kill -TERM "$pid"
+            for _ in $(seq $((STOP_GRACE_S + 10))); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 1
+            done
+        fi
+        rm -f "$pidfile"
+    done
+    collector services down --dir "$VAR"
+}
+
+case "${1:-}" in
+run | demo | stop) "$1" ;;
+*)
+    echo "usage: $0 run|demo|stop" >&2
+    exit 2
+    ;;
+esac

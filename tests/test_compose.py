@@ -1,0 +1,473 @@
+"""The deployment files agree with the code: docker-compose.yml, Dockerfile, Procfiles, .env.example, README.
+
+There is no Docker engine here, so the compose file is checked by reading it: services, images,
+healthchecks, the dependency graph, volumes, environment names (fields of `Settings`) and commands
+(real `collector` sub-commands parsed by the real CLI parser, the real Celery app and queues). When a
+Docker Compose v2 binary is available, `docker compose config` validates the file as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import redis
+import yaml
+
+from collector import cli
+from collector.queue import keys
+from collector.schedule import QUEUES
+from collector.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+COLLECTOR_SERVICES = ("streams", "worker", "beat", "web", "flower")
+ONE_SHOT_SERVICES = ("init-db",)
+BACKING_SERVICES = ("timescaledb", "redis")
+CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
+# Variables of .env.example that only docker-compose.yml reads (interpolation), not the collector.
+COMPOSE_ONLY_VARIABLES = {"POSTGRES_PASSWORD"}
+SETTING_NAMES = {name.upper() for name in Settings.model_fields}
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _services() -> dict[str, dict[str, Any]]:
+    services: dict[str, dict[str, Any]] = _compose()["services"]
+    return services
+
+
+def _interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with an empty environment: the default."""
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value)
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {name: _interpolate(str(value)) for name, value in env.items()}
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def _healthcheck(service: dict[str, Any]) -> list[str]:
+    test = service["healthcheck"]["test"]
+    return shlex.split(test) if isinstance(test, str) else [str(part) for part in test]
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration such as `90s`, `2m` or `1m30s`."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(duration))
+    assert parts, f"not a duration: {duration!r}"
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def _cli_commands() -> set[str]:
+    """The keys of `COMMANDS` in collector/cli.py, read from the source."""
+    tree = ast.parse((ROOT / "collector" / "cli.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign | ast.Assign):
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+            if any(isinstance(t, ast.Name) and t.id == "COMMANDS" for t in targets):
+                assert isinstance(node.value, ast.Dict)
+                return {
+                    k.value
+                    for k in node.value.keys
+                    if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                }
+    raise AssertionError("collector/cli.py has no COMMANDS dict")
+
+
+def _check_collector_argv(argv: list[str], where: str) -> None:
+    assert argv[1] in _cli_commands(), f"{where}: {argv[1]!r} is not a collector sub-command"
+    try:
+        cli._parser().parse_args(argv[1:])
+    except SystemExit:
+        raise AssertionError(f"{where}: the collector CLI rejects {shlex.join(argv)}") from None
+
+
+def _check_celery_argv(argv: list[str], where: str) -> None:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-A", "--app", required=True)
+    parser.add_argument("subcommand", choices=["worker", "beat", "inspect", "call", "flower"])
+    parser.add_argument("-Q", "--queues")
+    parser.add_argument("--schedule")
+    known, _ = parser.parse_known_args(argv[1:])
+    assert known.app == "collector", f"{where}: celery app must be 'collector' (collector/celery.py)"
+    if known.subcommand == "worker":
+        assert known.queues is not None, f"{where}: the worker must name its queues"
+        assert set(known.queues.split(",")) == set(QUEUES), f"{where}: worker queues differ from {QUEUES}"
+    if known.subcommand == "beat":
+        assert known.schedule, f"{where}: beat needs --schedule (its state file)"
+
+
+def check_command(argv: list[str], where: str) -> None:
+    """Fail unless `argv` is a collector sub-command, the project's Celery app, or a script here."""
+    if argv[0] == "collector":
+        _check_collector_argv(argv, where)
+    elif argv[0] == "celery":
+        _check_celery_argv(argv, where)
+    elif argv[0] == "python":
+        script = ROOT / argv[1]
+        assert script.is_file(), f"{where}: {argv[1]} does not exist"
+        compile(script.read_text(), str(script), "exec")
+    else:
+        raise AssertionError(f"{where}: unexpected program {argv[0]!r}")
+
+
+def test_required_services_exist() -> None:
+    """The compose file defines TimescaleDB, Redis, init-db and the five collector processes."""
+    services = _services()
+    for name in (*BACKING_SERVICES, *ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
+        assert name in services, f"service {name} is missing"
+
+
+def test_images_and_builds_are_valid() -> None:
+    """Backing services use the official pinned images; ours build from the project's Dockerfile."""
+    services = _services()
+    timescale = services["timescaledb"]["image"]
+    assert re.fullmatch(r"timescale/timescaledb:(latest|2\.\d+\.\d+)-pg15", timescale), timescale
+    assert re.fullmatch(r"redis:7(\.\d+)*", services["redis"]["image"])
+    images = set()
+    for name in (*ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
+        service = services[name]
+        build = service["build"]
+        context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+        dockerfile = "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+        assert (context / dockerfile).is_file(), f"{name}: no {dockerfile} in {context}"
+        images.add(service["image"])
+    assert len(images) == 1, f"the collector services should share one image tag, got {images}"
+
+
+def test_long_running_services_have_healthchecks_and_restart() -> None:
+    """Every long-running service has a healthcheck and restarts; init-db runs once."""
+    for name, service in _services().items():
+        if name in ONE_SHOT_SERVICES:
+            assert str(service.get("restart", "no")) == "no", f"{name} is a one-shot service"
+            assert "healthcheck" not in service
+            continue
+        assert service.get("restart") == "unless-stopped", f"{name}: restart policy"
+        assert _healthcheck(service)[0] in ("CMD", "CMD-SHELL"), f"{name}: healthcheck test"
+        for key in ("interval", "timeout"):
+            assert _seconds(service["healthcheck"][key]) > 0, f"{name}: healthcheck {key}"
+
+
+def test_depends_on_refers_to_existing_services_without_cycles() -> None:
+    """Every dependency names a service and a condition it can meet, and the graph has no cycle."""
+    services = _services()
+    graph: dict[str, list[str]] = {}
+    for name, service in services.items():
+        depends = service.get("depends_on") or {}
+        assert isinstance(depends, dict), f"{name}: use the long depends_on form with conditions"
+        for target, spec in depends.items():
+            assert target in services, f"{name} depends on unknown service {target}"
+            condition = spec["condition"]
+            assert condition in CONDITIONS, f"{name} -> {target}: unknown condition {condition}"
+            if condition == "service_healthy":
+                assert "healthcheck" in services[target], f"{name} waits for {target} health it never reports"
+            if condition == "service_completed_successfully":
+                assert target in ONE_SHOT_SERVICES, f"{target} never completes"
+        graph[name] = list(depends)
+
+    visiting: set[str] = set()
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        assert node not in visiting, f"dependency cycle: {' -> '.join([*path, node])}"
+        if node in done:
+            return
+        visiting.add(node)
+        for target in graph[node]:
+            visit(target, [*path, node])
+        visiting.discard(node)
+        done.add(node)
+
+    for node in graph:
+        visit(node, [])
+
+
+def test_services_wait_for_what_they_use() -> None:
+    """init-db waits for a healthy database; what writes to the database waits for init-db."""
+    services = _services()
+    assert services["init-db"]["depends_on"]["timescaledb"]["condition"] == "service_healthy"
+    for name in ("worker", "beat", "web"):
+        assert services[name]["depends_on"]["init-db"]["condition"] == "service_completed_successfully"
+    for name in COLLECTOR_SERVICES:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+
+def test_named_volumes_are_declared_and_hold_the_data() -> None:
+    """Named volumes are declared; database, Redis and the alert log live on volumes."""
+    compose = _compose()
+    declared = set(compose.get("volumes") or {})
+    mounts: dict[str, dict[str, str]] = {}
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes") or []:
+            source, target = str(volume).split(":")[:2]
+            if not source.startswith((".", "/", "~", "$")):
+                assert source in declared, f"{name}: volume {source} is not declared"
+            mounts.setdefault(name, {})[target] = source
+    assert "/var/lib/postgresql/data" in mounts["timescaledb"]
+    assert "/data" in mounts["redis"]
+    worker_log = Path(_environment(compose["services"]["worker"])["ALERT_LOG"])
+    assert str(worker_log.parent) in mounts["worker"], "alert.log must be on a volume"
+    unused = declared - {source for targets in mounts.values() for source in targets.values()}
+    assert not unused, f"declared but unused volumes: {unused}"
+
+
+def test_environment_names_are_settings_and_valid() -> None:
+    """The collector services set only variables that are `Settings` fields, with valid values."""
+    services = _services()
+    for name in (*ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
+        env = _environment(services[name])
+        unknown = set(env) - SETTING_NAMES
+        assert not unknown, f"{name}: {unknown} are not fields of collector.settings.Settings"
+        settings = load_settings(**{key.lower(): value for key, value in env.items()})
+        assert settings.redis_url == "redis://redis:6379/0"
+
+
+def test_urls_point_at_the_compose_services() -> None:
+    """REDIS_URL and DATABASE_URL name the redis and timescaledb services and their credentials."""
+    services = _services()
+    database = _environment(services["timescaledb"])
+    for name in (*ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
+        env = _environment(services[name])
+        assert urlsplit(env["REDIS_URL"]).hostname == "redis"
+        url = urlsplit(env["DATABASE_URL"])
+        assert (url.hostname, url.port) == ("timescaledb", 5432)
+        assert url.path.lstrip("/") == database["POSTGRES_DB"]
+        assert url.password == database["POSTGRES_PASSWORD"]
+
+
+def test_commands_are_real_cli_commands_and_the_celery_app() -> None:
+    """Each service runs a real `collector` sub-command or `celery -A collector` with our queues."""
+    services = _services()
+    expected = {"init-db": "init-db", "streams": "streams", "web": "web", "flower": "flower"}
+    for name, sub_command in expected.items():
+        argv = _command(services[name])
+        assert argv[:2] == ["collector", sub_command], f"{name}: {argv}"
+        check_command(argv, f"docker-compose.yml {name}")
+    for name, sub_command in (("worker", "worker"), ("beat", "beat")):
+        argv = _command(services[name])
+        assert argv[:4] == ["celery", "-A", "collector", sub_command], f"{name}: {argv}"
+        check_command(argv, f"docker-compose.yml {name}")
+    from collector.celery import app
+
+    assert app.main == "collector"
+
+
+def test_healthchecks_match_the_commands() -> None:
+    """Health probes use the ports, pid file and node name that the services really use."""
+    services = _services()
+    for name, port_var, path in (("web", "WEB_PORT", "/health"), ("flower", "FLOWER_PORT", "/healthcheck")):
+        port = _environment(services[name])[port_var]
+        probe = " ".join(_healthcheck(services[name]))
+        assert f"http://127.0.0.1:{port}{path}" in probe, f"{name}: probe does not hit {port_var}"
+        assert "timeout=" in probe
+        published = [str(mapping).rsplit(":", 1)[-1] for mapping in services[name]["ports"]]
+        assert port in published, f"{name}: port {port} is not published"
+        compile(_healthcheck(services[name])[-1], name, "exec")
+    worker = " ".join(_healthcheck(services["worker"]))
+    assert "celery -A collector inspect ping -d celery@$$HOSTNAME" in worker
+    beat_argv = _command(services["beat"])
+    pidfile = beat_argv[beat_argv.index("--pidfile") + 1]
+    assert pidfile in " ".join(_healthcheck(services["beat"]))
+    assert "pg_isready" in " ".join(_healthcheck(services["timescaledb"]))
+    assert _healthcheck(services["redis"])[1:] == ["redis-cli", "ping"]
+
+
+def test_streams_healthcheck_reports_connected_connections(redis_url: str) -> None:
+    """The streams probe fails until a connection reports itself connected in Redis, then passes."""
+    probe = _healthcheck(_services()["streams"])
+    assert probe[:3] == ["CMD", "python", "-c"]
+    env = {**os.environ, "REDIS_URL": redis_url}
+
+    def run_probe() -> int:
+        return subprocess.run([sys.executable, "-c", probe[3]], env=env, timeout=60, cwd=ROOT).returncode
+
+    assert run_probe() == 1
+    client = redis.Redis.from_url(redis_url)
+    client.hset(keys.CONNECTIONS, "spot-0", '{"state": "backoff"}')
+    assert run_probe() == 1
+    client.hset(keys.CONNECTIONS, "futures-market-0", '{"state": "connected"}')
+    client.close()
+    assert run_probe() == 0
+
+
+def test_stop_grace_periods_leave_time_to_finish() -> None:
+    """Streams get time to flush their buffers and the worker time to finish a drain."""
+    services = _services()
+    assert _seconds(services["streams"]["stop_grace_period"]) >= 20
+    drain_run_max_s = Settings.model_fields["drain_run_max_s"].default
+    assert _seconds(services["worker"]["stop_grace_period"]) > drain_run_max_s
+
+
+def _dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_dockerfile_copies_existing_sources_and_runs_as_non_root() -> None:
+    """The Dockerfile starts from python:3.11-slim, COPYs files that exist and are not ignored, drops root."""
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert lines[[line.startswith("FROM") for line in lines].index(True)] == "FROM python:3.11-slim"
+    ignored = _dockerignore_patterns()
+    copied: list[str] = []
+    for line in lines:
+        if line.startswith("COPY"):
+            sources = [part for part in shlex.split(line)[1:-1] if not part.startswith("--")]
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+                excluded = any(fnmatch.fnmatch(source.rstrip("/"), pattern) for pattern in ignored)
+                assert not excluded, f"COPY source {source} is excluded by .dockerignore"
+                copied.append(source.rstrip("/").removeprefix("./"))
+    # What `pip install .` needs: pyproject, its dynamic dependencies, the package and py-modules.
+    for needed in ("requirements.txt", "pyproject.toml", "celeryconfig.py", "collector"):
+        assert needed in copied, f"the image lacks {needed}"
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the image must run as a non-root user"
+
+
+def _compose_binary() -> list[str] | None:
+    """A Docker Compose v2 client: the docker plugin, `docker-compose` beside python or on PATH."""
+    docker = shutil.which("docker")
+    if docker:
+        plugin = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=30)
+        if plugin.returncode == 0:
+            return [docker, "compose"]
+    for candidate in (Path(sys.executable).with_name("docker-compose"), shutil.which("docker-compose")):
+        if candidate and Path(candidate).is_file():
+            probe = subprocess.run([str(candidate), "version"], capture_output=True, text=True, timeout=30)
+            if probe.returncode == 0 and "v2." in probe.stdout:
+                return [str(candidate)]
+    return None
+
+
+def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
+    """`docker compose config` (run offline) accepts the compose file."""
+    compose = _compose_binary()
+    if compose is None:
+        pytest.skip("no Docker Compose v2 client here (make test fetches one into .venv/bin)")
+    # A copy without the developer's .env, so the check sees what a fresh clone sees.
+    for name in ("docker-compose.yml", "Dockerfile", ".dockerignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    hidden = SETTING_NAMES | COMPOSE_ONLY_VARIABLES
+    env = {key: value for key, value in os.environ.items() if key not in hidden}
+    result = subprocess.run(
+        [*compose, "-f", "docker-compose.yml", "config", "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _procfile(name: str) -> dict[str, list[str]]:
+    processes = {}
+    for line in (ROOT / name).read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_-]+):\s*(.+)$", line)  # honcho's Procfile grammar
+        if match:
+            processes[match.group(1)] = shlex.split(match.group(2))
+    return processes
+
+
+@pytest.mark.parametrize(
+    ("procfile", "required"),
+    [
+        ("Procfile", {"streams", "worker", "beat", "web", "flower"}),
+        ("Procfile.demo", {"exchange", "streams", "worker", "beat", "web", "flower", "watch"}),
+    ],
+)
+def test_procfile_commands_are_valid_sub_commands(procfile: str, required: set[str]) -> None:
+    """Every Procfile process runs a real collector sub-command, the Celery app or a script here."""
+    processes = _procfile(procfile)
+    assert set(processes) == required
+    for name, argv in processes.items():
+        check_command(argv, f"{procfile} {name}")
+
+
+def test_demo_points_at_its_fake_exchange() -> None:
+    """The demo's Binance URLs use the port its fake exchange listens on."""
+    argv = _procfile("Procfile.demo")["exchange"]
+    port = argv[argv.index("--port") + 1]
+    script = (ROOT / "scripts" / "stack.sh").read_text()
+    assert f"DEMO_EXCHANGE_PORT={port}" in script
+    for variable in ("SPOT_WS", "FUTURES_WS", "SPOT_REST", "FUTURES_REST"):
+        assert f"BINANCE_{variable}_URL=" in script
+    schedules = set()
+    for name in ("Procfile", "Procfile.demo"):
+        beat = _procfile(name)["beat"]
+        schedules.add(beat[beat.index("--schedule") + 1])
+    assert len(schedules) == 2, "demo and live beat must keep separate schedule files"
+
+
+def test_env_example_names_only_settings() -> None:
+    """.env.example lists only real settings (plus compose's own), and its active values are valid."""
+    active: dict[str, str] = {}
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        match = re.match(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$", line.strip())
+        if not match:
+            continue
+        name = match.group(2)
+        assert name in SETTING_NAMES | COMPOSE_ONLY_VARIABLES, f".env.example: {name} is not a setting"
+        if not match.group(1) and name in SETTING_NAMES:
+            active[name.lower()] = match.group(3)
+    for name in ("redis_url", "database_url"):
+        assert name not in active, f"an active {name.upper()} would stop make run from starting its own"
+    load_settings(**active)
+
+
+def test_readme_documents_every_setting() -> None:
+    """README.md's configuration table names every environment variable of `Settings`."""
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", readme, flags=re.MULTILINE))
+    missing = SETTING_NAMES - documented
+    assert not missing, f"README.md does not document {sorted(missing)}"
+    extra = {name for name in documented - SETTING_NAMES if not name.startswith("LOCAL_")}
+    assert extra <= COMPOSE_ONLY_VARIABLES, f"README.md documents unknown variables {sorted(extra)}"
+
+
+def _key_patterns(text: str) -> set[str]:
+    """The key column of a Markdown table of Redis keys (rows starting with | `collector:)."""
+    return set(re.findall(r"^\| `(collector:[^`]+)` \|", text, flags=re.MULTILINE))
+
+
+def _key_matcher(pattern: str) -> re.Pattern[str]:
+    """`collector:queue:<table>` -> a regex where each `<...>` stands for one key segment."""
+    parts = re.split(r"<[^>]+>", pattern)
+    return re.compile(r"[^:\s]+".join(re.escape(part) for part in parts) + "$")
+
+
+def test_readme_reproduces_the_redis_key_layout() -> None:
+    """README.md lists exactly the keys of collector/queue/keys.py, and its redis-cli lines use real keys."""
+    readme = (ROOT / "README.md").read_text()
+    layout = _key_patterns(keys.__doc__ or "")
+    assert layout, "collector/queue/keys.py lost its key table"
+    assert _key_patterns(readme) == layout
+    matchers = [_key_matcher(pattern) for pattern in layout]
+    section = readme.split("### Looking into Redis with redis-cli", 1)[1]
+    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    used = re.findall(r"\b(collector:[\w:<>]+)", block)
+    assert len(used) >= 10
+    for key in used:
+        assert any(m.match(key) for m in matchers), f"README redis-cli uses unknown key {key}"
