@@ -1,0 +1,221 @@
+"""Stream process throughput: fake exchange at full speed -> `collector streams` -> Redis, beside its limits.
+
+Run: `.venv/bin/python bench/stream_throughput.py [--seconds 15]`. It starts its own redis-server and
+fake exchange (`collector fake-exchange --rate 0`, a separate process), then measures in turn:
+
+1. the fake's raw send rate into a minimal client that discards every frame (same connections);
+2. the stream process (`collector streams`, a real subprocess): events/s stored in Redis (LLEN)
+   and its CPU% (utime+stime from /proc/<pid>/stat over wall time; 100% = one core);
+3. Redis's pipelined RPUSH rate of the same envelopes from one Python process (MULTI/EXEC
+   pipelines of STREAM_FLUSH_MAX_EVENTS, as the sink sends them).
+
+The issue's floor is 30,000 events/s into Redis; the exit code is 1 below it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import redis
+import redis.asyncio
+from websockets.asyncio.client import connect
+
+from collector.binance.streams import connection_plans
+from collector.localservices import LocalService, free_port, start_redis, wait_for_port
+from collector.queue import keys
+from collector.settings import load_settings
+
+FLOOR_EVENTS_PER_S = 30_000
+TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders")
+BIN = Path(sys.executable).parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuSample:
+    wall: float
+    cpu_s: float
+
+
+def cpu_sample(pid: int) -> CpuSample:
+    """utime+stime of a process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return CpuSample(time.monotonic(), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
+
+
+def cpu_percent(first: CpuSample, second: CpuSample) -> float:
+    return 100.0 * (second.cpu_s - first.cpu_s) / (second.wall - first.wall)
+
+
+def queued(client: redis.Redis) -> dict[str, int]:
+    return {table: int(client.llen(keys.queue(table))) for table in TABLES}
+
+
+async def raw_client_rate(urls: list[str], seconds: float) -> tuple[float, float, float]:
+    """Frames/s and MB/s a client that only counts and discards frames receives; and its CPU%."""
+    frames = 0
+    size = 0
+
+    async def drain(url: str, deadline: float) -> None:
+        nonlocal frames, size
+        async with connect(url, ping_interval=None, compression=None, max_size=None, max_queue=4096) as ws:
+            while time.monotonic() < deadline:
+                frame = await ws.recv(decode=False)
+                frames += 1
+                size += len(frame)
+
+    warmup_deadline = time.monotonic() + 1.0
+    deadline = warmup_deadline + seconds
+    tasks = [asyncio.create_task(drain(url, deadline)) for url in urls]
+    await asyncio.sleep(max(0.0, warmup_deadline - time.monotonic()))
+    start_frames, start_size, start_cpu = frames, size, cpu_sample(os.getpid())
+    await asyncio.gather(*tasks)
+    end_cpu = cpu_sample(os.getpid())
+    elapsed = end_cpu.wall - start_cpu.wall
+    return (
+        (frames - start_frames) / elapsed,
+        (size - start_size) / elapsed / 1e6,
+        cpu_percent(start_cpu, end_cpu),
+    )
+
+
+async def redis_rpush_rate(url: str, envelopes: list[bytes], batch: int, seconds: float) -> float:
+    """Envelopes/s one Python process pushes with MULTI/EXEC pipelines of `batch` RPUSH values."""
+    client = redis.asyncio.Redis.from_url(url)
+    scratch = "bench:rpush"
+    pushed = 0
+    index = 0
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < seconds:
+            values = envelopes[index : index + batch]
+            index = (index + batch) % max(1, len(envelopes) - batch)
+            pipe = client.pipeline(transaction=True)
+            pipe.rpush(scratch, *values)
+            pipe.hincrby("bench:stats", "pushed", len(values))
+            await pipe.execute()
+            pushed += len(values)
+            if pushed % (batch * 100) < batch:
+                await client.delete(scratch)
+        return pushed / (time.monotonic() - start)
+    finally:
+        await client.delete(scratch)
+        await client.aclose()
+
+
+def start_fake(port: int, log: Path) -> subprocess.Popen[bytes]:
+    args = [str(BIN / "collector"), "fake-exchange", "--rate", "0", "--port", str(port)]
+    process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    wait_for_port(port)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured run of the stream process")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-streams-"))
+    redis_server: LocalService | None = None
+    fake: subprocess.Popen[bytes] | None = None
+    try:
+        redis_server = start_redis(workdir / "redis")
+        port = free_port()
+        fake = start_fake(port, workdir / "fake.log")
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_server.url,
+            "BINANCE_SPOT_WS_URL": f"ws://127.0.0.1:{port}/spot",
+            "BINANCE_FUTURES_WS_URL": f"ws://127.0.0.1:{port}/futures",
+        }
+        os.chdir(workdir)  # no stray .env
+        settings = load_settings(
+            redis_url=env["REDIS_URL"],
+            binance_spot_ws_url=env["BINANCE_SPOT_WS_URL"],
+            binance_futures_ws_url=env["BINANCE_FUTURES_WS_URL"],
+        )
+        plans = connection_plans(settings)
+        assert redis_server.process is not None
+        redis_pid = redis_server.process.pid
+        client = redis.Redis.from_url(redis_server.url)
+
+        raw_fps, raw_mbps, raw_cpu = asyncio.run(raw_client_rate([p.url for p in plans], 5.0))
+
+        with (workdir / "streams.log").open("wb") as log:
+            streams = subprocess.Popen(
+                [str(BIN / "collector"), "streams"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+            time.sleep(args.warmup)
+            before, cpu_before = queued(client), cpu_sample(streams.pid)
+            fake_before, redis_before = cpu_sample(fake.pid), cpu_sample(redis_pid)
+            time.sleep(args.seconds)
+            after, cpu_after = queued(client), cpu_sample(streams.pid)
+            fake_after, redis_after = cpu_sample(fake.pid), cpu_sample(redis_pid)
+            code = stop(streams)
+        elapsed = cpu_after.wall - cpu_before.wall
+        per_table = {table: (after[table] - before[table]) / elapsed for table in TABLES}
+        stored_rate = sum(per_table.values())
+        stats_total = sum(int(v) for v in client.hgetall(keys.STREAM_MESSAGES).values())
+        final_total = sum(queued(client).values())
+
+        sample: list[bytes] = []
+        for table in TABLES:
+            sample += cast(list[bytes], client.lrange(keys.queue(table), 0, 4999))
+        sample_bytes = sum(map(len, sample)) / max(1, len(sample))
+        rpush_rate = asyncio.run(
+            redis_rpush_rate(redis_server.url, sample, settings.stream_flush_max_events, 3.0)
+        )
+
+        print(f"stream process throughput ({elapsed:.1f} s measured after {args.warmup:.0f} s warm-up)")
+        print(f"  stored into Redis        {stored_rate:12,.0f} events/s")
+        for table, rate in per_table.items():
+            print(f"    {table:<22} {rate:12,.0f} events/s")
+        print(f"  stream process CPU       {cpu_percent(cpu_before, cpu_after):12.0f} % of one core")
+        print(f"  fake exchange CPU        {cpu_percent(fake_before, fake_after):12.0f} %")
+        print(f"  redis-server CPU         {cpu_percent(redis_before, redis_after):12.0f} %")
+        print(f"  exit code on SIGTERM     {code:12d}   (stats hash {stats_total:,} = lists {final_total:,})")
+        print("this machine's limits, same run")
+        print(
+            f"  fake -> discarding client{raw_fps:12,.0f} frames/s "
+            f"({raw_mbps:.0f} MB/s, client CPU {raw_cpu:.0f} %)"
+        )
+        print(
+            f"  Redis pipelined RPUSH    {rpush_rate:12,.0f} envelopes/s "
+            f"(one process, {sample_bytes:.0f} B each)"
+        )
+        verdict = "meets" if stored_rate >= FLOOR_EVENTS_PER_S else "BELOW"
+        print(f"floor {FLOOR_EVENTS_PER_S:,} events/s: {verdict}")
+        return 0 if stored_rate >= FLOOR_EVENTS_PER_S and code == 0 else 1
+    finally:
+        if fake is not None:
+            stop(fake)
+        if redis_server is not None:
+            redis_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The receive handler: one frame and its receive time in, an envelope (or dead letter) into the sink.
+
+It knows nothing of WebSockets, so the same object serves any transport that hands it frames
+(`Callable[[bytes, int], None]`, as nautilus_trader's WebSocket client takes a `handler`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from collector.binance.rows import make_envelope
+from collector.streams.routing import deadletter_record, route
+from collector.streams.sink import Sink
+from collector.streams.state import ConnectionState
+
+logger = logging.getLogger(__name__)
+
+# A stream that sends garbage sends a lot of it: log the first few dead letters of a connection
+# and then one in every N, with the running count.
+DEADLETTER_LOG_FIRST: Final = 10
+DEADLETTER_LOG_EVERY: Final = 1000
+
+
+class FrameHandler:
+    """Routes every frame of one connection into the sink and counts it in the connection's state."""
+
+    __slots__ = ("_deadletters", "_market", "_sink", "on_server_shutdown", "state")
+
+    def __init__(
+        self,
+        state: ConnectionState,
+        sink: Sink,
+        on_server_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        self.state = state
+        self._sink = sink
+        self._market = state.market
+        self._deadletters = 0
+        # Called when the server announces it is going down; the connection then reconnects at once.
+        self.on_server_shutdown = on_server_shutdown
+
+    def __call__(self, frame: bytes, received_at_us: int) -> None:
+        kind, stream, table, reason = route(frame)
+        if kind == "event":
+            self._sink.push(table, make_envelope(self._market, received_at_us, frame))
+            state = self.state
+            stats = state.stream_stats.get(stream) or state.stats_for(stream)
+            stats.messages += 1
+            stats.last_message_us = received_at_us
+            state.messages += 1
+            state.last_message_us = received_at_us
+        elif kind == "control":
+            logger.debug("ws.control id=%s frame=%r", self.state.id, frame[:200])
+        elif kind == "shutdown":
+            logger.warning("ws.server_shutdown id=%s frame=%r", self.state.id, frame[:200])
+            if self.on_server_shutdown is not None:
+                self.on_server_shutdown()
+        else:
+            self._deadletter(reason, frame, received_at_us)
+
+    def _deadletter(self, reason: str, frame: bytes, received_at_us: int) -> None:
+        state = self.state
+        self._sink.push_deadletter(deadletter_record(reason, state.id, state.market, received_at_us, frame))
+        self._deadletters += 1
+        count = self._deadletters
+        if count <= DEADLETTER_LOG_FIRST or count % DEADLETTER_LOG_EVERY == 0:
+            logger.warning("ws.deadletter id=%s reason=%s count=%d", state.id, reason, count)

@@ -1,0 +1,297 @@
+"""The sink: buffers envelopes per table and writes them to Redis in one pipeline per flush.
+
+Guarantees:
+- `push()` never waits and never touches the network: the receive loops only append here.
+- Everything pushed is kept until a flush that contains it has been committed; a Redis outage only
+  grows the buffer (warned about above STREAM_BUFFER_WARN_EVENTS), it never drops an event.
+- Order within a table is kept: one flush runs at a time and always takes the oldest envelopes.
+- A flush is one MULTI/EXEC transaction, so a flush cut off by a Redis failure writes nothing and is
+  retried whole. (If the connection dies after EXEC ran but before its reply arrived, the retry writes
+  those envelopes a second time; the tables' natural keys make such duplicates harmless.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+import redis.asyncio
+
+from collector.queue import counters, keys
+from collector.settings import Settings
+from collector.streams.backoff import backoff_delays
+from collector.streams.state import ConnectionState
+
+logger = logging.getLogger(__name__)
+
+# Retry pace while Redis is down: fast enough to notice a restart within seconds, slow enough not
+# to spin on a dead socket.
+REDIS_RETRY_INITIAL_S: Final = 0.2
+REDIS_RETRY_MAX_S: Final = 5.0
+# Errors that mean "Redis cannot take this now": keep the batch and try again later.
+REDIS_ERRORS: Final = (redis.RedisError, OSError, TimeoutError)
+# One flush takes at most this many envelopes per table: a backlog (after an outage, or when the
+# receive loops outrun the flush interval) goes out in large pipelines, each still small enough
+# (~30 MB) not to block Redis or this process for long.
+MAX_EVENTS_PER_TABLE_PER_FLUSH: Final = 100_000
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    flush_interval_s: float
+    flush_max_events: int
+    buffer_warn_events: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SinkOptions:
+        return cls(
+            flush_interval_s=settings.stream_flush_interval_ms / 1000,
+            flush_max_events=settings.stream_flush_max_events,
+            buffer_warn_events=settings.stream_buffer_warn_events,
+        )
+
+
+@dataclass
+class _Batch:
+    """What one flush attempt writes; committed to the bookkeeping only after EXEC succeeded."""
+
+    envelopes: dict[str, int]  # table -> how many of its oldest envelopes
+    deadletters: int
+    streams: list[tuple[ConnectionState, str, int, int | None]]  # state, stream, messages, last_us
+    reconnects: list[tuple[str, int]]  # connection id, reconnects so far
+    states: dict[str, bytes]  # connection id -> JSON
+
+    @property
+    def events(self) -> int:
+        return sum(self.envelopes.values()) + self.deadletters
+
+    def is_empty(self) -> bool:
+        return not (self.envelopes or self.deadletters or self.streams or self.reconnects or self.states)
+
+
+class Sink:
+    """Buffers envelopes in memory and moves them to the Redis lists of their tables."""
+
+    def __init__(self, client: redis.asyncio.Redis, options: SinkOptions) -> None:
+        self._client = client
+        self._options = options
+        self._queues: dict[str, list[bytes]] = {}
+        self._deadletters: list[bytes] = []
+        self._buffered = 0
+        self._states: dict[str, ConnectionState] = {}
+        self._written_states: dict[str, bytes] = {}
+        self._written_streams: dict[tuple[str, str], int] = {}
+        self._written_reconnects: dict[str, int] = {}
+        self._wake = asyncio.Event()  # set when a flush is due early: buffer full, or stopping
+        self._stop_event = asyncio.Event()
+        self._stopping = False
+        self._unavailable_since: float | None = None
+        self._buffer_warned = False
+
+    # --- the hot path: called by the receive loops, never awaits ---------------------------------
+
+    def push(self, table: str, envelope: bytes) -> None:
+        """Queue one envelope for `table`."""
+        queue = self._queues.get(table)
+        if queue is None:
+            queue = self._queues[table] = []
+        queue.append(envelope)
+        self._buffered += 1
+        if self._buffered >= self._options.flush_max_events:
+            self._wake.set()
+
+    def push_deadletter(self, record: bytes) -> None:
+        """Queue one dead-letter record (JSON bytes)."""
+        self._deadletters.append(record)
+        self._buffered += 1
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+
+    def register(self, state: ConnectionState) -> None:
+        """Mirror `state` (and its per-stream stats) to Redis on every flush where it changed."""
+        self._states[state.id] = state
+
+    @property
+    def buffered(self) -> int:
+        """Envelopes and dead letters received but not yet committed to Redis."""
+        return self._buffered
+
+    def buffered_envelopes(self, table: str) -> list[bytes]:
+        """A copy of the envelopes of `table` waiting to be flushed, oldest first."""
+        return list(self._queues.get(table, ()))
+
+    def buffered_deadletters(self) -> list[bytes]:
+        """A copy of the dead-letter records waiting to be flushed, oldest first."""
+        return list(self._deadletters)
+
+    def buffered_by_table(self) -> dict[str, int]:
+        counts = {table: len(queue) for table, queue in self._queues.items() if queue}
+        if self._deadletters:
+            counts["deadletter"] = len(self._deadletters)
+        return counts
+
+    # --- flushing --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush every STREAM_FLUSH_INTERVAL_MS, or at once when STREAM_FLUSH_MAX_EVENTS are waiting."""
+        delays: Iterator[float] | None = None
+        while not self._stopping:
+            if self._buffered < self._options.flush_max_events:
+                await _wait(self._wake, self._options.flush_interval_s)
+            self._wake.clear()
+            if self._stopping:
+                break
+            self._check_buffer_size()
+            if await self._attempt():
+                delays = None
+                continue
+            delays = delays or backoff_delays(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
+            await _wait(self._stop_event, next(delays))  # new events must not cut the backoff short
+
+    def stop(self) -> None:
+        """Make `run()` return after its current flush; call `drain()` afterwards."""
+        self._stopping = True
+        self._stop_event.set()
+        self._wake.set()
+
+    async def drain(self, timeout_s: float) -> int:
+        """Flush until nothing is left, retrying Redis for at most `timeout_s`; return what is left."""
+        deadline = time.monotonic() + timeout_s
+        delays = backoff_delays(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            batch = self._next_batch()
+            if batch.is_empty():
+                return 0
+            if not await self._attempt(batch, remaining):
+                await asyncio.sleep(min(next(delays), max(deadline - time.monotonic(), 0)))
+        if self._buffered:
+            logger.error(
+                "sink.unflushed events=%d by_table=%s reason=redis unavailable for %.0fs at shutdown",
+                self._buffered,
+                self.buffered_by_table(),
+                timeout_s,
+            )
+        return self._buffered
+
+    async def flush(self) -> int:
+        """One flush now; returns the envelopes and dead letters it committed. Raises on Redis errors."""
+        batch = self._next_batch()
+        if batch.is_empty():
+            return 0
+        await self._write(batch)
+        self._commit(batch)
+        return batch.events
+
+    async def _attempt(self, batch: _Batch | None = None, timeout_s: float | None = None) -> bool:
+        """Write one batch; on a Redis error log (once per outage) and return False, keeping it all."""
+        batch = batch or self._next_batch()
+        if batch.is_empty():
+            return True
+        try:
+            await asyncio.wait_for(self._write(batch), timeout_s)
+        except REDIS_ERRORS as error:
+            if self._unavailable_since is None:
+                self._unavailable_since = time.monotonic()
+                logger.error("sink.redis_unavailable error=%s buffered=%d", _one_line(error), self._buffered)
+            else:
+                logger.debug("sink.redis_retry_failed error=%s buffered=%d", _one_line(error), self._buffered)
+            return False
+        self._commit(batch)
+        if self._unavailable_since is not None:
+            logger.warning(
+                "sink.redis_recovered after_s=%.1f buffered=%d",
+                time.monotonic() - self._unavailable_since,
+                self._buffered,
+            )
+            self._unavailable_since = None
+        return True
+
+    def _next_batch(self) -> _Batch:
+        """The oldest envelopes of each table (up to a cap) and every changed statistic."""
+        limit = MAX_EVENTS_PER_TABLE_PER_FLUSH
+        envelopes = {table: min(len(queue), limit) for table, queue in self._queues.items() if queue}
+        streams: list[tuple[ConnectionState, str, int, int | None]] = []
+        reconnects: list[tuple[str, int]] = []
+        states: dict[str, bytes] = {}
+        for state in self._states.values():
+            for stream, stats in state.stream_stats.items():
+                if stats.messages != self._written_streams.get((state.id, stream), 0):
+                    streams.append((state, stream, stats.messages, stats.last_message_us))
+            if state.reconnects != self._written_reconnects.get(state.id, 0):
+                reconnects.append((state.id, state.reconnects))
+            encoded = state.to_json()
+            if encoded != self._written_states.get(state.id):
+                states[state.id] = encoded
+        return _Batch(envelopes, min(len(self._deadletters), limit), streams, reconnects, states)
+
+    async def _write(self, batch: _Batch) -> None:
+        pipe: Any = self._client.pipeline(transaction=True)
+        for table, count in batch.envelopes.items():
+            pipe.rpush(keys.queue(table), *self._queues[table][:count])
+        if batch.deadletters:
+            pipe.rpush(keys.DEADLETTER, *self._deadletters[: batch.deadletters])
+            counters.incr(pipe, "deadletters", "streams", amount=batch.deadletters)
+        last_us: dict[str, int] = {}
+        for state, stream, messages, last in batch.streams:
+            delta = messages - self._written_streams.get((state.id, stream), 0)
+            field = keys.stream_field(state.market, stream)
+            pipe.hincrby(keys.STREAM_MESSAGES, field, delta)
+            counters.incr(pipe, "messages", state.market, stream, amount=delta)
+            if last is not None:
+                last_us[field] = last
+        if last_us:
+            pipe.hset(keys.STREAM_LAST_US, mapping=last_us)
+        for connection_id, total in batch.reconnects:
+            delta = total - self._written_reconnects.get(connection_id, 0)
+            counters.incr(pipe, "reconnects", connection_id, amount=delta)
+        if batch.states:
+            pipe.hset(keys.CONNECTIONS, mapping=batch.states)
+        await pipe.execute()
+
+    def _commit(self, batch: _Batch) -> None:
+        """Forget what `batch` wrote; anything pushed meanwhile sits behind it and stays."""
+        for table, count in batch.envelopes.items():
+            del self._queues[table][:count]
+        del self._deadletters[: batch.deadletters]
+        self._buffered -= batch.events
+        for state, stream, messages, _last in batch.streams:
+            self._written_streams[(state.id, stream)] = messages
+        self._written_reconnects.update(batch.reconnects)
+        self._written_states.update(batch.states)
+
+    def _check_buffer_size(self) -> None:
+        warn_at = self._options.buffer_warn_events
+        if not self._buffer_warned and self._buffered > warn_at:
+            self._buffer_warned = True
+            logger.warning(
+                "sink.buffer_high buffered=%d warn_events=%d by_table=%s",
+                self._buffered,
+                warn_at,
+                self.buffered_by_table(),
+            )
+        elif self._buffer_warned and self._buffered <= warn_at // 2:
+            self._buffer_warned = False
+            logger.info("sink.buffer_normal buffered=%d", self._buffered)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less if `event` is set meanwhile."""
+    if event.is_set():
+        return
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).replace("\n", " ") or type(error).__name__
+    return f"{type(error).__name__}: {text}"

@@ -1,0 +1,76 @@
+"""The explicit, in-memory state of each WebSocket connection and of each stream it carries.
+
+The stream process owns these objects; the sink mirrors them to Redis (`keys.CONNECTIONS`,
+`keys.STREAM_MESSAGES`, `keys.STREAM_LAST_US`) on each flush, so `/health` and `collector status`
+read what the process itself believes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+import orjson
+
+from collector.binance.streams import ConnectionPlan, Family
+from collector.settings import Market
+
+Phase = Literal["connecting", "connected", "backoff", "stopped"]
+PHASES: Final[tuple[Phase, ...]] = ("connecting", "connected", "backoff", "stopped")
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """Events received on one stream since the process started."""
+
+    messages: int = 0
+    last_message_us: int | None = None
+
+
+@dataclass(slots=True)
+class ConnectionState:
+    """What one connection is doing now and what it has received. Updated only by its own task."""
+
+    id: str
+    market: Market
+    family: Family
+    url: str
+    streams: tuple[str, ...]
+    state: Phase = "connecting"
+    connected_since_us: int | None = None
+    last_message_us: int | None = None
+    messages: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    stream_stats: dict[str, StreamStats] = field(default_factory=dict)
+
+    @classmethod
+    def from_plan(cls, plan: ConnectionPlan) -> ConnectionState:
+        state = cls(plan.connection_id, plan.market, plan.family, plan.url, plan.streams)
+        state.stream_stats = {name: StreamStats() for name in plan.streams}
+        return state
+
+    def stats_for(self, stream: str) -> StreamStats:
+        """Stats of `stream`, created on first sight (a server may send a name we did not plan)."""
+        stats = self.stream_stats.get(stream)
+        if stats is None:
+            stats = self.stream_stats[stream] = StreamStats()
+        return stats
+
+    def to_json(self) -> bytes:
+        """The value stored in `keys.CONNECTIONS`; per-stream stats live in their own hashes."""
+        return orjson.dumps(
+            {
+                "id": self.id,
+                "market": self.market,
+                "family": self.family,
+                "url": self.url,
+                "streams": list(self.streams),
+                "state": self.state,
+                "connected_since_us": self.connected_since_us,
+                "last_message_us": self.last_message_us,
+                "messages": self.messages,
+                "reconnects": self.reconnects,
+                "last_error": self.last_error,
+            }
+        )

@@ -1,0 +1,429 @@
+"""The stream process against the fake exchange and a real Redis: routing, completeness, faults, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import orjson
+import pytest
+import redis
+from websockets.asyncio.server import ServerConnection, serve
+
+from collector.binance.rows import make_envelope, parse_envelope
+from collector.binance.streams import connection_plans, table_for_stream
+from collector.fake.server import FakeExchange
+from collector.localservices import LocalService, free_port, start_redis
+from collector.queue import keys
+from collector.queue.client import async_redis_client
+from collector.settings import Settings, load_settings
+from collector.streams.connection import ConnectionOptions, StreamConnection
+from collector.streams.runner import StreamProcess, build
+from collector.streams.runner import serve as serve_process
+from collector.streams.sink import Sink, SinkOptions
+from tests.processes import TIMEOUT_FACTOR, stream_process, wait_until
+
+STREAM_TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders")
+SHUTDOWN_FLUSH_S = 10.0
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeExchange]:
+    with FakeExchange(rate=200.0) as exchange:
+        yield exchange
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # keep a developer's .env out of the settings
+    return tmp_path
+
+
+def stream_settings(redis_url: str, fake: FakeExchange, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "binance_spot_ws_url": fake.spot_ws_url,
+        "binance_futures_ws_url": fake.futures_ws_url,
+        "stream_flush_interval_ms": 20,
+        "ws_backoff_initial_s": 0.05,
+        "ws_backoff_max_s": 0.5,
+        "redis_socket_timeout_s": 2.0,
+    }
+    return load_settings(**(values | overrides))
+
+
+def stream_env(redis_url: str, fake: FakeExchange, **extra: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis_url,
+        "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
+        "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
+        "WS_BACKOFF_INITIAL_S": "0.05",
+        "WS_BACKOFF_MAX_S": "0.5",
+        **extra,
+    }
+
+
+class InProcess:
+    """The stream process's asyncio core on a thread of its own, so a test can watch its state."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.process: StreamProcess | None = None
+        self.exit_code: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="streams")
+
+    async def _main(self) -> None:
+        client = async_redis_client(self.settings)
+        sink = Sink(client, SinkOptions.from_settings(self.settings))
+        options = ConnectionOptions.from_settings(self.settings)
+        self.process = build(connection_plans(self.settings), sink, options)
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        self._ready.set()
+        try:
+            self.exit_code = await serve_process(self.process, self._stop, SHUTDOWN_FLUSH_S)
+        finally:
+            await client.aclose()
+
+    @property
+    def sink(self) -> Sink:
+        assert self.process is not None
+        return self.process.sink
+
+    @property
+    def connections(self) -> list[StreamConnection]:
+        assert self.process is not None
+        return self.process.connections
+
+    def __enter__(self) -> InProcess:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def stop(self) -> int | None:
+        if self._thread.is_alive():
+            assert self._loop is not None and self._stop is not None
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30 * TIMEOUT_FACTOR)
+        assert not self._thread.is_alive(), "stream process did not stop"
+        return self.exit_code
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def queued(client: redis.Redis, table: str) -> list[bytes]:
+    return cast(list[bytes], client.lrange(keys.queue(table), 0, -1))
+
+
+def total_queued(client: redis.Redis) -> int:
+    return sum(int(client.llen(keys.queue(table))) for table in STREAM_TABLES)
+
+
+def envelope_keys(table: str, envelope: bytes) -> list[tuple[Any, ...]]:
+    """The natural keys the fake's ledger records for the events of one stored envelope."""
+    parsed = orjson.loads(envelope)
+    market, data = parsed["market"], parsed["frame"]["data"]
+    if table == "agg_trades":
+        return [(market, data["s"], data["a"], data["T"])]
+    if table == "depth_updates":
+        return [(market, data["s"], data["u"], data["E"])]
+    if table == "mark_prices":
+        return [(row["s"], row["E"]) for row in data if row.get("st", 1) == 1]
+    if data.get("st", 1) != 1:
+        return []  # the ledger leaves COIN-M liquidations out
+    order = data["o"]
+    return [(order["s"], order["S"], order["T"], order["p"], order["q"])]
+
+
+def stored_keys(client: redis.Redis) -> dict[str, Counter[tuple[Any, ...]]]:
+    return {
+        table: Counter(key for envelope in queued(client, table) for key in envelope_keys(table, envelope))
+        for table in STREAM_TABLES
+    }
+
+
+def ledger_keys(ledger: dict[str, Any]) -> dict[str, Counter[tuple[Any, ...]]]:
+    return {table: Counter(tuple(key) for key in ledger[table]) for table in STREAM_TABLES}
+
+
+def connection_states(client: redis.Redis) -> dict[str, dict[str, Any]]:
+    states = cast(dict[bytes, bytes], client.hgetall(keys.CONNECTIONS))
+    return {key.decode(): orjson.loads(value) for key, value in states.items()}
+
+
+def settle(measure: Callable[[], object], what: str, quiet_s: float = 0.5) -> object:
+    """Wait until `measure()` stops changing for `quiet_s` (the pipes have emptied)."""
+    last: list[object] = [object()]
+    since = [time.monotonic()]
+
+    def steady() -> bool:
+        value = measure()
+        if value != last[0]:
+            last[0], since[0] = value, time.monotonic()
+            return False
+        return time.monotonic() - since[0] >= quiet_s
+
+    wait_until(steady, 30, what, interval_s=0.1)
+    return last[0]
+
+
+# --- behaviour -----------------------------------------------------------------------------------
+
+
+def test_events_of_every_table_land_in_their_lists_unmodified(
+    redis_url: str, workdir: Path, fake: FakeExchange
+) -> None:
+    """Each table's list gets envelopes of its own streams, with the frame embedded byte for byte."""
+    client = redis.Redis.from_url(redis_url)
+    settings = stream_settings(redis_url, fake)
+    planned = {(plan.market, name) for plan in connection_plans(settings) for name in plan.streams}
+    started_us = time.time_ns() // 1000
+    with InProcess(settings):
+        wait_until(lambda: all(client.llen(keys.queue(t)) >= 3 for t in STREAM_TABLES), 30, "every table")
+    finished_us = time.time_ns() // 1000
+    ledger = ledger_keys(fake.ledger())
+    for table in STREAM_TABLES:
+        for envelope in queued(client, table):
+            parsed = orjson.loads(envelope)
+            market, received_at_us = parsed["market"], parsed["received_at_us"]
+            frame = envelope[envelope.index(b',"frame":') + len(b',"frame":') : -1]
+            assert make_envelope(market, received_at_us, frame) == envelope  # the frame, untouched
+            assert started_us <= received_at_us <= finished_us
+            stream = parsed["frame"]["stream"]
+            assert table_for_stream(stream) == table and (market, stream) in planned
+            parse_envelope(table, envelope)  # the drain will be able to read it
+            assert all(ledger[table][key] for key in envelope_keys(table, envelope))
+    markets = {orjson.loads(e)["market"] for e in queued(client, "agg_trades")}
+    assert markets == {"spot", "futures"}
+    stats = client.hgetall(keys.STREAM_MESSAGES)
+    assert int(stats[keys.stream_field("spot", "btcusdt@aggTrade").encode()]) > 0
+    assert client.hget(keys.STREAM_LAST_US, keys.stream_field("futures", "!markPrice@arr@1s"))
+
+
+def test_redis_holds_exactly_the_ledger(redis_url: str, workdir: Path) -> None:
+    """With a bounded fake, the events in Redis equal what the fake sent: same count, same keys, in order."""
+    client = redis.Redis.from_url(redis_url)
+    with FakeExchange(rate=2000.0, max_events=3000) as fake:
+        with InProcess(stream_settings(redis_url, fake)):
+            wait_until(lambda: fake.ledger()["data_frames_sent"] == 3000, 60, "the fake to send everything")
+            wait_until(lambda: total_queued(client) == 3000, 30, "every frame in Redis")
+        ledger = fake.ledger()
+    assert stored_keys(client) == ledger_keys(ledger)
+    for table, id_field in (("agg_trades", "a"), ("depth_updates", "u")):
+        per_symbol: dict[tuple[str, str], list[int]] = {}
+        for envelope in queued(client, table):
+            parsed = orjson.loads(envelope)
+            data = parsed["frame"]["data"]
+            per_symbol.setdefault((parsed["market"], data["s"]), []).append(data[id_field])
+        for ids in per_symbol.values():
+            assert ids == sorted(ids)  # receive order kept within the list
+    messages = client.hgetall(keys.STREAM_MESSAGES)
+    assert sum(int(v) for v in messages.values()) == 3000
+    counted = client.hgetall(keys.metric("messages"))
+    assert sum(int(v) for v in counted.values()) == 3000
+
+
+def test_malformed_frames_go_to_the_dead_letter_list(
+    redis_url: str, workdir: Path, fake: FakeExchange
+) -> None:
+    """A frame that is not JSON is dead-lettered with its reason and the connection keeps delivering."""
+    client = redis.Redis.from_url(redis_url)
+    with InProcess(stream_settings(redis_url, fake)) as running:
+        wait_until(lambda: total_queued(client) > 20, 30, "first events")
+        fake.send_malformed(3)
+        wait_until(lambda: client.llen(keys.DEADLETTER) == 3, 30, "three dead letters")
+        after = total_queued(client)
+        wait_until(lambda: total_queued(client) > after + 50, 30, "events after the dead letters")
+        assert all(connection.state.reconnects == 0 for connection in running.connections)
+    records = [orjson.loads(raw) for raw in client.lrange(keys.DEADLETTER, 0, -1)]
+    for record in records:
+        assert record["reason"] == "frame is not JSON" and record["source"] == "streams"
+        assert record["frame"].startswith('{"stream":"') and record["market"] in ("spot", "futures")
+        assert record["connection"] in {plan.connection_id for plan in connection_plans(running.settings)}
+        assert record["received_at_us"] > 0
+    assert int(client.hget(keys.metric("deadletters"), "streams") or 0) == 3
+    assert fake.ledger()["malformed_sent"] == 3
+
+
+def test_dropped_connections_reconnect_and_keep_delivering(
+    redis_url: str, workdir: Path, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the exchange drops every connection, each reconnects, is counted, and events keep coming."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    client = redis.Redis.from_url(redis_url)
+    settings = stream_settings(redis_url, fake)
+    ids = {plan.connection_id for plan in connection_plans(settings)}
+    with InProcess(settings):
+        wait_until(lambda: set(connection_states(client)) == ids, 30, "connection states in Redis")
+        wait_until(lambda: total_queued(client) > 20, 30, "first events")
+        assert fake.drop_connections() == len(ids)
+
+        def reconnected() -> bool:
+            counts = client.hgetall(keys.metric("reconnects"))
+            states = connection_states(client)
+            return all(
+                int(counts.get(i.encode(), 0)) >= 1
+                and states[i]["reconnects"] >= 1
+                and states[i]["state"] == "connected"
+                for i in ids
+            )
+
+        wait_until(reconnected, 30, "every connection reconnected")
+        after = total_queued(client)
+        wait_until(lambda: total_queued(client) > after + 50, 30, "events after the reconnect")
+    text = caplog.text
+    assert "ws.disconnected id=" in text and "ws.reconnecting id=" in text
+    assert text.count("ws.connected id=") >= 2 * len(ids)
+    assert all(state["state"] == "stopped" for state in connection_states(client).values())
+
+
+def test_silent_connection_is_reopened_by_the_watchdog(
+    redis_url: str, workdir: Path, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that receives nothing for WS_IDLE_TIMEOUT_S is closed and opened again."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    client = redis.Redis.from_url(redis_url)
+    with InProcess(stream_settings(redis_url, fake, ws_idle_timeout_s=0.5)):
+        wait_until(lambda: total_queued(client) > 10, 30, "first events")
+        fake.pause()
+        wait_until(lambda: "ws.idle id=" in caplog.text, 30, "the idle watchdog")
+        wait_until(lambda: client.hgetall(keys.metric("reconnects")), 30, "a reconnect")
+        fake.resume()
+        after = total_queued(client)
+        wait_until(lambda: total_queued(client) > after + 20, 30, "events after the watchdog")
+
+
+def test_server_shutdown_notice_reconnects_at_once(
+    redis_url: str, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A spot `serverShutdown` event makes the connection reconnect without a backoff delay."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    trade = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","s":"BTCUSDT","a":%d,"T":1}}'
+    connections: list[int] = []
+
+    async def announce_then_idle(ws: ServerConnection) -> None:
+        if ws.request is None or not ws.request.path.startswith("/stream?"):
+            await ws.wait_closed()  # the futures connection: silent
+            return
+        connections.append(len(connections) + 1)
+        await ws.send(trade % len(connections), text=True)
+        if len(connections) == 1:
+            await ws.send(b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1}}', text=True)
+        await ws.wait_closed()
+
+    port = free_port()
+    ready, done = threading.Event(), threading.Event()
+
+    async def server_main() -> None:
+        async with serve(announce_then_idle, "127.0.0.1", port):
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        settings = load_settings(
+            redis_url=redis_url,
+            binance_spot_ws_url=f"ws://127.0.0.1:{port}",
+            binance_futures_ws_url=f"ws://127.0.0.1:{port}",
+            spot_symbols=["BTCUSDT"],
+            spot_streams=["aggTrade"],
+            futures_streams=["forceOrder"],
+            ws_backoff_initial_s=60,  # a backoff would outlast the test
+            stream_flush_interval_ms=20,
+        )
+        client = redis.Redis.from_url(redis_url)
+        with InProcess(settings):
+            wait_until(lambda: client.llen(keys.queue("agg_trades")) == 2, 20, "one trade per connection")
+        assert "ws.server_shutdown id=spot-0" in caplog.text
+        assert "ws.reconnecting id=spot-0 delay_s=0.00" in caplog.text
+        assert connections == [1, 2]
+    finally:
+        done.set()
+        thread.join(10)
+
+
+def test_nothing_is_lost_while_redis_is_down(
+    workdir: Path, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events received while Redis is stopped stay buffered and all reach Redis once it is back."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    port = free_port()
+    server: LocalService = start_redis(workdir / "redis", port=port, persistent=True)
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        with InProcess(stream_settings(server.url, fake)) as running:
+            wait_until(lambda: total_queued(client) > 50, 30, "first events")
+            server.stop()
+            wait_until(lambda: "sink.redis_unavailable" in caplog.text, 30, "the outage to be noticed")
+            buffered = running.sink.buffered
+            wait_until(lambda: running.sink.buffered > buffered + 100, 30, "events buffered meanwhile")
+            server = start_redis(workdir / "redis", port=port, persistent=True)
+            wait_until(lambda: "sink.redis_recovered" in caplog.text, 30, "the recovery")
+            fake.pause()
+            settle(lambda: total_queued(client), "the last events")
+        ledger = ledger_keys(fake.ledger())
+        stored = stored_keys(client)
+        for table in STREAM_TABLES:
+            assert set(stored[table]) == set(ledger[table]), table  # nothing missing, nothing invented
+        assert caplog.text.count("sink.redis_unavailable") == 1
+    finally:
+        server.stop()
+
+
+def test_sigterm_flushes_everything_and_exits_zero(redis_url: str, workdir: Path, fake: FakeExchange) -> None:
+    """`collector streams` as a real process: SIGTERM writes every received event to Redis and exits 0."""
+    client = redis.Redis.from_url(redis_url)
+    # Nothing is flushed on time or size, so what reaches Redis is the shutdown flush's doing.
+    env = stream_env(redis_url, fake, STREAM_FLUSH_INTERVAL_MS="600000", STREAM_FLUSH_MAX_EVENTS="10000000")
+    process = stream_process(env, workdir)
+    try:
+
+        def all_connections_fed() -> bool:
+            ledger = fake.ledger()
+            open_fed = [c for c in ledger["connections"] if c["open"] and c["data_frames"] > 20]
+            return len(open_fed) == 3
+
+        wait_until(all_connections_fed, 30, "three connections receiving")
+        assert total_queued(client) == 0
+        fake.pause()
+        code = process.stop()
+    finally:
+        process.stop()
+    assert code == 0, process.log()
+    assert stored_keys(client) == ledger_keys(fake.ledger())
+    assert all(state["state"] == "stopped" for state in connection_states(client).values())
+    assert "Traceback" not in process.log()
+
+
+def test_unreachable_redis_is_one_line_and_exit_code_2(workdir: Path) -> None:
+    """A wrong REDIS_URL makes `collector streams` print one line naming Redis and exit 2."""
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "REDIS_SOCKET_TIMEOUT_S": "2"}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "collector"), "streams"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60 * TIMEOUT_FACTOR,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("collector: Redis at redis://127.0.0.1:")
