@@ -1,0 +1,166 @@
+"""The fake exchange's control surface (`/_fake/...`): ledger, faults, pacing, liquidation injection.
+
+`Controls` holds the operations; the HTTP endpoints and `FakeExchange`'s methods both call it on the
+server's event loop, so tests in-process and scripts over HTTP see the same behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from collector.fake.hub import Hub
+from collector.fake.rest import ERROR_BODIES, RestApi
+
+logger = logging.getLogger(__name__)
+
+SIDES = ("BUY", "SELL")
+
+
+class ControlError(ValueError):
+    """A control request with a bad parameter."""
+
+
+class Controls:
+    """Operations on a running fake exchange; call them on its event loop."""
+
+    def __init__(self, hub: Hub, rest: RestApi) -> None:
+        self.hub = hub
+        self.rest = rest
+
+    def ledger(self) -> dict[str, Any]:
+        return self.hub.ledger.as_json()
+
+    def connections(self) -> list[dict[str, Any]]:
+        return [session.describe() for session in self.hub.sessions.values()]
+
+    def drop(self) -> int:
+        """Abort every WebSocket connection with no close frame; returns how many."""
+        sessions = list(self.hub.sessions.values())
+        for session in sessions:
+            session.abort()
+        logger.info("fake.drop connections=%d", len(sessions))
+        return len(sessions)
+
+    def malformed(self, count: int) -> None:
+        if count < 0:
+            raise ControlError("count must be >= 0")
+        self.hub.malformed_pending += count
+
+    def rest_fail(self, status: int, count: int, retry_after_s: float) -> None:
+        if status not in ERROR_BODIES:
+            raise ControlError(f"status must be one of {sorted(ERROR_BODIES)}")
+        if count < 0 or retry_after_s < 0:
+            raise ControlError("count and retry_after must be >= 0")
+        self.rest.faults.status = status
+        self.rest.faults.count = count
+        self.rest.faults.retry_after_s = retry_after_s
+
+    def liquidation(self, symbol: str, side: str, price: str, quantity: str) -> dict[str, Any]:
+        """Push one USD-M liquidation now; it bypasses pause, pacing and max_events."""
+        side = side.upper()
+        if not symbol or side not in SIDES or not price or not quantity:
+            raise ControlError("need symbol, side BUY|SELL, price and quantity")
+        event = self.hub.inject_liquidation(symbol.upper(), side, str(price), str(quantity))
+        self.hub.wake_all()
+        parsed: dict[str, Any] = json.loads(event.data)
+        return parsed
+
+    def pause(self) -> None:
+        self.hub.paused = True
+
+    def resume(self) -> None:
+        self.hub.paused = False
+        self.hub.wake_all()
+
+    def set_rate(self, rate: float) -> None:
+        if rate < 0:
+            raise ControlError("rate must be >= 0")
+        self.hub.rate = rate
+        self.hub.wake_all()
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/_fake/ledger", self._get_ledger),
+            web.get("/_fake/connections", self._get_connections),
+            web.post("/_fake/drop", self._post_drop),
+            web.post("/_fake/malformed", self._post_malformed),
+            web.post("/_fake/rest_fail", self._post_rest_fail),
+            web.post("/_fake/liquidation", self._post_liquidation),
+            web.post("/_fake/pause", self._post_pause),
+            web.post("/_fake/resume", self._post_resume),
+            web.post("/_fake/rate", self._post_rate),
+        ]
+
+    async def _get_ledger(self, request: web.Request) -> web.Response:
+        return web.json_response(self.ledger())
+
+    async def _get_connections(self, request: web.Request) -> web.Response:
+        return web.json_response({"connections": self.connections()})
+
+    async def _post_drop(self, request: web.Request) -> web.Response:
+        return web.json_response({"dropped": self.drop()})
+
+    async def _post_malformed(self, request: web.Request) -> web.Response:
+        return _run(lambda: self.malformed(_number(request, "count", int, 1)))
+
+    async def _post_rest_fail(self, request: web.Request) -> web.Response:
+        return _run(
+            lambda: self.rest_fail(
+                _number(request, "status", int, 429),
+                _number(request, "count", int, 1),
+                _number(request, "retry_after", float, 1.0),
+            )
+        )
+
+    async def _post_liquidation(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "body must be JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        try:
+            sent = self.liquidation(
+                str(body.get("symbol", "")),
+                str(body.get("side", "")),
+                str(body.get("price", "")),
+                str(body.get("quantity", "")),
+            )
+        except ControlError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        return web.json_response({"ok": True, "event": sent})
+
+    async def _post_pause(self, request: web.Request) -> web.Response:
+        return _run(self.pause)
+
+    async def _post_resume(self, request: web.Request) -> web.Response:
+        return _run(self.resume)
+
+    async def _post_rate(self, request: web.Request) -> web.Response:
+        return _run(lambda: self.set_rate(_number(request, "value", float, None)))
+
+
+def _number(request: web.Request, name: str, kind: type[int] | type[float], default: float | None) -> Any:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise ControlError(f"missing parameter {name}")
+        return kind(default)
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise ControlError(f"bad parameter {name}={raw!r}") from error
+
+
+def _run(action: Any) -> web.Response:
+    try:
+        action()
+    except ControlError as error:
+        return web.json_response({"error": str(error)}, status=400)
+    return web.json_response({"ok": True})

@@ -1,0 +1,245 @@
+"""The fake exchange's shared state: one event source per stream, the knobs, and the ledger.
+
+A source produces its events on demand and keeps the last few in a ring; each subscription holds a
+cursor into it, so every connection carrying a stream sees the same events in the same order (a
+depth chain stays valid on each) while the fastest one drives production. Everything here runs on
+the server's event loop thread; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from collector.fake.generators import (
+    AggTradeGen,
+    DepthGen,
+    Event,
+    ForceOrders,
+    Market,
+    MarkPrices,
+    reference_price,
+    symbol_rng,
+)
+from collector.fake.ledger import Ledger
+from collector.fake.names import StreamRef
+from collector.fake.recordings import DepthReplay, Recordings, TradeReplay
+
+RING_SIZE = 4096  # events a lagging subscriber may fall behind before it skips (like a slow consumer)
+# Liquidations in paced mode: one all-market object every 250 ms at most, one per symbol every 2 s;
+# the per-symbol 1000 ms rule of binance.md §3.7 is applied on top by ForceOrders.
+FORCE_ALL_PERIOD_MS = 250
+FORCE_SYMBOL_PERIOD_MS = 2000
+
+
+class Book(Protocol):
+    """A depth stream's producer that can also answer a REST snapshot."""
+
+    @property
+    def last_update_id(self) -> int: ...
+
+    def next(self, now_ms: int) -> Event: ...
+
+    def snapshot(self, limit: int) -> tuple[int, list[list[str]], list[list[str]]]: ...
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Source:
+    """One stream's event sequence, shared by every subscription to it.
+
+    `produce(now_ms, paced)` returns the next event, or None when a periodic stream is not due. A
+    periodic source (mark price, liquidations) follows its own clock in paced mode and does not use
+    the connection's rate; in full-speed mode it produces on every turn.
+    """
+
+    def __init__(self, produce: Callable[[int, bool], Event | None], period_ms: int | None = None) -> None:
+        self._produce = produce
+        self.period_ms = period_ms
+        self.periodic = period_ms is not None
+        self.head = 0  # index of the next event to produce
+        self._ring: list[Event | None] = [None] * RING_SIZE
+        self._last_ms = -(10**15)
+
+    def take(self, cursor: int, now: int, paced: bool) -> tuple[Event | None, int]:
+        """The event at `cursor` (producing it if needed) and the next cursor."""
+        head = self.head
+        if cursor < head:
+            if cursor < head - RING_SIZE:
+                cursor = head - RING_SIZE  # fell out of the ring: skip, as a slow consumer would
+            return self._ring[cursor % RING_SIZE], cursor + 1
+        if paced and self.period_ms is not None and now - self._last_ms < self.period_ms:
+            return None, cursor
+        event = self._produce(now, paced)
+        if event is None:
+            return None, cursor
+        self._last_ms = now
+        self._ring[head % RING_SIZE] = event
+        self.head = head + 1
+        return event, head + 1
+
+
+@dataclass
+class Subscription:
+    """One served stream name on one connection: its envelope prefix, its source and a cursor."""
+
+    name: str
+    prefix: bytes
+    source: Source
+    ref: StreamRef
+    cursor: int = 0
+
+    def envelope(self, event: Event) -> bytes:
+        # Binance's combined-stream envelope {"stream":"<name>","data":<payload>} (binance.md §1.1).
+        return self.prefix + event.data + b"}"
+
+
+def make_subscription(name: str, ref: StreamRef, source: Source) -> Subscription:
+    """A subscription that starts with the source's next event."""
+    prefix = b'{"stream":"' + name.encode() + b'","data":'
+    return Subscription(name, prefix, source, ref, source.head)
+
+
+class Session(Protocol):
+    """What the hub needs from a live connection."""
+
+    connection_id: int
+
+    def wake(self) -> None: ...
+
+    def push_urgent(self, subscription: Subscription, event: Event) -> None: ...
+
+    def subscriptions(self) -> Iterable[Subscription]: ...
+
+    def abort(self) -> None: ...
+
+    async def close(self, code: int, message: bytes) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Hub:
+    """Sources by stream, the symbol universe, the knobs (rate, pause, max events, faults), the ledger."""
+
+    def __init__(
+        self,
+        *,
+        rate: float,
+        spot_symbols: Iterable[str],
+        futures_symbols: Iterable[str],
+        seed: int,
+        max_events: int | None,
+        recordings: Recordings,
+    ) -> None:
+        self.seed = seed
+        self.rate = rate
+        self.paused = False
+        self.remaining = max_events  # data frames still allowed; None = no limit
+        self.malformed_pending = 0
+        self.ledger = Ledger()
+        self.recordings = recordings
+        self.spot_symbols = _universe(spot_symbols, recordings.symbols("spot"))
+        self.futures_symbols = _universe(futures_symbols, recordings.symbols("futures"))
+        self._prices: dict[Market, dict[str, float]] = {m: recordings.prices(m) for m in ("spot", "futures")}
+        self.marks = MarkPrices(self.futures_symbols, seed, self._prices["futures"])
+        self.force_orders = ForceOrders(self.futures_symbols, self.marks, seed)
+        self.sessions: dict[int, Session] = {}
+        self._sources: dict[tuple[object, ...], Source] = {}
+        self._books: dict[tuple[Market, str], Book] = {}
+
+    # -- sources ---------------------------------------------------------------------------------
+
+    def price(self, market: Market, symbol: str) -> float:
+        """The reference price of a symbol: recorded when there is one, else a plausible one."""
+        return self._prices[market].get(symbol) or reference_price(symbol, symbol_rng(self.seed, symbol))
+
+    def book(self, market: Market, symbol: str) -> Book:
+        """The depth producer of a symbol (recorded replay when recorded), created on first use."""
+        key = (market, symbol)
+        book = self._books.get(key)
+        if book is None:
+            recorded = self.recordings.books.get(key)
+            if recorded is not None:
+                book = DepthReplay(recorded)
+            else:
+                book = DepthGen(market, symbol, self.seed, self.price(market, symbol))
+            self._books[key] = book
+        return book
+
+    def source(self, ref: StreamRef) -> Source:
+        """The shared source of a valid stream; depth speeds of one symbol share one book."""
+        key = (ref.market, ref.kind, ref.symbol, ref.period_ms)
+        source = self._sources.get(key)
+        if source is None:
+            source = self._sources[key] = self._new_source(ref)
+        return source
+
+    def _new_source(self, ref: StreamRef) -> Source:
+        symbol = ref.symbol or ""
+        if ref.kind == "depth":
+            book = self.book(ref.market, symbol)
+            return Source(lambda now, paced: book.next(now))
+        if ref.kind == "aggTrade":
+            recorded = self.recordings.trades.get((ref.market, symbol))
+            trades: AggTradeGen | TradeReplay = (
+                TradeReplay(ref.market, symbol, recorded)
+                if recorded
+                else AggTradeGen(ref.market, symbol, self.seed, self.price(ref.market, symbol))
+            )
+            return Source(lambda now, paced: trades.next(now))
+        if ref.kind == "markPrice":
+            return Source(lambda now, paced: self.marks.single(symbol, now), ref.period_ms)
+        if ref.kind == "markPriceAll":
+            return Source(lambda now, paced: self.marks.array(now), ref.period_ms)
+        if ref.kind == "forceOrder":
+            produce = self.force_orders.next_symbol
+            return Source(lambda now, paced: produce(symbol, now, paced), FORCE_SYMBOL_PERIOD_MS)
+        return Source(self.force_orders.next_any, FORCE_ALL_PERIOD_MS)
+
+    # -- knobs -----------------------------------------------------------------------------------
+
+    def reserve(self, wanted: int) -> int:
+        """How many of `wanted` data frames may still be sent (max_events); reserves them."""
+        if self.remaining is None:
+            return wanted
+        granted = min(wanted, self.remaining)
+        self.remaining -= granted
+        return granted
+
+    def refund(self, unused: int) -> None:
+        if self.remaining is not None:
+            self.remaining += unused
+
+    def take_malformed(self) -> bool:
+        """True if the next frame must be malformed (and count it as such)."""
+        if self.malformed_pending <= 0:
+            return False
+        self.malformed_pending -= 1
+        return True
+
+    def wake_all(self) -> None:
+        for session in self.sessions.values():
+            session.wake()
+
+    def inject_liquidation(self, symbol: str, side: str, price: str, quantity: str) -> Event:
+        """A USD-M liquidation pushed at once to every matching forceOrder subscription."""
+        event = self.force_orders.make(symbol, side, price, quantity, now_ms())
+        for session in self.sessions.values():
+            for sub in session.subscriptions():
+                ref = sub.ref
+                if ref.kind == "forceOrderAll" or (ref.kind == "forceOrder" and ref.symbol == symbol):
+                    session.push_urgent(sub, event)
+        return event
+
+
+def _universe(configured: Iterable[str], recorded: Iterable[str]) -> tuple[str, ...]:
+    """Configured symbols (upper case, in order) followed by the recorded ones."""
+    symbols: dict[str, None] = {}
+    for symbol in (*configured, *recorded):
+        if symbol.strip():
+            symbols[symbol.strip().upper()] = None
+    return tuple(symbols)
