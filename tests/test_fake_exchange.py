@@ -86,7 +86,7 @@ async def recv_until_quiet(ws: websockets.ClientConnection, quiet_s: float = QUI
 async def request_reply(ws: websockets.ClientConnection, request: dict[str, Any]) -> tuple[Any, list[Any]]:
     """Send a JSON request; its reply, and the data frames that arrived before it."""
     await ws.send(json.dumps(request))
-    before = []
+    before: list[Any] = []
     while True:
         message = await recv_json(ws)
         if isinstance(message, dict) and message.get("id") == request["id"] and "stream" not in message:
@@ -525,7 +525,7 @@ def test_drop_aborts_every_connection_without_close_frame(make_fake: FakeFactory
     fake = make_fake(rate=100)
     url = f"{fake.spot_ws_url}/stream?streams=btcusdt@aggTrade"
 
-    async def run() -> list[BaseException]:
+    async def run() -> list[websockets.ConnectionClosedError]:
         async with websockets.connect(url) as first, websockets.connect(url) as second:
             await recv_json(first)
             await recv_json(second)

@@ -28,6 +28,7 @@ from collector.fake.names import PathFamily, parse_stream
 logger = logging.getLogger(__name__)
 
 MAX_STREAMS_PER_CONNECTION = 1024  # Binance: the 1025th stream closes the connection (binance.md §2)
+WRITE_BUFFER_HIGH_BYTES = 1 << 20
 BURST_FRAMES = 128  # full-speed frames produced per turn before yielding to the event loop
 MAX_BURST_S = 0.1  # paced mode never catches up more than this much time at once
 MIN_SLEEP_S = 0.002
@@ -78,6 +79,8 @@ class StreamSession:
         self._last_tick = time.monotonic()
         self._last_pong = time.monotonic()
         self.counts = ConnectionCounts(connection_id, request.path, ())
+        if request.transport is not None:
+            request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
 
     # -- the Session protocol the hub uses --------------------------------------------------------
 
@@ -136,7 +139,7 @@ class StreamSession:
 
     async def _read_loop(self) -> None:
         try:
-            async for message in self.ws:
+            async for message in self.ws:  # ends on the client's close frame (answered by aiohttp)
                 if message.type == WSMsgType.TEXT:
                     await self._control(message.data)
                 elif message.type == WSMsgType.PING:
