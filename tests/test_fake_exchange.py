@@ -407,6 +407,27 @@ def test_all_market_stream_on_two_connections_is_ledgered_once(make_fake: FakeFa
     assert {tuple(k) for k in ledger["mark_prices"]} == keys and len(ledger["mark_prices"]) == len(keys)
 
 
+def test_two_connections_on_one_depth_stream_see_the_same_valid_chain(make_fake: FakeFactory) -> None:
+    """Like Binance, every connection carrying a stream gets the same events, so both chains hold."""
+    fake = make_fake(rate=300)
+    url = f"{fake.futures_ws_url}/public/stream?streams=btcusdt@depth@100ms/sushiusdt@depth"
+
+    async def run() -> list[list[dict[str, Any]]]:
+        async with websockets.connect(url) as first, websockets.connect(url) as second:
+            got: list[list[dict[str, Any]]] = []
+            for ws in (first, second):
+                got.append([(await recv_json(ws))["data"] for _ in range(60)])
+            await asyncio.to_thread(fake.pause)
+            await asyncio.gather(recv_until_quiet(first, 0.3), recv_until_quiet(second, 0.3))
+            return got
+
+    first, second = asyncio.run(run())
+    for events in (first, second):
+        for symbol in ("BTCUSDT", "SUSHIUSDT"):
+            check_chain("futures", [e for e in events if e["s"] == symbol])
+    assert {(e["s"], e["u"]) for e in first} & {(e["s"], e["u"]) for e in second}
+
+
 def test_mark_price_array_has_every_contract_and_coin_m_rows(make_fake: FakeFactory) -> None:
     """!markPrice@arr@1s sends a JSON array per second: all USD-M rows, 2 COIN-M rows, one delisted row."""
     fake = make_fake(rate=10, futures_symbols=["BTCUSDT", "ETHUSDT", "SOLUSDT"])

@@ -3,7 +3,7 @@
 The sender writes data frames paced at the hub's rate (events per second on this connection, with
 mark prices and liquidations on their own clocks) or, at rate 0, in bursts as fast as the socket
 takes them. Frames are pre-serialised by the sources; the per-frame work is one envelope
-concatenation, one `send_frame` and one ledger entry.
+concatenation, one frame header and one ledger entry, and a whole burst goes out in one socket write.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
 from collector.fake.generators import Event
-from collector.fake.hub import Hub, Subscription, make_subscription, now_ms
+from collector.fake.hub import Hub, Subscription, make_subscription, now_ms, release
 from collector.fake.ledger import ConnectionCounts
 from collector.fake.names import PathFamily, parse_stream
 
 logger = logging.getLogger(__name__)
 
 MAX_STREAMS_PER_CONNECTION = 1024  # Binance: the 1025th stream closes the connection (binance.md §2)
-WRITE_BUFFER_HIGH_BYTES = 1 << 20
 BURST_FRAMES = 128  # full-speed frames produced per turn before yielding to the event loop
 MAX_BURST_S = 0.1  # paced mode never catches up more than this much time at once
 MIN_SLEEP_S = 0.002
@@ -79,8 +78,6 @@ class StreamSession:
         self._last_tick = time.monotonic()
         self._last_pong = time.monotonic()
         self.counts = ConnectionCounts(connection_id, request.path, ())
-        if request.transport is not None:
-            request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
 
     # -- the Session protocol the hub uses --------------------------------------------------------
 
@@ -134,6 +131,7 @@ class StreamSession:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             hub.sessions.pop(self.connection_id, None)
+            self._unsubscribe(list(self._subs))
             self.counts.open = False
             logger.info("fake.disconnect id=%d frames=%d", self.connection_id, self.counts.data_frames)
 
@@ -207,7 +205,9 @@ class StreamSession:
 
     def _unsubscribe(self, names: list[str]) -> None:
         for name in names:
-            self._subs.pop(name, None)
+            sub = self._subs.pop(name, None)
+            if sub is not None:
+                release(sub)
         self._regroup()
 
     def _regroup(self) -> None:
@@ -320,6 +320,8 @@ class StreamSession:
                 hub.refund(len(frames))
             self._closed = True
             raise ConnectionResetError("connection closed")
+        if not frames:
+            return
         parts: list[bytes] = []
         for sub, event in frames:
             frame = sub.envelope(event)

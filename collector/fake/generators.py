@@ -2,8 +2,9 @@
 
 Pure and deterministic for a seed: no I/O, no clock (callers pass `now_ms`). Payload formats follow
 binance.md §3; futures payloads carry the post-2026 fields (`st`, aggTrade `nq`, markPrice `ap`).
-Every random choice comes from tables drawn once at construction, so the per-event work is one
-bytes `%` format: the fake must push far more frames per second than the collector can take.
+Every random choice comes from tables drawn once per market and seed (shared by all symbols, each
+from its own offset), so the per-event work is about one bytes `%` format: the fake must push far
+more frames per second than the collector can take.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """The fake exchange's shared state: one event source per stream, the knobs, and the ledger.
 
-A source produces its events on demand and keeps the last few in a ring; each subscription holds a
-cursor into it, so every connection carrying a stream sees the same events in the same order (a
-depth chain stays valid on each) while the fastest one drives production. Everything here runs on
-the server's event loop thread; nothing blocks.
+A source produces its events on demand and, while several subscriptions share it, keeps the last
+few in a ring; each subscription holds a cursor into it, so every connection carrying a stream sees
+the same events in the same order (a depth chain stays valid on each) while the fastest one drives
+production. An event is produced and handed to the socket in one synchronous step, so a REST
+snapshot (`lastUpdateId` = the last produced `u`) never runs ahead of what was written.
+Everything here runs on the server's event loop thread; nothing blocks.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collector.fake.ledger import Ledger
 from collector.fake.names import StreamRef
 from collector.fake.recordings import DepthReplay, Recordings, TradeReplay
 
-RING_SIZE = 4096  # events a lagging subscriber may fall behind before it skips (like a slow consumer)
+RING_SIZE = 2048  # events a lagging subscriber may fall behind before it skips (like a slow consumer)
 # Liquidations in paced mode: one all-market object every 250 ms at most, one per symbol every 2 s;
 # the per-symbol 1000 ms rule of binance.md §3.7 is applied on top by ForceOrders.
 FORCE_ALL_PERIOD_MS = 250
@@ -62,7 +64,10 @@ class Source:
         self.period_ms = period_ms
         self.periodic = period_ms is not None
         self.head = 0  # index of the next event to produce
-        self._ring: list[Event | None] = [None] * RING_SIZE
+        self.subscribers = 0
+        # Kept only while several subscriptions share the source: a lone subscriber is always at the
+        # head, and one that joins later starts at the head, so it never needs older events.
+        self._ring: list[Event | None] = []
         self._last_ms = -(10**15)
 
     def take(self, cursor: int, now: int, paced: bool) -> tuple[Event | None, int]:
@@ -71,14 +76,20 @@ class Source:
         if cursor < head:
             if cursor < head - RING_SIZE:
                 cursor = head - RING_SIZE  # fell out of the ring: skip, as a slow consumer would
-            return self._ring[cursor % RING_SIZE], cursor + 1
+            kept = self._ring[cursor % RING_SIZE] if self._ring else None
+            if kept is not None:
+                return kept, cursor + 1
+            cursor = head  # never kept (cannot happen by construction): continue from the head
         if paced and self.period_ms is not None and now - self._last_ms < self.period_ms:
             return None, cursor
         event = self._produce(now, paced)
         if event is None:
             return None, cursor
         self._last_ms = now
-        self._ring[head % RING_SIZE] = event
+        if self.subscribers > 1:
+            if not self._ring:
+                self._ring = [None] * RING_SIZE
+            self._ring[head % RING_SIZE] = event
         self.head = head + 1
         return event, head + 1
 
@@ -99,9 +110,14 @@ class Subscription:
 
 
 def make_subscription(name: str, ref: StreamRef, source: Source) -> Subscription:
-    """A subscription that starts with the source's next event."""
+    """A subscription that starts with the source's next event; `release` it when done."""
     prefix = b'{"stream":"' + name.encode() + b'","data":'
+    source.subscribers += 1
     return Subscription(name, prefix, source, ref, source.head)
+
+
+def release(subscription: Subscription) -> None:
+    subscription.source.subscribers -= 1
 
 
 class Session(Protocol):
