@@ -69,7 +69,9 @@ async def raw_client_rate(urls: list[str], seconds: float) -> tuple[float, float
 
     async def drain(url: str, deadline: float) -> None:
         nonlocal frames, size
-        async with connect(url, ping_interval=None, compression=None, max_size=None, max_queue=4096) as ws:
+        async with connect(
+            url, ping_interval=None, compression=None, max_size=None, max_queue=4096, close_timeout=0.5
+        ) as ws:
             while time.monotonic() < deadline:
                 frame = await ws.recv(decode=False)
                 frames += 1
@@ -80,12 +82,15 @@ async def raw_client_rate(urls: list[str], seconds: float) -> tuple[float, float
     tasks = [asyncio.create_task(drain(url, deadline)) for url in urls]
     await asyncio.sleep(max(0.0, warmup_deadline - time.monotonic()))
     start_frames, start_size, start_cpu = frames, size, cpu_sample(os.getpid())
+    # Sample at the deadline, not after the close handshake: a flooded client can wait its whole
+    # close_timeout for the server's close frame, which would dilute the rate.
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+    end_frames, end_size, end_cpu = frames, size, cpu_sample(os.getpid())
     await asyncio.gather(*tasks)
-    end_cpu = cpu_sample(os.getpid())
     elapsed = end_cpu.wall - start_cpu.wall
     return (
-        (frames - start_frames) / elapsed,
-        (size - start_size) / elapsed / 1e6,
+        (end_frames - start_frames) / elapsed,
+        (end_size - start_size) / elapsed / 1e6,
         cpu_percent(start_cpu, end_cpu),
     )
 
