@@ -47,8 +47,9 @@ def _cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
     from collector.db.init import init_db
 
-    with_timescale = init_db(settings)
-    print(f"database ready ({'TimescaleDB hypertables' if with_timescale else 'plain PostgreSQL tables'})")
+    # One line per change on stdout, nothing when everything already matched the settings.
+    for line in init_db(settings).changes:
+        print(line)
     return 0
 
 
@@ -100,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("streams", help="hold the Binance WebSocket connections and fill the Redis queues")
     sub.add_parser("web", help="serve /health and /metrics on WEB_PORT")
     sub.add_parser("flower", help="run Flower on FLOWER_PORT with basic auth from the settings")
-    sub.add_parser("init-db", help="create the database, tables and hypertables (idempotent)")
+    sub.add_parser(
+        "init-db", help="create the database and tables, apply the TIMESCALE_* settings (idempotent)"
+    )
     sub.add_parser("status", help="print connections, queues, drains and dead letters")
     trigger = sub.add_parser("trigger", help="run a task now through the Celery queue")
     trigger.add_argument("what", choices=["drain", "open-interest", "depth-snapshot", "alerts"])

@@ -76,6 +76,18 @@ def pg_bin(name: str) -> str:
     return str(Path(bindir) / name)
 
 
+def timescaledb_installed() -> bool:
+    """True when this machine's PostgreSQL has the TimescaleDB extension files (loader and control)."""
+    try:
+        dirs = subprocess.run(
+            ["pg_config", "--sharedir", "--pkglibdir"], capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    share, lib = Path(dirs[0]), Path(dirs[1])
+    return (share / "extension" / "timescaledb.control").exists() and (lib / "timescaledb.so").exists()
+
+
 def _run_as_pg_owner(command: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
     if os.geteuid() == 0:
         command = ["runuser", "-u", POSTGRES_SYSTEM_USER, "--", *command]
@@ -96,8 +108,14 @@ def start_redis(data_dir: Path, port: int | None = None, persistent: bool = Fals
     return LocalService("redis", f"redis://127.0.0.1:{port}/0", port, data_dir, process)
 
 
-def start_postgres(data_dir: Path, port: int | None = None, durable: bool = True) -> LocalService:
-    """Create (once) and start a PostgreSQL cluster in `data_dir`, trusting local connections."""
+def start_postgres(
+    data_dir: Path, port: int | None = None, durable: bool = True, timescaledb: bool | None = None
+) -> LocalService:
+    """Create (once) and start a PostgreSQL cluster in `data_dir`, trusting local connections.
+
+    `timescaledb`: preload the TimescaleDB library (None: whenever it is installed), without which
+    the extension cannot be created.
+    """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
@@ -124,6 +142,11 @@ def start_postgres(data_dir: Path, port: int | None = None, durable: bool = True
             ]
         )
     options = f"-p {port} -c listen_addresses=127.0.0.1 -k {data_dir} -c max_connections=200"
+    if timescaledb is None:
+        timescaledb = timescaledb_installed()
+    if timescaledb:
+        # Telemetry off: these servers have no internet, and the project's data is not to be reported.
+        options += " -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
     if not durable:
         # Throwaway test clusters: skip fsync; crash safety of the test data does not matter.
         options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"

@@ -125,10 +125,17 @@ class Settings(BaseSettings):
     drain_run_max_s: float = Field(20, gt=0)
     drain_lock_ttl_s: int = Field(30, gt=0)
 
-    # --- TimescaleDB (used only when the extension is installed) -------------------------------
-    timescale_chunk_interval_h: int = Field(24, gt=0)
+    # --- TimescaleDB ---------------------------------------------------------------------------
+    # auto: hypertables when the server can load the extension, plain tables otherwise (with a
+    # warning naming the fix); require: refuse to run init-db without it; off: plain tables always.
+    timescale: Literal["auto", "require", "off"] = "auto"
+    timescale_chunk_interval_h: int = Field(24, gt=0)  # applies to chunks created after a change
     timescale_compress_after_days: int = Field(7, ge=0)  # 0 = never compress
     timescale_retention_days: int = Field(0, ge=0)  # 0 = keep forever
+    # Continuous aggregates (candles_1m, liquidations_1m): how often the refresh policy runs and how
+    # far back it looks for late rows; newer buckets are computed at query time (real-time aggregation).
+    timescale_aggregate_refresh_interval_s: int = Field(60, gt=0)
+    timescale_aggregate_lookback_h: int = Field(24, gt=0)
 
     # --- monitoring -----------------------------------------------------------------------------
     web_host: str = "0.0.0.0"
@@ -177,6 +184,16 @@ class Settings(BaseSettings):
             )
         if self.depth_snapshot_limit > SPOT_DEPTH_LIMIT_MAX:
             raise ValueError(f"DEPTH_SNAPSHOT_LIMIT: at most {SPOT_DEPTH_LIMIT_MAX}")
+        # A refresh window reaching into chunks that retention already dropped would empty those
+        # buckets of the aggregates (TimescaleDB docs, "Data retention with continuous aggregates").
+        if (
+            self.timescale_retention_days
+            and self.timescale_aggregate_lookback_h >= 24 * self.timescale_retention_days
+        ):
+            raise ValueError(
+                f"TIMESCALE_AGGREGATE_LOOKBACK_H: {self.timescale_aggregate_lookback_h} h must be shorter "
+                f"than TIMESCALE_RETENTION_DAYS ({self.timescale_retention_days} days)"
+            )
         return self
 
     def symbols(self, market: Market) -> list[str]:

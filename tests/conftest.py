@@ -1,6 +1,10 @@
 """Real servers for the tests: a throwaway Redis and PostgreSQL on free ports, stopped at the end.
 
 Each test gets an empty Redis database (FLUSHALL) and a fresh PostgreSQL database of its own.
+The PostgreSQL server preloads TimescaleDB whenever this machine has the extension installed, as
+`make run` does, so the whole suite runs on hypertables there; tests of the plain-PostgreSQL path ask
+for `TIMESCALE=off` (the `settings_each_mode` fixture runs a test in both modes). A second server that has
+the extension installed but not preloaded is started only for the tests that need it.
 `TIMEOUT_FACTOR` (env) scales every waiting deadline, as websockets' test suite does.
 """
 
@@ -17,11 +21,17 @@ import psycopg2
 import pytest
 import redis
 
-from collector.localservices import LocalService, start_postgres, start_redis
+from collector.localservices import LocalService, start_postgres, start_redis, timescaledb_installed
 from collector.settings import Settings, load_settings
 
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
 _db_counter = itertools.count()
+
+TIMESCALEDB_INSTALLED = timescaledb_installed()
+requires_timescaledb = pytest.mark.skipif(
+    not TIMESCALEDB_INSTALLED,
+    reason="TimescaleDB is not installed on this machine's PostgreSQL (../shared/timescaledb/install.sh)",
+)
 
 
 @pytest.fixture(scope="session")
@@ -54,17 +64,47 @@ def redis_url(redis_server: LocalService) -> str:
     return redis_server.url
 
 
-@pytest.fixture
-def database_url(postgres_server: LocalService) -> Iterator[str]:
-    """URL of a database that does not exist yet: the code under test creates it."""
+@pytest.fixture(scope="session")
+def unpreloaded_postgres_server(services_dir: Path) -> Iterator[LocalService]:
+    """A server where TimescaleDB is installed but not preloaded: the state right after installing it."""
+    if not TIMESCALEDB_INSTALLED:
+        pytest.skip("TimescaleDB is not installed on this machine's PostgreSQL")
+    server = start_postgres(services_dir / "pg-unpreloaded", durable=False, timescaledb=False)
+    yield server
+    server.stop()
+
+
+def _throwaway_database(server: LocalService) -> Iterator[str]:
     name = f"collector_test_{os.getpid()}_{next(_db_counter)}"
-    url = f"postgresql://postgres@127.0.0.1:{postgres_server.port}/{name}"
-    yield url
-    admin = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{postgres_server.port}/postgres")
+    yield f"postgresql://postgres@127.0.0.1:{server.port}/{name}"
+    admin = psycopg2.connect(f"postgresql://postgres@127.0.0.1:{server.port}/postgres")
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
+
+
+@pytest.fixture
+def database_url(postgres_server: LocalService) -> Iterator[str]:
+    """URL of a database that does not exist yet: the code under test creates it."""
+    yield from _throwaway_database(postgres_server)
+
+
+@pytest.fixture
+def unpreloaded_database_url(unpreloaded_postgres_server: LocalService) -> Iterator[str]:
+    yield from _throwaway_database(unpreloaded_postgres_server)
+
+
+@pytest.fixture(params=["require", "off"])
+def settings_each_mode(
+    request: pytest.FixtureRequest, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """`settings` with TIMESCALE=require (hypertables; skipped where TimescaleDB is absent) and with
+    TIMESCALE=off (plain tables): a test that takes this fixture runs on both."""
+    if request.param == "require" and not TIMESCALEDB_INSTALLED:
+        pytest.skip("TimescaleDB is not installed on this machine's PostgreSQL")
+    monkeypatch.setenv("TIMESCALE", request.param)
+    return settings.model_copy(update={"timescale": request.param})
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from collector.binance.streams import (
     stream_specs,
     table_for_stream,
 )
-from collector.db import timescale
 from collector.db.init import init_db
 from collector.errors import ConfigError
 from collector.schedule import TASK_QUEUES, beat_schedule
@@ -183,26 +182,16 @@ def test_beat_schedule_from_settings() -> None:
         assert entry["options"]["queue"] == TASK_QUEUES[entry["task"]] and entry["options"]["expires"] >= 1
 
 
-def test_timescale_statements_are_idempotent_and_complete() -> None:
-    """Each table becomes a hypertable on its time column, compressed by symbol, retention optional."""
-    s = load_settings(timescale_retention_days=90)
-    statements = timescale.hypertable_statements("agg_trades", s)
-    assert statements[0].startswith("SELECT create_hypertable('agg_trades', 'trade_time'")
-    assert all("if_not_exists => TRUE" in x for x in statements if x.startswith("SELECT"))
-    assert "compress_segmentby = 'market, symbol'" in statements[1]
-    assert "compress_orderby = 'trade_time DESC, aggregate_trade_id'" in statements[1]
-    assert timescale.order_by("force_orders") == "transaction_time DESC, side, price, quantity"
-    assert "add_retention_policy('agg_trades', INTERVAL '90 days'" in statements[-1]
-    assert not any("retention" in x for x in timescale.hypertable_statements("agg_trades", Settings()))
-
-
 def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
-    """init-db creates the database and tables, and a second run changes nothing."""
+    """init-db with TIMESCALE=off creates the database, tables and views; a second run changes nothing."""
     import psycopg2
 
-    first = init_db(settings)
-    second = init_db(settings)
-    assert first == second
+    plain = settings.model_copy(update={"timescale": "off"})
+    first = init_db(plain)
+    second = init_db(plain)
+    assert (first.timescale, second.timescale) == (False, False)
+    assert first.changes[0] == f"database {plain.database_url.rsplit('/', 1)[1]} created"
+    assert second.changes == []
     conn = psycopg2.connect(settings.database_url)
     with conn.cursor() as cur:
         cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1")
@@ -216,27 +205,8 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
             "mark_prices",
             "open_interest",
         ]
-        if first:  # TimescaleDB present: every market table is a hypertable
-            cur.execute("SELECT count(*) FROM timescaledb_information.hypertables")
-            assert cur.fetchone()[0] == 6
-    conn.close()
-
-
-def test_timescale_hypertables_when_extension_present(settings: Settings) -> None:
-    """With the timescaledb extension installed, init-db makes six compressed hypertables."""
-    import psycopg2
-
-    from collector.db.connection import connect, ensure_database
-
-    ensure_database(settings)
-    conn = connect(settings)
-    with conn.cursor() as cur:
-        if not timescale.extension_available(cur):
-            pytest.skip("the timescaledb extension is not installed on this PostgreSQL")
-    conn.close()
-    assert init_db(settings) is True
-    conn = psycopg2.connect(settings.database_url)
-    with conn.cursor() as cur:
-        cur.execute("SELECT hypertable_name, compression_enabled FROM timescaledb_information.hypertables")
-        assert sorted(cur.fetchall()) == sorted((t, True) for t in timescale.SEGMENT_BY)
+        cur.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public' ORDER BY 1")
+        assert [r[0] for r in cur.fetchall()] == ["candles_1m", "liquidations_1m"]
+        cur.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
+        assert cur.fetchone()[0] == 0
     conn.close()

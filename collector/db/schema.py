@@ -166,6 +166,13 @@ TIME_COLUMNS: Final = {
     "depth_snapshots": "time",
 }
 
+# Newest-first index on each time column, for time-range queries and exports on plain PostgreSQL.
+# The name is the one TimescaleDB gives its default index (`<table>_<column>_idx`), so a hypertable
+# made by an older init-db, which has that index already, is not given a second copy.
+for _table in MARKET_TABLES:
+    _column = _table.c[TIME_COLUMNS[_table.name]]
+    Index(f"{_table.name}_{_column.name}_idx", _column.desc())
+
 # Columns a batch writes, in COPY order (generated columns such as `ingest_seq` left out).
 COPY_COLUMNS: Final = {
     table.name: tuple(column.name for column in table.columns if column.name != "ingest_seq")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import psycopg2
 import redis
 
+from collector.db import timescale
 from collector.db.connection import connect
 from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue import keys
@@ -74,6 +75,8 @@ class HealthSnapshot:
     postgres_up: bool
     redis_error: str | None = None
     postgres_error: str | None = None
+    # Which mode the database is in (`collector.db.timescale.describe`): mode, ok, detail.
+    database: dict[str, Any] | None = None
     connections: list[ConnectionState] = field(default_factory=list)
     streams: list[StreamState] = field(default_factory=list)
     tables: list[TableState] = field(default_factory=list)
@@ -111,8 +114,10 @@ def now_us() -> int:
 
 def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
     """Read Redis (one pipeline) and check PostgreSQL; unreachable services become error strings."""
-    postgres_error = check_postgres(settings)
-    result = HealthSnapshot(redis_up=True, postgres_up=postgres_error is None, postgres_error=postgres_error)
+    postgres_error, database = check_postgres(settings)
+    result = HealthSnapshot(
+        redis_up=True, postgres_up=postgres_error is None, postgres_error=postgres_error, database=database
+    )
     try:
         _read_redis(redis_client, result)
     except redis.RedisError as error:
@@ -122,26 +127,26 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
             postgres_up=result.postgres_up,
             redis_error=f"Redis is unreachable: {error}",
             postgres_error=postgres_error,
+            database=database,
         )
     return result
 
 
-def check_postgres(settings: Settings) -> str | None:
-    """None when PostgreSQL answers `SELECT 1` within DATABASE_CONNECT_TIMEOUT_S, else one line why not."""
+def check_postgres(settings: Settings) -> tuple[str | None, dict[str, Any] | None]:
+    """(None, database mode) when PostgreSQL answers within DATABASE_CONNECT_TIMEOUT_S, else
+    (one line why not, None)."""
     try:
         conn = connect(settings, autocommit=True)
     except (ServiceUnavailable, ConfigError) as error:
-        return str(error)
+        return str(error), None
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT 1")
-            cur.fetchone()
+            return None, timescale.describe(cur)
     except psycopg2.Error as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"PostgreSQL did not answer SELECT 1: {reason}"
+        return f"PostgreSQL did not answer: {reason}", None
     finally:
         conn.close()
-    return None
 
 
 def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
@@ -260,6 +265,8 @@ def assess(snap: HealthSnapshot, now: int, thresholds: HealthThresholds) -> Heal
         reasons.append(snap.redis_error or "Redis is unreachable")
     if not snap.postgres_up:
         reasons.append(snap.postgres_error or "PostgreSQL is unreachable")
+    elif snap.database is not None and not snap.database["ok"]:
+        reasons.append(f"database: {snap.database['detail']}")
     if snap.redis_up:
         # Without Redis nothing below is known; "no connection registered" would be a false lead.
         reasons += _connection_reasons(snap.connections, now, thresholds.health_max_message_age_s)
@@ -322,7 +329,7 @@ def _body(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str, Any]:
         "reasons": reasons,
         "checked_at_us": now,
         "redis": {"up": snap.redis_up, "error": snap.redis_error},
-        "postgres": {"up": snap.postgres_up, "error": snap.postgres_error},
+        "postgres": {"up": snap.postgres_up, "error": snap.postgres_error, "database": snap.database},
         "connections": [
             {
                 "connection_id": c.connection_id,

@@ -3,7 +3,7 @@
 The counters live in Redis (`collector.queue.counters`) because every process adds to them; this
 module only reads. `families()` is pure; `SnapshotCollector` is the thin prometheus_client shell that
 takes a fresh snapshot on each scrape. With Redis down only `collector_redis_up 0` and
-`collector_postgres_up` are exported, so a scrape never fails.
+`collector_postgres_up` (and `collector_timescaledb_in_use`) are exported, so a scrape never fails.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ def families(snap: HealthSnapshot, now: int) -> list[Metric]:
             "postgres_up", "1 when PostgreSQL answered SELECT 1 in this scrape", 1 if snap.postgres_up else 0
         ),
     ]
+    if snap.database is not None:
+        up.append(
+            _single(
+                "timescaledb_in_use",
+                "1 when the database keeps the market data in TimescaleDB hypertables, 0 for plain tables",
+                1 if snap.database["mode"] == "timescaledb" else 0,
+            )
+        )
     if not snap.redis_up:
         return up
     return [*up, *_counters(snap), *_queue_gauges(snap, now), *_stream_gauges(snap, now)]

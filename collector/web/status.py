@@ -75,6 +75,7 @@ def _services(snap: HealthSnapshot) -> list[str]:
     return [
         "redis       " + ("up" if snap.redis_up else f"DOWN  {snap.redis_error}"),
         "postgresql  " + ("up" if snap.postgres_up else f"DOWN  {snap.postgres_error}"),
+        *(["database    " + str(snap.database["detail"])] if snap.database else []),
     ]
 
 
