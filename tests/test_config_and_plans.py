@@ -206,7 +206,7 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
             "open_interest",
         ]
         cur.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public' ORDER BY 1")
-        assert [r[0] for r in cur.fetchall()] == ["candles_1m", "liquidations_1m"]
+        assert [r[0] for r in cur.fetchall()] == ["candles_1m", "liquidations_1m", "storage_usage"]
         cur.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
         assert cur.fetchone()[0] == 0
     conn.close()

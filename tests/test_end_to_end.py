@@ -118,18 +118,22 @@ def test_whole_stack_stores_every_event_once(settings: Settings, fake: FakeExcha
             assert sorted(stored) == sorted(sent), f"{table}: stored keys differ from sent keys"
         assert {k[0] for k in _db_keys(settings, "agg_trades")} == {"spot", "futures"}
 
-        conn = psycopg2.connect(settings.database_url)
-        with conn.cursor() as cur:
-            cur.execute("SELECT DISTINCT symbol FROM open_interest ORDER BY 1")
-            assert [r[0] for r in cur.fetchall()] == ["BTCUSDT", "ETHUSDT"]
-            cur.execute("SELECT DISTINCT market_type, symbol FROM depth_snapshots ORDER BY 1, 2")
-            assert cur.fetchall() == [
-                ("futures", "BTCUSDT"),
-                ("futures", "ETHUSDT"),
-                ("spot", "BTCUSDT"),
-                ("spot", "ETHUSDT"),
-            ]
-        conn.close()
+        def rest_rows() -> tuple[list[tuple], list[tuple]]:
+            conn = psycopg2.connect(settings.database_url)
+            with conn.cursor() as cur:
+                cur.execute("SELECT DISTINCT symbol FROM open_interest ORDER BY 1")
+                open_interest = cur.fetchall()
+                cur.execute("SELECT DISTINCT market_type, symbol FROM depth_snapshots ORDER BY 1, 2")
+                snapshots = cur.fetchall()
+            conn.close()
+            return open_interest, snapshots
+
+        # The streams can be stored before beat first sends the snapshot task (every 3 s): wait for it.
+        expected = (
+            [("BTCUSDT",), ("ETHUSDT",)],
+            [("futures", "BTCUSDT"), ("futures", "ETHUSDT"), ("spot", "BTCUSDT"), ("spot", "ETHUSDT")],
+        )
+        wait_until(lambda: rest_rows() == expected, 30, "open interest and snapshots of every symbol")
 
         lines = settings.alert_log.read_text().splitlines()
         assert len(lines) == len(set(lines)) == 2, lines

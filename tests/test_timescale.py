@@ -337,3 +337,45 @@ def test_plain_mode_is_reported(settings: Settings) -> None:
     assert error is None and database is not None
     assert database["mode"] == "plain" and database["ok"] is True
     assert str(database["detail"]).startswith("plain PostgreSQL tables")
+
+
+@requires_timescaledb
+def test_compressed_chunks_take_replays_and_late_rows(settings: Settings, redis_conn) -> None:
+    """After the compression policy ran, a replayed batch adds nothing and a late row still lands once."""
+    from collector.db.connection import connect
+    from collector.drain import Drainer
+    from collector.queue import keys
+    from tests.factories import BASE_MS, agg_trade
+
+    assert init_db(settings).timescale
+    client = redis_conn
+    # factories' trades are from 2025-11-24: far older than TIMESCALE_COMPRESS_AFTER_DAYS.
+    batch = [agg_trade(i) for i in range(0, 2000, 2)]
+    drainer = Drainer(settings, client, lambda: connect(settings))
+    client.rpush(keys.queue("agg_trades"), *batch)
+    assert drainer.drain("agg_trades").inserted == len(batch)
+    conn = connect(settings, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT job_id FROM timescaledb_information.jobs "
+            "WHERE proc_name = 'policy_compression' AND hypertable_name = 'agg_trades'"
+        )
+        cur.execute("CALL run_job(%s)", (cur.fetchone()[0],))
+        cur.execute(
+            "SELECT count(*), bool_and(is_compressed) FROM timescaledb_information.chunks "
+            "WHERE hypertable_name = 'agg_trades'"
+        )
+        assert cur.fetchone() == (1, True)
+        cur.execute("SELECT compression_ratio FROM storage_usage WHERE table_name = 'agg_trades'")
+        assert cur.fetchone()[0] > 1
+
+    late = agg_trade(1)  # same day, same chunk, never stored
+    client.rpush(keys.queue("agg_trades"), *batch[:100], late)
+    result = drainer.drain("agg_trades")
+    assert (result.inserted, result.duplicates) == (1, 100)
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*), count(DISTINCT aggregate_trade_id) FROM agg_trades")
+        assert cur.fetchone() == (len(batch) + 1, len(batch) + 1)
+        cur.execute("SELECT min(trade_time) = to_timestamp(%s / 1000.0) FROM agg_trades", (BASE_MS - 1,))
+        assert cur.fetchone()[0] is True
+    conn.close()

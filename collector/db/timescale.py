@@ -343,6 +343,46 @@ def plan_aggregate(aggregate: Aggregate, state: AggregateState, policy: RefreshP
     return changes
 
 
+# --- storage_usage: disk use per table, the same view on both -------------------------------------
+
+STORAGE_VIEW: Final = "storage_usage"
+_MARKET_TABLE_ARRAY = "ARRAY[" + ", ".join(f"'{t}'" for t in TIME_COLUMNS) + "]"
+
+
+def storage_view_sql(with_timescale: bool) -> str:
+    """`storage_usage` (table_name, total_bytes, before/after_compression_bytes, compression_ratio).
+
+    A hypertable's rows live in its chunks, so pg_total_relation_size of the table itself says
+    nothing there: with TimescaleDB the sizes come from hypertable_size and the compression stats.
+    """
+    if with_timescale:
+        body = (
+            "SELECT t.table_name, hypertable_size(t.table_name::regclass) AS total_bytes, "
+            "s.before AS before_compression_bytes, s.after AS after_compression_bytes, "
+            "round(s.before::numeric / NULLIF(s.after, 0), 2) AS compression_ratio "
+            f"FROM unnest({_MARKET_TABLE_ARRAY}) AS t(table_name) "
+            "CROSS JOIN LATERAL (SELECT sum(before_compression_total_bytes)::bigint AS before, "
+            "sum(after_compression_total_bytes)::bigint AS after "
+            "FROM hypertable_compression_stats(t.table_name::regclass)) AS s"
+        )
+    else:
+        body = (
+            "SELECT t.table_name, pg_total_relation_size(t.table_name::regclass) AS total_bytes, "
+            "NULL::bigint AS before_compression_bytes, NULL::bigint AS after_compression_bytes, "
+            "NULL::numeric AS compression_ratio "
+            f"FROM unnest({_MARKET_TABLE_ARRAY}) AS t(table_name)"
+        )
+    return f"CREATE OR REPLACE VIEW {STORAGE_VIEW} AS {body}"
+
+
+def plan_storage_view(current_definition: str | None, with_timescale: bool) -> list[Change]:
+    """Create the view, or switch it to the TimescaleDB flavour once the tables are hypertables."""
+    if current_definition is not None and ("hypertable_size" in current_definition) == with_timescale:
+        return []
+    flavour = "hypertable sizes and compression" if with_timescale else "table sizes"
+    return [Change(storage_view_sql(with_timescale), f"{STORAGE_VIEW}: view of {flavour}")]
+
+
 # --- catalog reads and execution: I/O ---------------------------------------------------------------
 
 
@@ -450,6 +490,8 @@ def apply(cur: Cursor, settings: Settings) -> tuple[bool, list[str]]:
         policy = hypertable_policy(settings)
         for table in TIME_COLUMNS:
             lines += _execute(cur, plan_hypertable(table, hypertables.get(table), policy))
+    cur.execute("SELECT pg_get_viewdef(to_regclass(%s))", (STORAGE_VIEW,))
+    lines += _execute(cur, plan_storage_view(cur.fetchone()[0], decision.use))
     states = read_aggregates(cur, decision.use)
     for aggregate in AGGREGATES:
         state = states.get(aggregate.name, AggregateState("missing"))
