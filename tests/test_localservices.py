@@ -18,6 +18,7 @@ from collector.localservices import (
     running_redis,
     services_command,
     services_config,
+    timescaledb_installed,
 )
 
 LOCAL_VARIABLES = ("LOCAL_SERVICES", "LOCAL_DATABASE_NAME", "LOCAL_REDIS_DB")
@@ -80,6 +81,9 @@ def test_up_starts_persistent_servers_and_prints_their_urls(
     with conn.cursor() as cur:
         cur.execute("SHOW fsync")
         assert cur.fetchone() == ("on",)
+        # A machine that has TimescaleDB gets hypertables from `make run` without configuring anything.
+        cur.execute("SHOW shared_preload_libraries")
+        assert cur.fetchone() == ("timescaledb" if timescaledb_installed() else "",)
     conn.close()
 
 

@@ -317,7 +317,8 @@ def test_off_keeps_plain_tables_and_auto_converts_them_later(settings: Settings,
 @requires_timescaledb
 def test_health_and_status_name_the_database_mode(settings: Settings) -> None:
     """/health and `collector status` say whether the data is in hypertables or plain tables."""
-    from collector.web.health import check_postgres
+    from collector.web.health import HealthSnapshot, check_postgres, now_us
+    from collector.web.metrics import families
 
     init_db(settings)
     error, database = check_postgres(settings)
@@ -326,6 +327,9 @@ def test_health_and_status_name_the_database_mode(settings: Settings) -> None:
     assert database["detail"] == "TimescaleDB 2.28.3: 6 hypertables, 2 continuous aggregates"
     status = subprocess.run([COLLECTOR, "status"], capture_output=True, text=True, timeout=60)
     assert "database    TimescaleDB 2.28.3: 6 hypertables, 2 continuous aggregates" in status.stdout
+    snap = HealthSnapshot(redis_up=False, postgres_up=True, database=database)
+    gauges = {m.name: m.samples[0].value for m in families(snap, now_us())}
+    assert gauges["collector_timescaledb_in_use"] == 1
 
 
 def test_plain_mode_is_reported(settings: Settings) -> None:

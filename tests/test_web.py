@@ -355,6 +355,7 @@ def test_metrics_exports_counters_and_gauges(database: Settings, redis_conn: red
     assert value("collector_connection_up", connection="futures-market-0") == 0
     assert value("collector_redis_up") == 1
     assert value("collector_postgres_up") == 1
+    assert value("collector_timescaledb_in_use") == 0  # the database exists, init-db has not run
     stream_age = value("collector_stream_last_message_age_seconds", market="spot", stream="btcusdt@aggTrade")
     assert stream_age is not None and 10 <= stream_age < 10 + DEADLINE_S
     drain_age = value("collector_drain_last_success_age_seconds", table="agg_trades")
