@@ -79,6 +79,7 @@ format: install ## apply ruff's formatting and safe fixes
 bench: install ensure-servers ## throughput benchmarks (see bench/)
 	$(BIN)/python bench/stream_throughput.py
 	$(BIN)/python bench/drain_throughput.py
+	$(BIN)/python bench/export_throughput.py
 
 compose-tool: install ## best effort: a Docker Compose v2 client in .venv/bin for the offline config check
 	@scripts/compose-tool.sh

@@ -95,6 +95,17 @@ def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
     return services_command(args.action, args.dir)
 
 
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.export import export, plan_export, summary_line
+
+    plan = plan_export(
+        args.relation, args.market, args.symbol, args.start, args.end, args.format, args.output
+    )
+    result = export(settings, plan, report=lambda line: print(line, file=sys.stderr, flush=True))
+    print(summary_line(result), file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +130,30 @@ def _parser() -> argparse.ArgumentParser:
     services = sub.add_parser("services", help="start/stop a local Redis and PostgreSQL (for make run)")
     services.add_argument("action", choices=["up", "down", "env"])
     services.add_argument("--dir", default="var")
+    export = sub.add_parser(
+        "export",
+        help="write a table or view to CSV or Parquet (streamed, atomic)",
+        description="Write the rows of a market table or aggregate view, in time order, to CSV or Parquet. "
+        "The file appears under its name only when complete. Parquet types: timestamptz -> "
+        "timestamp[us, UTC], bigint -> int64, boolean -> bool, numeric -> decimal128(38,18) "
+        "(rounded to 18 decimals), text and jsonb -> string. CSV is PostgreSQL's: NULL is an empty "
+        "field, booleans t/f, times in UTC.",
+    )
+    export.add_argument(
+        "relation",
+        metavar="TABLE_OR_VIEW",
+        help="agg_trades, depth_updates, depth_snapshots, mark_prices, force_orders, open_interest, "
+        "candles_1m or liquidations_1m",
+    )
+    export.add_argument("--market", choices=["spot", "futures"], help="futures-only tables take futures")
+    export.add_argument("--symbol", help="e.g. BTCUSDT")
+    time_help = "ISO 8601 date or date-time (naive = UTC) or epoch milliseconds"
+    export.add_argument("--from", dest="start", metavar="TIME", help=f"inclusive; {time_help}")
+    export.add_argument("--to", dest="end", metavar="TIME", help=f"exclusive; {time_help}")
+    export.add_argument(
+        "--format", choices=["csv", "parquet"], help="default: parquet for a .parquet file, else csv"
+    )
+    export.add_argument("-o", "--output", metavar="FILE", help="default or '-': standard output (CSV only)")
     return parser
 
 
@@ -131,6 +166,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "trigger": _cmd_trigger,
     "fake-exchange": _cmd_fake_exchange,
     "services": _cmd_services,
+    "export": _cmd_export,
 }
 
 
