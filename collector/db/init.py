@@ -3,7 +3,6 @@ PostgreSQL stand-ins) in line with the settings. Idempotent; reports only what i
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from psycopg2.extensions import cursor as Cursor
@@ -15,8 +14,6 @@ from collector.db import timescale
 from collector.db.connection import connect, database_name, ensure_database
 from collector.db.schema import metadata
 from collector.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,8 +38,6 @@ def init_db(settings: Settings) -> InitResult:
         conn.commit()
     finally:
         conn.close()
-    for line in changes + timescale_changes:
-        logger.debug("initdb.change %s", line)
     return InitResult(with_timescale, changes + timescale_changes)
 
 
