@@ -14,7 +14,8 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -28,10 +29,33 @@ TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
 _db_counter = itertools.count()
 
 TIMESCALEDB_INSTALLED = timescaledb_installed()
-requires_timescaledb = pytest.mark.skipif(
-    not TIMESCALEDB_INSTALLED,
-    reason="TimescaleDB is not installed on this machine's PostgreSQL (../shared/timescaledb/install.sh)",
+_NOT_INSTALLED = (
+    "TimescaleDB is not installed on this machine's PostgreSQL (../shared/timescaledb/install.sh)"
 )
+# `timescaledb` / `plain_postgres` mark the tests of each path; the run ends with a tally of both.
+plain_postgres = pytest.mark.plain_postgres
+
+
+def requires_timescaledb(test: Callable[..., None]) -> Callable[..., None]:
+    """A TimescaleDB test: skipped, with the reason, only where the extension is not installed."""
+    return pytest.mark.timescaledb(pytest.mark.skipif(not TIMESCALEDB_INSTALLED, reason=_NOT_INSTALLED)(test))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line per database path, so CI's output shows the TimescaleDB tests ran (or why not)."""
+    for marker, label in (
+        ("timescaledb", "TimescaleDB"),
+        ("plain_postgres", "plain PostgreSQL (TIMESCALE=off)"),
+    ):
+        outcomes: Counter[str] = Counter()
+        for reports in terminalreporter.stats.values():
+            for report in reports:
+                if getattr(report, "keywords", {}).get(marker) and (
+                    report.when == "call" or report.outcome != "passed"
+                ):
+                    outcomes[report.outcome] += 1
+        summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items())) or "none ran"
+        terminalreporter.write_line(f"{label} tests: {summary}")
 
 
 @pytest.fixture(scope="session")
@@ -95,14 +119,16 @@ def unpreloaded_database_url(unpreloaded_postgres_server: LocalService) -> Itera
     yield from _throwaway_database(unpreloaded_postgres_server)
 
 
-@pytest.fixture(params=["require", "off"])
+@pytest.fixture(
+    params=[pytest.param("require", marks=pytest.mark.timescaledb), pytest.param("off", marks=plain_postgres)]
+)
 def settings_each_mode(
     request: pytest.FixtureRequest, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> Settings:
     """`settings` with TIMESCALE=require (hypertables; skipped where TimescaleDB is absent) and with
     TIMESCALE=off (plain tables): a test that takes this fixture runs on both."""
     if request.param == "require" and not TIMESCALEDB_INSTALLED:
-        pytest.skip("TimescaleDB is not installed on this machine's PostgreSQL")
+        pytest.skip(_NOT_INSTALLED)
     monkeypatch.setenv("TIMESCALE", request.param)
     return settings.model_copy(update={"timescale": request.param})
 

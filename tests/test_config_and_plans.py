@@ -21,6 +21,7 @@ from collector.db.init import init_db
 from collector.errors import ConfigError
 from collector.schedule import TASK_QUEUES, beat_schedule
 from collector.settings import Settings, load_settings
+from tests.conftest import plain_postgres
 
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
 
@@ -182,6 +183,7 @@ def test_beat_schedule_from_settings() -> None:
         assert entry["options"]["queue"] == TASK_QUEUES[entry["task"]] and entry["options"]["expires"] >= 1
 
 
+@plain_postgres
 def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
     """init-db with TIMESCALE=off creates the database, tables and views; a second run changes nothing."""
     import psycopg2

@@ -28,7 +28,7 @@ from collector.db.timescale import (
 )
 from collector.errors import ConfigError
 from collector.settings import Settings, load_settings
-from tests.conftest import requires_timescaledb
+from tests.conftest import plain_postgres, requires_timescaledb
 
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
 MARKET_TABLES = list(timescale.SEGMENT_BY)
@@ -332,6 +332,7 @@ def test_health_and_status_name_the_database_mode(settings: Settings) -> None:
     assert gauges["collector_timescaledb_in_use"] == 1
 
 
+@plain_postgres
 def test_plain_mode_is_reported(settings: Settings) -> None:
     """With TIMESCALE=off, /health reports plain tables and stays healthy."""
     from collector.web.health import check_postgres
