@@ -142,6 +142,7 @@ class Settings(BaseSettings):
     web_port: int = Field(8000, gt=0, lt=65536)
     health_max_message_age_s: float = Field(60, gt=0)
     health_max_drain_age_s: float = Field(30, gt=0)
+    health_max_gap_open_s: float = Field(120, gt=0)
     flower_port: int = Field(5555, gt=0, lt=65536)
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")

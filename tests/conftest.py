@@ -50,8 +50,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         outcomes: Counter[str] = Counter()
         for reports in terminalreporter.stats.values():
             for report in reports:
-                if getattr(report, "keywords", {}).get(marker) and (
-                    report.when == "call" or report.outcome != "passed"
+                if (
+                    isinstance(report, pytest.TestReport)
+                    and report.keywords.get(marker)
+                    and (report.when == "call" or report.outcome != "passed")
                 ):
                     outcomes[report.outcome] += 1
         summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(outcomes.items())) or "none ran"

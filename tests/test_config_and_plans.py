@@ -174,7 +174,16 @@ def test_beat_schedule_from_settings() -> None:
     schedule = beat_schedule(s)
     drains = [e for e in schedule.values() if e["task"] == "collector.tasks.ingest.drain"]
     assert sorted(e["args"][0] for e in drains) == sorted(
-        ["agg_trades", "depth_updates", "mark_prices", "force_orders", "open_interest", "depth_snapshots"]
+        [
+            "agg_trades",
+            "depth_updates",
+            "mark_prices",
+            "force_orders",
+            "open_interest",
+            "depth_snapshots",
+            "depth_gaps",
+            "stream_gaps",
+        ]
     )
     assert schedule["open-interest"]["schedule"] == 15
     assert schedule["depth-snapshot-spot"]["kwargs"] == {"market": "spot"}
@@ -201,11 +210,13 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
             "agg_trades",
             "alert_cursor",
             "alerts",
+            "depth_gaps",
             "depth_snapshots",
             "depth_updates",
             "force_orders",
             "mark_prices",
             "open_interest",
+            "stream_gaps",
         ]
         cur.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public' ORDER BY 1")
         assert [r[0] for r in cur.fetchall()] == ["candles_1m", "liquidations_1m", "storage_usage"]

@@ -61,6 +61,6 @@ def test_cookbook_query_runs(query: str, settings_each_mode: Settings, redis_con
     if "FROM agg_trades\nWHERE market" in query or "DISTINCT ON" in query:
         assert rows, "the query found none of the rows stored"
     if "FROM storage_usage" in query:
-        assert len(rows) == 6
+        assert len(rows) == 8  # the six market tables and the two of the gap ledger
         if settings.timescale == "off":
             assert all(ratio is None for _, _, ratio in rows)

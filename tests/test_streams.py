@@ -24,9 +24,11 @@ from collector.binance.streams import connection_plans, table_for_stream
 from collector.fake.server import FakeExchange
 from collector.localservices import LocalService, free_port, start_redis
 from collector.queue import keys
-from collector.queue.client import async_redis_client
+from collector.queue.client import async_redis_client, redis_client
+from collector.rest.resync import snapshot_fetcher
 from collector.settings import Settings, load_settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
+from collector.streams.ledger import GapLedger
 from collector.streams.runner import StreamProcess, build
 from collector.streams.runner import serve as serve_process
 from collector.streams.sink import Sink, SinkOptions
@@ -91,11 +93,12 @@ class InProcess:
         client = async_redis_client(self.settings)
         sink = Sink(client, SinkOptions.from_settings(self.settings))
         options = ConnectionOptions.from_settings(self.settings)
-        self.process = build(connection_plans(self.settings), sink, options)
+        ledger = GapLedger(sink, snapshot_fetcher(self.settings, redis_client(self.settings)))
+        self.process = build(connection_plans(self.settings), sink, options, ledger)
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         self._ready.set()
         try:
-            self.exit_code = await serve_process(self.process, self._stop, SHUTDOWN_FLUSH_S)
+            self.exit_code = await serve_process(self.process, self._stop, SHUTDOWN_FLUSH_S, client)
         finally:
             await client.aclose()
 

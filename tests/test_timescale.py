@@ -324,9 +324,9 @@ def test_health_and_status_name_the_database_mode(settings: Settings) -> None:
     error, database = check_postgres(settings)
     assert error is None and database is not None
     assert database["mode"] == "timescaledb" and database["ok"] is True
-    assert database["detail"] == "TimescaleDB 2.28.3: 6 hypertables, 2 continuous aggregates"
+    assert database["detail"] == "TimescaleDB 2.28.3: 8 hypertables, 2 continuous aggregates"
     status = subprocess.run([COLLECTOR, "status"], capture_output=True, text=True, timeout=60)
-    assert "database    TimescaleDB 2.28.3: 6 hypertables, 2 continuous aggregates" in status.stdout
+    assert "database    TimescaleDB 2.28.3: 8 hypertables, 2 continuous aggregates" in status.stdout
     snap = HealthSnapshot(redis_up=False, postgres_up=True, database=database)
     gauges = {m.name: m.samples[0].value for m in families(snap, now_us())}
     assert gauges["collector_timescaledb_in_use"] == 1

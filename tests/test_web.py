@@ -48,6 +48,7 @@ NOW = 1_800_000_000 * S
 class Limits:
     health_max_message_age_s: float = 60
     health_max_drain_age_s: float = 30
+    health_max_gap_open_s: float = 120
 
 
 def fresh_tables(**overrides: TableState) -> list[TableState]:

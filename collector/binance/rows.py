@@ -219,6 +219,44 @@ def _depth_snapshot(envelope: dict[str, Any], received_at: int, keep_coin_m: boo
     return ParsedEnvelope([row])
 
 
+def _opt_us(record: dict[str, Any], key: str) -> int | None:
+    return None if record.get(key) is None else _int(record, key)
+
+
+def _depth_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
+    """A gap record of the stream process (collector.gaps.records.DepthGap)."""
+    record = _object(envelope.get("frame"), "depth gap record")
+    row = (
+        _int(record, "detected_at_us"),
+        _market(envelope),
+        _symbol(record.get("symbol")),
+        _opt_int(record, "last_update_id"),
+        _opt_int(record, "next_update_id"),
+        _opt_us(record, "resynced_at_us"),
+        _opt_int(record, "resync_update_id"),
+        _text(record, "cause"),
+    )
+    return ParsedEnvelope([row])
+
+
+def _stream_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
+    """A gap record of the stream process (collector.gaps.records.StreamGap)."""
+    record = _object(envelope.get("frame"), "stream gap record")
+    stream = record.get("stream")
+    if not isinstance(stream, str) or not stream or len(stream) > 200:
+        raise FrameError(f"stream gap record has no stream name: {stream!r}")
+    connection = record.get("connection")
+    row = (
+        _int(record, "started_at_us"),
+        _market(envelope),
+        stream,
+        _opt_us(record, "ended_at_us"),
+        _text(record, "cause"),
+        connection if isinstance(connection, str) else None,
+    )
+    return ParsedEnvelope([row])
+
+
 def _market(envelope: dict[str, Any]) -> str:
     market = envelope.get("market")
     if market not in ("spot", "futures"):
@@ -233,6 +271,8 @@ _EXTRACTORS: dict[str, Callable[[dict[str, Any], int, bool], ParsedEnvelope]] = 
     "force_orders": _force_order,
     "open_interest": _open_interest,
     "depth_snapshots": _depth_snapshot,
+    "depth_gaps": _depth_gap,
+    "stream_gaps": _stream_gap,
 }
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 from psycopg2.extensions import connection as Connection
 
-from collector.db.schema import COPY_COLUMNS, MARKET_TABLES
+from collector.db.schema import COPY_COLUMNS, DRAINED_TABLES, NATURAL_KEYS, UPSERT_COLUMNS
 
 # Time columns travel through staging as integer microseconds and are converted on insert,
 # which is exact and keeps datetime formatting out of the Python hot loop.
 _TIME_COLUMNS = {
     table.name: frozenset(c.name for c in table.columns if c.type.__class__.__name__ == "DateTime")
-    for table in MARKET_TABLES
+    for table in DRAINED_TABLES
 }
 _PG_TYPES = {
     "DateTime": "bigint",
@@ -44,7 +44,7 @@ class CopyResult:
 
 
 def _staging_columns(table: str) -> str:
-    definition = next(t for t in MARKET_TABLES if t.name == table)
+    definition = next(t for t in DRAINED_TABLES if t.name == table)
     types = {c.name: _PG_TYPES[c.type.__class__.__name__] for c in definition.columns}
     return ", ".join(f"{name} {types[name]}" for name in COPY_COLUMNS[table])
 
@@ -64,9 +64,32 @@ STAGING_DDL = {
 COPY_SQL = {
     table: f"COPY stage_{table} ({', '.join(cols)}) FROM STDIN" for table, cols in COPY_COLUMNS.items()
 }
+
+
+def _on_conflict(table: str) -> str:
+    """Skip a row already stored; for the gap ledger, fill in what the closing record adds."""
+    updates = UPSERT_COLUMNS.get(table)
+    if not updates:
+        return "ON CONFLICT DO NOTHING"
+    sets = ", ".join(f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in updates)
+    return f"ON CONFLICT ({', '.join(NATURAL_KEYS[table])}) DO UPDATE SET {sets}"
+
+
+def _source(table: str) -> str:
+    """The staged rows; for the gap ledger one row per key, the most complete one, because a batch may
+    hold both the opening and the closing record of a gap and DO UPDATE may touch a row only once."""
+    updates = UPSERT_COLUMNS.get(table)
+    if not updates:
+        return f"stage_{table}"
+    key = ", ".join(NATURAL_KEYS[table])
+    return (
+        f"(SELECT DISTINCT ON ({key}) * FROM stage_{table} ORDER BY {key}, {updates[0]} NULLS LAST) AS staged"
+    )
+
+
 INSERT_SQL = {
-    table: f"INSERT INTO {table} ({', '.join(cols)}) SELECT {_select_list(table)} FROM stage_{table} "
-    "ON CONFLICT DO NOTHING"
+    table: f"INSERT INTO {table} ({', '.join(cols)}) SELECT {_select_list(table)} FROM {_source(table)} "
+    + _on_conflict(table)
     for table, cols in COPY_COLUMNS.items()
 }
 

@@ -1,4 +1,4 @@
-"""SQLAlchemy definitions of the six market-data tables, plus the alert bookkeeping tables.
+"""SQLAlchemy definitions of the six market-data tables, the gap ledger and the alert bookkeeping.
 
 Each market-data table keeps the spec's columns, typed columns beside the JSONB `payload`, the
 local `received_at`, and a natural unique key (`NATURAL_KEYS`) so that a replayed batch inserts
@@ -127,6 +127,37 @@ depth_snapshots = Table(
     UniqueConstraint("market_type", "symbol", "last_update_id", "time", name="depth_snapshots_natural_key"),
 )
 
+# --- the gap ledger: what was NOT received -------------------------------------------------------
+# Written by the stream process (through the same Redis queues and drains as the market data). A gap
+# is queued when it opens and again when it closes; both carry the natural key, and the drain merges
+# the second into the first (`UPSERT_COLUMNS`), so the order and repetition of deliveries do not matter.
+
+depth_gaps = Table(
+    "depth_gaps",
+    metadata,
+    _ts("detected_at"),  # when the stream process saw the break
+    Column("market", Text, nullable=False),
+    Column("symbol", Text, nullable=False),
+    Column("last_update_id", BigInteger),  # last good `u` before the hole (NULL: not known)
+    Column("next_update_id", BigInteger),  # `U` of the first event after the hole
+    _ts("resynced_at", nullable=True),  # when a snapshot that lines up with the diffs was stored
+    Column("resync_update_id", BigInteger),  # that snapshot's lastUpdateId
+    Column("cause", Text, nullable=False),  # sequence, reconnect, startup, ...
+    UniqueConstraint("market", "symbol", "detected_at", name="depth_gaps_natural_key"),
+)
+
+stream_gaps = Table(
+    "stream_gaps",
+    metadata,
+    _ts("started_at"),  # the last frame the connection delivered before it stopped receiving
+    Column("market", Text, nullable=False),
+    Column("stream", Text, nullable=False),
+    _ts("ended_at", nullable=True),  # the replacement connection was open (NULL: still open)
+    Column("cause", Text, nullable=False),  # disconnect, server_shutdown, idle, shutdown, ...
+    Column("connection", Text),  # the connection that lost it
+    UniqueConstraint("market", "stream", "started_at", name="stream_gaps_natural_key"),
+)
+
 # Alerts already decided; `alert_key` names the liquidation(s) that fired it, so a retried
 # evaluation cannot create a second alert for them.
 alerts = Table(
@@ -155,6 +186,15 @@ alert_cursor = Table(
 )
 
 MARKET_TABLES: Final = (agg_trades, depth_updates, mark_prices, force_orders, open_interest, depth_snapshots)
+GAP_TABLES: Final = (depth_gaps, stream_gaps)
+# Every table the drains fill from a Redis queue.
+DRAINED_TABLES: Final = MARKET_TABLES + GAP_TABLES
+
+# Columns a re-delivered gap record may fill in (a NULL never overwrites a value: COALESCE).
+UPSERT_COLUMNS: Final = {
+    "depth_gaps": ("resynced_at", "resync_update_id"),
+    "stream_gaps": ("ended_at",),
+}
 
 # The hypertable partitioning column of each market-data table.
 TIME_COLUMNS: Final = {
@@ -164,19 +204,21 @@ TIME_COLUMNS: Final = {
     "force_orders": "transaction_time",
     "open_interest": "time",
     "depth_snapshots": "time",
+    "depth_gaps": "detected_at",
+    "stream_gaps": "started_at",
 }
 
 # Newest-first index on each time column, for time-range queries and exports on plain PostgreSQL.
 # The name is the one TimescaleDB gives its default index (`<table>_<column>_idx`), so a hypertable
 # made by an older init-db, which has that index already, is not given a second copy.
-for _table in MARKET_TABLES:
+for _table in DRAINED_TABLES:
     _column = _table.c[TIME_COLUMNS[_table.name]]
     Index(f"{_table.name}_{_column.name}_idx", _column.desc())
 
 # Columns a batch writes, in COPY order (generated columns such as `ingest_seq` left out).
 COPY_COLUMNS: Final = {
     table.name: tuple(column.name for column in table.columns if column.name != "ingest_seq")
-    for table in MARKET_TABLES
+    for table in DRAINED_TABLES
 }
 
 NATURAL_KEYS: Final = {
@@ -186,5 +228,5 @@ NATURAL_KEYS: Final = {
         if isinstance(constraint, UniqueConstraint)
         for column in constraint.columns
     )
-    for table in MARKET_TABLES
+    for table in DRAINED_TABLES
 }

@@ -37,6 +37,8 @@ SEGMENT_BY: Final = {
     "force_orders": "symbol",
     "open_interest": "symbol",
     "depth_snapshots": "market_type, symbol",
+    "depth_gaps": "market, symbol",
+    "stream_gaps": "market, stream",
 }
 
 # The newest bucket is still filling; the refresh policy stops one bucket short of now, and

@@ -54,6 +54,9 @@ RELATIONS: Final = {
         # The one-minute aggregates that init-db creates (collector.db.aggregates).
         Relation("candles_1m", "bucket", "market"),
         Relation("liquidations_1m", "bucket", None),
+        # The gap ledger (collector.gaps): what was not received.
+        Relation("depth_gaps", "detected_at", "market"),
+        Relation("stream_gaps", "started_at", "market"),
     )
 }
 

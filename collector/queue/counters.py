@@ -21,6 +21,10 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "rest_requests": ("Binance REST requests by endpoint and status", ("market", "endpoint", "status")),
     "rest_errors": ("Binance REST failures by endpoint and reason", ("market", "endpoint", "reason")),
     "alerts": ("Liquidation alerts written, per rule", ("rule",)),
+    "gaps": (
+        "Gaps opened in the ledger, by kind (depth, stream), market and cause",
+        ("kind", "market", "cause"),
+    ),
 }
 
 

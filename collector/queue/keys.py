@@ -16,6 +16,9 @@
 | `collector:lock:alerts` | STRING | alert task | alert task | lock so two alert evaluations never run at once |
 | `collector:alerts` | pub/sub channel | alert task | subscribers | one JSON message per alert |
 | `collector:rest:pause_until_us:<market>` | STRING | REST tasks | REST tasks | no REST call to that market before this time (429/418 Retry-After) |
+| `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
+| `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
+| `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
 
 Envelope (one list element): `{"market": "spot"|"futures", "received_at_us": <int>, "frame": <raw JSON>}`;
 REST envelopes also carry `"symbol"` (the symbol asked for: spot depth bodies do not name it).
@@ -35,6 +38,9 @@ TABLES: Final = (
     "force_orders",
     "open_interest",
     "depth_snapshots",
+    # The gap ledger, queued by the stream process (collector.gaps.records).
+    "depth_gaps",
+    "stream_gaps",
 )
 
 DEADLETTER: Final = f"{PREFIX}:deadletter"
@@ -44,6 +50,9 @@ CONNECTIONS: Final = f"{PREFIX}:connections"
 DRAIN_LAST_SUCCESS_US: Final = f"{PREFIX}:drain:last_success_us"
 ALERTS_CHANNEL: Final = f"{PREFIX}:alerts"
 ALERTS_LOCK: Final = f"{PREFIX}:lock:alerts"
+OPEN_GAPS: Final = f"{PREFIX}:gaps:open"
+DEPTH_LAST_UPDATE_ID: Final = f"{PREFIX}:gaps:depth_last_u"
+STREAM_OUTAGES: Final = f"{PREFIX}:gaps:stream_outages"
 
 
 def queue(table: str) -> str:

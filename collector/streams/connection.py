@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
@@ -42,6 +42,14 @@ STABLE_AFTER_S: Final = 30.0
 
 # What the connection calls for each frame: (frame bytes exactly as received, receive time in µs).
 ReceiveHandler = Callable[[bytes, int], None]
+
+
+class ConnectionEvents(Protocol):
+    """Told when a connection starts and stops receiving (the gap ledger records the outages)."""
+
+    def connection_opened(self, state: ConnectionState) -> None: ...
+
+    def connection_lost(self, state: ConnectionState, cause: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -72,11 +80,14 @@ class StreamConnection:
         handler: ReceiveHandler,
         options: ConnectionOptions,
         rng: random.Random | None = None,
+        events: ConnectionEvents | None = None,
     ) -> None:
         self.state = state
         self._handler = handler
         self._options = options
         self._rng = rng
+        self._events = events
+        self._idle_closed = False
         self._ws: ClientConnection | None = None
         self._stopping = False
         self._stop_event = asyncio.Event()
@@ -160,12 +171,17 @@ class StreamConnection:
         logger.info("ws.connected id=%s url=%s streams=%d", state.id, state.url, len(state.streams))
         if self._stopping:  # stop() ran during the handshake
             await ws.close(1000, "client stopping")
+        if self._events is not None:
+            self._events.connection_opened(state)
+        self._idle_closed = False
         watchdog = asyncio.create_task(self._watchdog(ws))
         try:
             await self._receive(ws)
         finally:
             watchdog.cancel()
             self._ws = None
+            if self._events is not None:
+                self._events.connection_lost(state, self._loss_cause())
         up_s = time.monotonic() - opened
         code = ws.close_code if ws.close_code is not None else 1006
         reason = ws.close_reason or ""
@@ -175,6 +191,13 @@ class StreamConnection:
             "ws.disconnected id=%s code=%s reason=%s after_s=%.1f", state.id, code, reason or "-", up_s
         )
         return up_s
+
+    def _loss_cause(self) -> str:
+        if self._stopping:
+            return "shutdown"
+        if self._reconnect_now:
+            return "server_shutdown"
+        return "idle" if self._idle_closed else "disconnect"
 
     async def _open(self) -> ClientConnection:
         return await connect(
@@ -216,6 +239,7 @@ class StreamConnection:
             if idle >= idle_timeout:
                 logger.warning("ws.idle id=%s idle_s=%.1f", self.state.id, idle)
                 self.state.last_error = f"idle for {idle:.0f}s"
+                self._idle_closed = True
                 await ws.close(1000, "idle")
                 return
             await asyncio.sleep(idle_timeout - idle)

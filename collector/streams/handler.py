@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Final
 
 from collector.binance.rows import make_envelope
-from collector.streams.routing import deadletter_record, route
+from collector.streams.ledger import GapLedger
+from collector.streams.routing import deadletter_record, route_message
 from collector.streams.sink import Sink
 from collector.streams.state import ConnectionState
 
@@ -26,25 +27,30 @@ DEADLETTER_LOG_EVERY: Final = 1000
 class FrameHandler:
     """Routes every frame of one connection into the sink and counts it in the connection's state."""
 
-    __slots__ = ("_deadletters", "_market", "_sink", "on_server_shutdown", "state")
+    __slots__ = ("_deadletters", "_ledger", "_market", "_sink", "on_server_shutdown", "state")
 
     def __init__(
         self,
         state: ConnectionState,
         sink: Sink,
         on_server_shutdown: Callable[[], None] | None = None,
+        ledger: GapLedger | None = None,
     ) -> None:
         self.state = state
         self._sink = sink
+        # Checks every diff-depth event's place in its symbol's update-id chain.
+        self._ledger = ledger
         self._market = state.market
         self._deadletters = 0
         # Called when the server announces it is going down; the connection then reconnects at once.
         self.on_server_shutdown = on_server_shutdown
 
     def __call__(self, frame: bytes, received_at_us: int) -> None:
-        kind, stream, table, reason = route(frame)
+        (kind, stream, table, reason), message = route_message(frame)
         if kind == "event":
             self._sink.push(table, make_envelope(self._market, received_at_us, frame))
+            if table == "depth_updates" and self._ledger is not None:
+                self._ledger.on_depth(self._market, message["data"], received_at_us)
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)
             stats.messages += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from functools import lru_cache
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
@@ -53,18 +53,23 @@ def _stream_route(stream: str) -> Route:
 
 def route(frame: bytes) -> Route:
     """Decide where `frame` (one WebSocket message, exactly as received) goes."""
+    return route_message(frame)[0]
+
+
+def route_message(frame: bytes) -> tuple[Route, Any]:
+    """`route`, plus the parsed message for whoever needs more than its table (sequence checks)."""
     try:
         message = orjson.loads(frame)
     except orjson.JSONDecodeError:
-        return _NOT_JSON
+        return _NOT_JSON, None
     if type(message) is not dict:
-        return _NOT_OBJECT
+        return _NOT_OBJECT, message
     stream = message.get("stream")
     if type(stream) is str and "data" in message:
-        return _stream_route(stream)
+        return _stream_route(stream), message
     if stream is None:
-        return _route_unwrapped(message)
-    return _NOT_COMBINED
+        return _route_unwrapped(message), message
+    return _NOT_COMBINED, message
 
 
 def _route_unwrapped(message: dict[str, object]) -> Route:

@@ -15,11 +15,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
+import redis
+import redis.asyncio
+
 from collector.binance.streams import ConnectionPlan, connection_plans, log_stream_substitutions
-from collector.queue.client import async_redis_client, check_redis
+from collector.queue.client import async_redis_client, check_redis, redis_client
+from collector.rest.resync import snapshot_fetcher
 from collector.settings import Settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
 from collector.streams.handler import FrameHandler
+from collector.streams.ledger import GapLedger
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
 
@@ -31,29 +36,39 @@ MIN_DRAIN_S: Final = 1.0
 
 @dataclass
 class StreamProcess:
-    """The wiring: plans -> connections -> handlers -> one sink. Built by `build`, driven by `serve`."""
+    """The wiring: plans -> connections -> handlers -> one sink and one gap ledger.
+
+    Built by `build`, driven by `serve`.
+    """
 
     sink: Sink
+    ledger: GapLedger
     connections: list[StreamConnection] = field(default_factory=list)
 
 
-def build(plans: list[ConnectionPlan], sink: Sink, options: ConnectionOptions) -> StreamProcess:
-    """One state, handler and connection per plan, all feeding `sink`."""
-    process = StreamProcess(sink)
+def build(
+    plans: list[ConnectionPlan], sink: Sink, options: ConnectionOptions, ledger: GapLedger
+) -> StreamProcess:
+    """One state, handler and connection per plan, all feeding `sink` and `ledger`."""
+    process = StreamProcess(sink, ledger)
     for plan in plans:
         state = ConnectionState.from_plan(plan)
         sink.register(state)
-        handler = FrameHandler(state, sink)
-        connection = StreamConnection(state, handler, options)
+        handler = FrameHandler(state, sink, ledger=ledger)
+        connection = StreamConnection(state, handler, options, events=ledger)
         handler.on_server_shutdown = connection.request_reconnect
         process.connections.append(connection)
     return process
 
 
-async def serve(process: StreamProcess, stop: asyncio.Event, flush_timeout_s: float) -> int:
+async def serve(
+    process: StreamProcess, stop: asyncio.Event, flush_timeout_s: float, client: redis.asyncio.Redis
+) -> int:
     """Run until `stop` is set (or a part fails), then shut down cleanly; returns the exit code."""
+    await process.ledger.load(client)
     sink_task = asyncio.create_task(process.sink.run(), name="sink")
-    tasks = [sink_task] + [connection.start() for connection in process.connections]
+    ledger_task = asyncio.create_task(process.ledger.run(client), name="gap-ledger")
+    tasks = [sink_task, ledger_task] + [connection.start() for connection in process.connections]
     stop_task = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait([stop_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
     failed = [task for task in done if task is not stop_task]
@@ -74,7 +89,15 @@ async def serve(process: StreamProcess, stop: asyncio.Event, flush_timeout_s: fl
             await asyncio.wait_for(sink_task, flush_timeout_s)
         except TimeoutError:
             pass  # cancelled mid-flush: nothing was committed, drain() writes that batch again
+    process.ledger.stop()
+    ledger_task.cancel()
     left = await process.sink.drain(max(deadline - time.monotonic(), MIN_DRAIN_S))
+    if not left:
+        # Only once everything received is in Redis: the next start continues from here.
+        try:
+            await process.ledger.save(client)
+        except (redis.RedisError, OSError, TimeoutError) as error:
+            logger.error("streams.ledger_not_saved error=%s", error)
     logger.info("streams.stopped unflushed=%d", left)
     return 1 if left or failed else 0
 
@@ -82,13 +105,14 @@ async def serve(process: StreamProcess, stop: asyncio.Event, flush_timeout_s: fl
 async def _main(settings: Settings) -> int:
     client = async_redis_client(settings)
     sink = Sink(client, SinkOptions.from_settings(settings))
-    process = build(connection_plans(settings), sink, ConnectionOptions.from_settings(settings))
+    ledger = GapLedger(sink, snapshot_fetcher(settings, redis_client(settings)))
+    process = build(connection_plans(settings), sink, ConnectionOptions.from_settings(settings), ledger)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _request_stop, stop, signum)
     try:
-        return await serve(process, stop, SHUTDOWN_FLUSH_TIMEOUT_S)
+        return await serve(process, stop, SHUTDOWN_FLUSH_TIMEOUT_S, client)
     finally:
         await client.aclose()
 

@@ -67,6 +67,17 @@ class TableState:
     last_drain_us: int | None
 
 
+@dataclass(frozen=True)
+class OpenGap:
+    """A gap of the ledger not closed yet: a depth chain awaiting its resync, or a stream outage."""
+
+    kind: str  # "depth" or "stream"
+    market: str
+    name: str  # the symbol (depth) or the stream
+    since_us: int
+    cause: str
+
+
 @dataclass
 class HealthSnapshot:
     """Everything the monitoring views show, read at one moment. Empty lists when Redis is down."""
@@ -81,18 +92,22 @@ class HealthSnapshot:
     streams: list[StreamState] = field(default_factory=list)
     tables: list[TableState] = field(default_factory=list)
     deadletter_length: int = 0
+    open_gaps: list[OpenGap] = field(default_factory=list)
     # counter name -> label values -> value
     counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
 
 
 class HealthThresholds(Protocol):
-    """The two limits `assess` needs; `Settings` is one."""
+    """The limits `assess` needs; `Settings` is one."""
 
     @property
     def health_max_message_age_s(self) -> float: ...
 
     @property
     def health_max_drain_age_s(self) -> float: ...
+
+    @property
+    def health_max_gap_open_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -156,14 +171,16 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
     pipe.hgetall(keys.STREAM_LAST_US)
     pipe.hgetall(keys.DRAIN_LAST_SUCCESS_US)
     pipe.llen(keys.DEADLETTER)
+    pipe.hgetall(keys.OPEN_GAPS)
     for table in keys.TABLES:
         pipe.llen(keys.queue(table))
     for name in COUNTERS:
         pipe.hgetall(keys.metric(name))
     replies = pipe.execute()
-    connections, messages, last_us, drains, deadletters = replies[:5]
-    queued = replies[5 : 5 + len(keys.TABLES)]
-    counter_hashes = replies[5 + len(keys.TABLES) :]
+    connections, messages, last_us, drains, deadletters, open_gaps = replies[:6]
+    queued = replies[6 : 6 + len(keys.TABLES)]
+    counter_hashes = replies[6 + len(keys.TABLES) :]
+    into.open_gaps = sorted(_parse_open_gaps(_decode_hash(open_gaps)), key=lambda g: g.since_us)
 
     into.connections = sorted(
         (_parse_connection(_text(cid), raw) for cid, raw in connections.items()),
@@ -192,6 +209,24 @@ def _text(value: object) -> str:
 
 def _decode_hash(raw: dict[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _parse_open_gaps(fields: dict[str, str]) -> list[OpenGap]:
+    """`keys.OPEN_GAPS`: `depth/<market>/<symbol>/<µs>` or `stream/<market>/<stream>` -> JSON."""
+    gaps = []
+    for name, raw in fields.items():
+        parts = name.split("/")
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if len(parts) < 3 or not isinstance(record, dict):
+            continue
+        since = _int_or_none(record.get("detected_at_us", record.get("started_at_us")))
+        if since is None:
+            continue
+        gaps.append(OpenGap(parts[0], parts[1], parts[2], since, str(record.get("cause", "?"))))
+    return gaps
 
 
 def _int_or_none(value: object) -> int | None:
@@ -271,6 +306,7 @@ def assess(snap: HealthSnapshot, now: int, thresholds: HealthThresholds) -> Heal
         # Without Redis nothing below is known; "no connection registered" would be a false lead.
         reasons += _connection_reasons(snap.connections, now, thresholds.health_max_message_age_s)
         reasons += _queue_reasons(snap.tables, now, thresholds.health_max_drain_age_s)
+        reasons += _gap_reasons(snap.open_gaps, now, thresholds.health_max_gap_open_s)
     return HealthReport(healthy=not reasons, reasons=reasons, body=_body(snap, now, reasons))
 
 
@@ -315,6 +351,19 @@ def _queue_reasons(tables: list[TableState], now: int, max_age_s: float) -> list
         elif age > max_age_s:
             reasons.append(
                 f"queue {table.table}: {pending} waiting, last drain {age:.0f}s ago (max {max_age_s:g}s)"
+            )
+    return reasons
+
+
+def _gap_reasons(gaps: list[OpenGap], now: int, max_open_s: float) -> list[str]:
+    """A depth chain left unsynced: its resync snapshot did not come (REST refused, or banned)."""
+    reasons = []
+    for gap in gaps:
+        age = age_s(gap.since_us, now) or 0.0
+        if gap.kind == "depth" and age > max_open_s:
+            reasons.append(
+                f"depth gap {gap.market} {gap.name} ({gap.cause}) open for {age:.0f}s "
+                f"(max {max_open_s:g}s): its resync snapshot is not stored"
             )
     return reasons
 
@@ -364,6 +413,16 @@ def _body(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str, Any]:
             for t in snap.tables
         ],
         "deadletter_length": snap.deadletter_length,
+        "open_gaps": [
+            {
+                "kind": g.kind,
+                "market": g.market,
+                "name": g.name,
+                "cause": g.cause,
+                "open_for_s": _rounded(age_s(g.since_us, now)),
+            }
+            for g in snap.open_gaps
+        ],
         "counters": {
             name: {"|".join(labels): value for labels, value in sorted(values.items())}
             for name, values in snap.counters.items()

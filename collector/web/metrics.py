@@ -37,7 +37,12 @@ def families(snap: HealthSnapshot, now: int) -> list[Metric]:
         )
     if not snap.redis_up:
         return up
-    return [*up, *_counters(snap), *_queue_gauges(snap, now), *_stream_gauges(snap, now)]
+    open_gaps = GaugeMetricFamily(
+        f"{PREFIX}_open_gaps", "Gaps of the ledger not closed yet (depth: awaiting resync)", labels=["kind"]
+    )
+    for kind in ("depth", "stream"):
+        open_gaps.add_metric([kind], sum(1 for g in snap.open_gaps if g.kind == kind))
+    return [*up, *_counters(snap), *_queue_gauges(snap, now), *_stream_gauges(snap, now), open_gaps]
 
 
 def _single(name: str, documentation: str, value: float) -> GaugeMetricFamily:

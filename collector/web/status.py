@@ -32,6 +32,7 @@ def format_status(snap: HealthSnapshot, report: HealthReport, now: int) -> str:
         lines += ["streams", *_indent(_streams(snap, now)), ""]
         lines += ["queues", *_indent(_tables(snap, now)), ""]
         lines += [f"dead letters: {snap.deadletter_length}", ""]
+        lines += ["open gaps", *_indent(_open_gaps(snap, now)), ""]
         lines += ["counters", *_indent(_counters(snap)), ""]
     lines.append("HEALTHY" if report.healthy else "UNHEALTHY: " + "; ".join(report.reasons))
     return "\n".join(lines)
@@ -69,6 +70,13 @@ def _columns(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[st
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in cells
     ]
+
+
+def _open_gaps(snap: HealthSnapshot, now: int) -> list[str]:
+    if not snap.open_gaps:
+        return ["none"]
+    rows = [(g.kind, g.market, g.name, g.cause, _ago(g.since_us, now)) for g in snap.open_gaps]
+    return _columns(("KIND", "MARKET", "SYMBOL/STREAM", "CAUSE", "SINCE"), rows)
 
 
 def _services(snap: HealthSnapshot) -> list[str]:

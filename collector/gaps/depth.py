@@ -1,0 +1,145 @@
+"""Diff-depth sequence checks and per-symbol resync bookkeeping. Pure: events in, decisions out.
+
+Binance's rules (binance.md, "How to manage a local order book correctly"):
+- spot: each event's `U` is the previous event's `u` + 1;
+- USD-M futures: each event's `pu` is the previous event's `u` (ids may jump between events).
+An event whose `u` is not beyond the last one seen is a duplicate (two connections carrying the
+same stream during a rotation, or a replay) and is neither a gap nor applied twice.
+
+A break opens a `DepthGap` (cause `sequence`, or `reconnect` / `startup` when the chain broke across
+a reconnection or a restart) and asks for a snapshot of that symbol only. The gap closes when a
+snapshot lines up with the chain of diffs received since the hole, by the same sync rule a client
+uses to start a book: spot, a diff with `U <= lastUpdateId + 1 <= u`; futures, `U <= lastUpdateId <= u`.
+A snapshot older than the start of that chain cannot line up, and another one is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from collector.gaps.records import DepthGap
+
+Verdict = Literal["next", "duplicate", "break"]
+
+
+def check(market: str, last_u: int, first_u: int, final_u: int, previous_u: int | None) -> Verdict:
+    """Where one event (`U`, `u`, `pu`) stands relative to the last `u` seen for its symbol."""
+    if final_u <= last_u:
+        return "duplicate"
+    if market == "futures":
+        return "next" if previous_u == last_u else "break"
+    # Spot: contiguous, or overlapping the end of what was seen (a batch that partly repeats it).
+    return "next" if first_u <= last_u + 1 else "break"
+
+
+def chain_base(market: str, first_u: int, previous_u: int | None) -> int:
+    """The last update id before the first event of a chain: a snapshot must not be older."""
+    if market == "futures" and previous_u is not None:
+        return previous_u
+    return first_u - 1
+
+
+def covered(market: str, snapshot_id: int, last_u: int) -> bool:
+    """Whether the chain, which reaches `last_u`, already holds the diff a snapshot syncs on."""
+    return last_u >= snapshot_id + (1 if market == "spot" else 0)
+
+
+@dataclass
+class SymbolState:
+    """What is known of one symbol's chain."""
+
+    last_u: int | None = None  # the last `u` seen (None: no event yet, and none from a past run)
+    pending_cause: str | None = None  # a reconnect/restart happened since the last event
+    base: int | None = None  # chain_base of the chain received since the last break
+    open_gaps: list[DepthGap] = field(default_factory=list)
+    snapshot_id: int | None = None  # a lined-up candidate waiting for the chain to reach it
+    wanted: bool = False  # a snapshot should be fetched (and none is in flight)
+    in_flight: bool = False
+
+
+@dataclass
+class Decisions:
+    """What the caller must do after one call: queue these records, fetch these snapshots."""
+
+    records: list[DepthGap] = field(default_factory=list)
+    fetch: list[tuple[str, str]] = field(default_factory=list)  # (market, symbol)
+
+
+class DepthTracker:
+    """Follows every (market, symbol) chain across connections, reconnections and restarts."""
+
+    def __init__(self, last_update_ids: dict[tuple[str, str], int] | None = None) -> None:
+        # From the previous run (Redis): a restart is then checked for continuity like a reconnect.
+        self.symbols: dict[tuple[str, str], SymbolState] = {
+            key: SymbolState(last_u=u, pending_cause="startup") for key, u in (last_update_ids or {}).items()
+        }
+
+    def state(self, market: str, symbol: str) -> SymbolState:
+        key = (market, symbol)
+        found = self.symbols.get(key)
+        if found is None:
+            found = self.symbols[key] = SymbolState()
+        return found
+
+    def reconnected(self, market: str, symbols: list[str]) -> None:
+        """The connection carrying these symbols' depth was lost and opened again."""
+        for symbol in symbols:
+            state = self.state(market, symbol)
+            if state.last_u is not None:
+                state.pending_cause = "reconnect"
+
+    def on_event(
+        self, market: str, symbol: str, first_u: int, final_u: int, previous_u: int | None, now_us: int
+    ) -> Decisions:
+        decisions = Decisions()
+        state = self.state(market, symbol)
+        if state.last_u is None:  # the first event of a new recording: nothing before it was expected
+            state.last_u, state.base = final_u, chain_base(market, first_u, previous_u)
+            return decisions
+        verdict = check(market, state.last_u, first_u, final_u, previous_u)
+        if verdict == "duplicate":
+            return decisions
+        if verdict == "break":
+            gap = DepthGap(market, symbol, now_us, state.last_u, first_u, state.pending_cause or "sequence")
+            state.open_gaps.append(gap)
+            decisions.records.append(gap)
+            state.base = chain_base(market, first_u, previous_u)
+            state.snapshot_id = None  # a candidate from before this break is older than the new chain
+            if not state.in_flight:
+                state.wanted = True
+        state.pending_cause = None
+        state.last_u = final_u
+        if state.open_gaps and state.snapshot_id is not None and covered(market, state.snapshot_id, final_u):
+            self._close(state, state.snapshot_id, now_us, decisions)
+        if state.wanted and not state.in_flight:
+            state.wanted, state.in_flight = False, True
+            decisions.fetch.append((market, symbol))
+        return decisions
+
+    def on_snapshot(self, market: str, symbol: str, snapshot_id: int | None, now_us: int) -> Decisions:
+        """A resync snapshot was stored (its lastUpdateId), or its fetch failed (None)."""
+        decisions = Decisions()
+        state = self.state(market, symbol)
+        state.in_flight = False
+        if not state.open_gaps:
+            return decisions
+        if snapshot_id is None or state.base is None or snapshot_id < state.base:
+            decisions.fetch.append((market, symbol))  # failed, or older than the chain: once more
+            state.in_flight = True
+            return decisions
+        if state.last_u is not None and covered(market, snapshot_id, state.last_u):
+            self._close(state, snapshot_id, now_us, decisions)
+        else:
+            state.snapshot_id = snapshot_id  # ahead of the diffs: closes when the chain reaches it
+        return decisions
+
+    def open_gaps(self) -> list[DepthGap]:
+        return [gap for state in self.symbols.values() for gap in state.open_gaps]
+
+    @staticmethod
+    def _close(state: SymbolState, snapshot_id: int, now_us: int, decisions: Decisions) -> None:
+        for gap in state.open_gaps:
+            gap.resynced_at_us, gap.resync_update_id = now_us, snapshot_id
+            decisions.records.append(gap)
+        state.open_gaps, state.snapshot_id = [], None

@@ -1,0 +1,282 @@
+"""The stream process's gap ledger: depth sequence breaks with their resync, and stream outages.
+
+The I/O shell around `collector.gaps.depth.DepthTracker`:
+- `on_depth()` runs on the receive path for every diff-depth event: a dict lookup and two integer
+  comparisons; records and snapshot requests it decides on are queued, never awaited.
+- Gap records go into the sink like events (tables `depth_gaps`, `stream_gaps`), so they reach
+  PostgreSQL through the same drains, in order with the data around them.
+- Resync snapshots are fetched by one worker per market, one request at a time, through the same
+  REST client as the scheduled polls (timeouts, retries, the shared 429/418 pause), in a thread so
+  the event loop never waits on HTTP. The body is queued for `depth_snapshots` like a polled one.
+- Open gaps are mirrored to Redis (`keys.OPEN_GAPS`) for /health and `collector gaps`; at a clean
+  shutdown the last update id of every symbol and the streams' open outages are saved there too,
+  so the next start checks continuity across the restart and closes the outage it began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+import redis.asyncio
+
+from collector.binance.rows import make_envelope
+from collector.binance.streams import table_for_stream
+from collector.gaps.depth import Decisions, DepthTracker
+from collector.gaps.records import DepthGap, StreamGap
+from collector.queue import counters, keys
+from collector.streams.backoff import backoff_delays
+from collector.streams.sink import Sink
+from collector.streams.state import ConnectionState
+
+logger = logging.getLogger(__name__)
+
+RESYNC_RETRY_INITIAL_S: Final = 1.0
+RESYNC_RETRY_MAX_S: Final = 30.0
+MIRROR_INTERVAL_S: Final = 1.0
+
+# (market, symbol) -> (REST body, receive time µs), or None when the request failed.
+SnapshotFetcher = Callable[[str, str], Awaitable[tuple[bytes, int] | None]]
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def depth_symbols(state: ConnectionState) -> list[str]:
+    """The symbols whose diff depth this connection carries (`btcusdt@depth@100ms` -> BTCUSDT)."""
+    return [
+        name.split("@", 1)[0].upper() for name in state.streams if table_for_stream(name) == "depth_updates"
+    ]
+
+
+class GapLedger:
+    """Feeds the depth tracker, queues gap records, fetches resync snapshots, records outages."""
+
+    def __init__(self, sink: Sink, fetch: SnapshotFetcher, tracker: DepthTracker | None = None) -> None:
+        self._sink = sink
+        self._fetch = fetch
+        self.tracker = tracker or DepthTracker()
+        self._requests: dict[str, asyncio.Queue[str]] = {}
+        self._retry_delays: dict[tuple[str, str], Any] = {}
+        self.open_streams: dict[tuple[str, str], StreamGap] = {}  # (market, stream) -> outage
+        self._opened: list[tuple[str, str, str]] = []  # (kind, market, cause) not yet counted
+        self._stopping = False
+
+    # --- depth: the receive path -----------------------------------------------------------------
+
+    def on_depth(self, market: str, data: Any, received_at_us: int) -> None:
+        """One diff-depth event (the combined stream's `data`); a malformed one is the drain's job."""
+        if type(data) is not dict:
+            return
+        symbol, first_u, final_u, previous_u = data.get("s"), data.get("U"), data.get("u"), data.get("pu")
+        if type(symbol) is not str or type(first_u) is not int or type(final_u) is not int:
+            return
+        self._apply(self.tracker.on_event(market, symbol, first_u, final_u, previous_u, received_at_us))
+
+    def _apply(self, decisions: Decisions) -> None:
+        for gap in decisions.records:
+            self._sink.push("depth_gaps", gap.envelope())
+            if gap.resynced_at_us is None:
+                self._opened.append(("depth", gap.market, gap.cause))
+                logger.warning(
+                    "gaps.depth_opened market=%s symbol=%s cause=%s last_u=%s next_U=%s",
+                    gap.market,
+                    gap.symbol,
+                    gap.cause,
+                    gap.last_update_id,
+                    gap.next_update_id,
+                )
+            else:
+                logger.info(
+                    "gaps.depth_resynced market=%s symbol=%s snapshot=%s after_s=%.1f",
+                    gap.market,
+                    gap.symbol,
+                    gap.resync_update_id,
+                    (gap.resynced_at_us - gap.detected_at_us) / 1e6,
+                )
+        for market, symbol in decisions.fetch:
+            self._queue(market).put_nowait(symbol)
+
+    def _queue(self, market: str) -> asyncio.Queue[str]:
+        queue = self._requests.get(market)
+        if queue is None:
+            queue = self._requests[market] = asyncio.Queue()
+        return queue
+
+    # --- resync snapshots ------------------------------------------------------------------------
+
+    async def run(self, client: redis.asyncio.Redis) -> None:
+        """Fetch the snapshots asked for (one worker per market) and mirror open gaps to Redis."""
+        workers = [
+            asyncio.create_task(self._resync_worker(m), name=f"resync-{m}") for m in ("spot", "futures")
+        ]
+        try:
+            while not self._stopping:
+                await asyncio.sleep(MIRROR_INTERVAL_S)
+                await self._mirror(client)
+        finally:
+            for worker in workers:
+                worker.cancel()
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def _resync_worker(self, market: str) -> None:
+        queue = self._queue(market)
+        while True:
+            symbol = await queue.get()
+            fetched = await self._fetch(market, symbol)
+            if fetched is None:
+                # Failed after the REST client's own retries: ask again later, backing off per symbol.
+                delays = self._retry_delays.setdefault(
+                    (market, symbol), backoff_delays(RESYNC_RETRY_INITIAL_S, RESYNC_RETRY_MAX_S)
+                )
+                delay = next(delays)
+                logger.warning(
+                    "gaps.resync_failed market=%s symbol=%s retry_in_s=%.1f", market, symbol, delay
+                )
+                asyncio.get_running_loop().call_later(delay, self._retry, market, symbol)
+                continue
+            self._retry_delays.pop((market, symbol), None)
+            body, received_at_us = fetched
+            snapshot_id = _last_update_id(body)
+            self._sink.push("depth_snapshots", make_envelope(market, received_at_us, body, symbol=symbol))
+            self._apply(self.tracker.on_snapshot(market, symbol, snapshot_id, now_us()))
+
+    def _retry(self, market: str, symbol: str) -> None:
+        self._apply(self.tracker.on_snapshot(market, symbol, None, now_us()))
+
+    # --- stream outages: the connection lifecycle ------------------------------------------------
+
+    def connection_opened(self, state: ConnectionState) -> None:
+        """A connection is open and subscribed: its streams' outages end now."""
+        opened_us = now_us()
+        for stream in state.streams:
+            gap = self.open_streams.pop((state.market, stream), None)
+            if gap is not None:
+                gap.ended_at_us = opened_us
+                self._sink.push("stream_gaps", gap.envelope())
+        self.tracker.reconnected(state.market, depth_symbols(state))
+
+    def connection_lost(self, state: ConnectionState, cause: str) -> None:
+        """A connection stopped receiving: each of its streams is out from its last frame until reopened."""
+        started_us = state.last_message_us or now_us()
+        for stream in state.streams:
+            key = (state.market, stream)
+            if key in self.open_streams:
+                continue  # already out (a reconnect that failed): the outage goes on
+            gap = StreamGap(state.market, stream, started_us, cause, state.id)
+            self.open_streams[key] = gap
+            self._sink.push("stream_gaps", gap.envelope())
+            self._opened.append(("stream", state.market, cause))
+        logger.warning(
+            "gaps.streams_out connection=%s cause=%s streams=%d since_us=%d",
+            state.id,
+            cause,
+            len(state.streams),
+            started_us,
+        )
+
+    # --- Redis: monitoring mirror and restart state ----------------------------------------------
+
+    async def _mirror(self, client: redis.asyncio.Redis) -> None:
+        opened, self._opened = self._opened, []
+        mapping = self.open_gap_fields()
+        try:
+            pipe: Any = client.pipeline(transaction=True)
+            pipe.delete(keys.OPEN_GAPS)
+            if mapping:
+                pipe.hset(keys.OPEN_GAPS, mapping=mapping)
+            for kind, market, cause in opened:
+                counters.incr(pipe, "gaps", kind, market, cause)
+            await pipe.execute()
+        except (redis.RedisError, OSError, TimeoutError) as error:
+            self._opened = opened + self._opened  # counted on the next mirror
+            logger.debug("gaps.mirror_failed error=%s", error)
+
+    def open_gap_fields(self) -> dict[str, bytes]:
+        """`keys.OPEN_GAPS` fields: `depth/<market>/<symbol>/<detected µs>` and `stream/<market>/<stream>`."""
+        fields: dict[str, bytes] = {}
+        for gap in self.tracker.open_gaps():
+            fields[f"depth/{gap.market}/{gap.symbol}/{gap.detected_at_us}"] = _depth_json(gap)
+        for (market, stream), outage in self.open_streams.items():
+            fields[f"stream/{market}/{stream}"] = orjson.dumps(
+                {
+                    "started_at_us": outage.started_at_us,
+                    "cause": outage.cause,
+                    "connection": outage.connection,
+                }
+            )
+        return fields
+
+    async def save(self, client: redis.asyncio.Redis) -> None:
+        """At a clean shutdown, after the last flush: what the next start needs to continue the ledger."""
+        last_u = {
+            f"{market}/{symbol}": state.last_u
+            for (market, symbol), state in self.tracker.symbols.items()
+            if state.last_u is not None
+        }
+        outages = {f"{m}/{s}": orjson.dumps(_stream_json(g)) for (m, s), g in self.open_streams.items()}
+        pipe: Any = client.pipeline(transaction=True)
+        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES)
+        if last_u:
+            pipe.hset(keys.DEPTH_LAST_UPDATE_ID, mapping=last_u)
+        if outages:
+            pipe.hset(keys.STREAM_OUTAGES, mapping=outages)
+        pipe.delete(keys.OPEN_GAPS)
+        fields = self.open_gap_fields()
+        if fields:
+            pipe.hset(keys.OPEN_GAPS, mapping=fields)
+        await pipe.execute()
+
+    async def load(self, client: redis.asyncio.Redis) -> None:
+        """At start: the previous run's last update ids and open outages (then forgotten in Redis)."""
+        pipe: Any = client.pipeline(transaction=True)
+        pipe.hgetall(keys.DEPTH_LAST_UPDATE_ID)
+        pipe.hgetall(keys.STREAM_OUTAGES)
+        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES)
+        last_u_raw, outages_raw, _ = await pipe.execute()
+        last_u = {}
+        for name, value in last_u_raw.items():
+            market, _, symbol = name.decode().partition("/")
+            last_u[(market, symbol)] = int(value)
+        self.tracker = DepthTracker(last_u)
+        for name, value in outages_raw.items():
+            market, _, stream = name.decode().partition("/")
+            record = orjson.loads(value)
+            self.open_streams[(market, stream)] = StreamGap(
+                market, stream, record["started_at_us"], record["cause"], record["connection"]
+            )
+        if last_u or outages_raw:
+            logger.info("gaps.restored symbols=%d stream_outages=%d", len(last_u), len(outages_raw))
+
+
+def _last_update_id(body: bytes) -> int | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    value = parsed.get("lastUpdateId") if isinstance(parsed, dict) else None
+    return value if type(value) is int else None
+
+
+def _depth_json(gap: DepthGap) -> bytes:
+    return orjson.dumps(
+        {
+            "market": gap.market,
+            "symbol": gap.symbol,
+            "detected_at_us": gap.detected_at_us,
+            "last_update_id": gap.last_update_id,
+            "next_update_id": gap.next_update_id,
+            "cause": gap.cause,
+        }
+    )
+
+
+def _stream_json(gap: StreamGap) -> dict[str, object]:
+    return {"started_at_us": gap.started_at_us, "cause": gap.cause, "connection": gap.connection}
