@@ -363,6 +363,57 @@ def test_server_shutdown_notice_reconnects_at_once(
         thread.join(10)
 
 
+def test_backoff_restarts_after_a_connection_that_delivered(
+    redis_url: str, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that drops the connection right after sending data never pushes the reconnect delay up."""
+    import re
+
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    trade = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","s":"BTCUSDT","a":%d,"T":1}}'
+    served: list[int] = []
+
+    async def send_one_then_drop(ws: ServerConnection) -> None:
+        if ws.request is None or not ws.request.path.startswith("/stream?"):
+            await ws.wait_closed()  # the futures connection: silent
+            return
+        served.append(1)
+        await ws.send(trade % len(served), text=True)
+        await ws.close(1001, "going away")
+
+    port = free_port()
+    ready, done = threading.Event(), threading.Event()
+
+    async def server_main() -> None:
+        async with serve(send_one_then_drop, "127.0.0.1", port):
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        settings = load_settings(
+            redis_url=redis_url,
+            binance_spot_ws_url=f"ws://127.0.0.1:{port}",
+            binance_futures_ws_url=f"ws://127.0.0.1:{port}",
+            spot_symbols=["BTCUSDT"],
+            spot_streams=["aggTrade"],
+            futures_streams=["forceOrder"],
+            ws_backoff_initial_s=0.2,
+            ws_backoff_max_s=60,  # eight doublings would reach 25 s
+            stream_flush_interval_ms=20,
+        )
+        with InProcess(settings):
+            wait_until(lambda: len(served) >= 8, 20, "eight connections")
+        delays = [float(d) for d in re.findall(r"ws.reconnecting id=spot-0 delay_s=([0-9.]+)", caplog.text)]
+        assert len(delays) >= 7 and max(delays) <= 0.2, delays
+    finally:
+        done.set()
+        thread.join(10)
+
+
 def test_nothing_is_lost_while_redis_is_down(
     workdir: Path, fake: FakeExchange, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -129,10 +129,14 @@ class StreamConnection:
         delays = self._new_delays()
         while not self._stopping:
             self.state.state = "connecting"
+            received_before = self.state.messages
             up_s = await self._connect_and_receive()
             if self._stopping:
                 break
-            if self._reconnect_now or up_s >= self._options.stable_after_s:
+            # A connection that delivered data worked: the next failure starts the backoff afresh,
+            # so a server that drops connections every few seconds does not push the delay up.
+            delivered = self.state.messages > received_before
+            if self._reconnect_now or delivered or up_s >= self._options.stable_after_s:
                 delays = self._new_delays()
             delay = 0.0 if self._reconnect_now else next(delays)
             self._reconnect_now = False
