@@ -35,6 +35,25 @@ def test_binance_sequence_rules(market: str, last_u: int, event: tuple, verdict:
     assert check(market, last_u, *event) == verdict
 
 
+def test_overlapping_connections_deliver_each_event_once() -> None:
+    """While two connections carry a stream, the second copy of each event is a duplicate, not a gap."""
+    tracker = DepthTracker()
+    tracker.on_event("futures", "BTCUSDT", 1, 10, 0, T, "futures-public-0")
+    tracker.on_event("futures", "BTCUSDT", 11, 20, 10, T, "futures-public-0#2")  # the replacement, first
+    late = tracker.on_event("futures", "BTCUSDT", 11, 20, 10, T, "futures-public-0")  # the old one, second
+    assert late.duplicate and late.records == [] and late.fetch == []
+    assert not tracker.on_event("futures", "BTCUSDT", 21, 30, 20, T, "futures-public-0").duplicate
+
+
+def test_ids_going_back_on_one_connection_are_a_break() -> None:
+    """One connection never repeats itself: an older id there is a reset of the chain, recorded as a gap."""
+    tracker = DepthTracker()
+    tracker.on_event("spot", "BTCUSDT", 100, 110, None, T, "spot-0")
+    decisions = tracker.on_event("spot", "BTCUSDT", 5, 9, None, T + 1, "spot-0")
+    assert not decisions.duplicate
+    assert [(g.last_update_id, g.next_update_id) for g in decisions.records] == [(110, 5)]
+
+
 def test_first_event_of_a_recording_is_no_gap() -> None:
     """Nothing was expected before the first event ever seen for a symbol."""
     tracker = DepthTracker()

@@ -3,8 +3,9 @@
 Binance's rules (binance.md, "How to manage a local order book correctly"):
 - spot: each event's `U` is the previous event's `u` + 1;
 - USD-M futures: each event's `pu` is the previous event's `u` (ids may jump between events).
-An event whose `u` is not beyond the last one seen is a duplicate (two connections carrying the
-same stream during a rotation, or a replay) and is neither a gap nor applied twice.
+An event whose `u` is not beyond the last one seen, arriving on another connection than the last
+event, is a duplicate (two connections carry the stream while one replaces the other): it is
+neither a gap nor stored twice. On the same connection ids never go back, so there it is a break.
 
 A break opens a `DepthGap` (cause `sequence`, or `reconnect` / `startup` when the chain broke across
 a reconnection or a restart) and asks for a snapshot of that symbol only. The gap closes when a
@@ -50,6 +51,7 @@ class SymbolState:
     """What is known of one symbol's chain."""
 
     last_u: int | None = None  # the last `u` seen (None: no event yet, and none from a past run)
+    last_source: str = ""  # the connection that delivered it
     pending_cause: str | None = None  # a reconnect/restart happened since the last event
     base: int | None = None  # chain_base of the chain received since the last break
     open_gaps: list[DepthGap] = field(default_factory=list)
@@ -64,6 +66,7 @@ class Decisions:
 
     records: list[DepthGap] = field(default_factory=list)
     fetch: list[tuple[str, str]] = field(default_factory=list)  # (market, symbol)
+    duplicate: bool = False  # the event repeats one already delivered by another connection
 
 
 class DepthTracker:
@@ -90,17 +93,27 @@ class DepthTracker:
                 state.pending_cause = "reconnect"
 
     def on_event(
-        self, market: str, symbol: str, first_u: int, final_u: int, previous_u: int | None, now_us: int
+        self,
+        market: str,
+        symbol: str,
+        first_u: int,
+        final_u: int,
+        previous_u: int | None,
+        now_us: int,
+        source: str = "",
     ) -> Decisions:
         decisions = Decisions()
         state = self.state(market, symbol)
         if state.last_u is None:  # the first event of a new recording: nothing before it was expected
             state.last_u, state.base = final_u, chain_base(market, first_u, previous_u)
+            state.last_source = source
             return decisions
         verdict = check(market, state.last_u, first_u, final_u, previous_u)
-        if verdict == "duplicate":
+        if verdict == "duplicate" and source != state.last_source:
+            decisions.duplicate = True
             return decisions
-        if verdict == "break":
+        state.last_source = source
+        if verdict != "next":  # a hole, or ids going back on one connection
             gap = DepthGap(market, symbol, now_us, state.last_u, first_u, state.pending_cause or "sequence")
             state.open_gaps.append(gap)
             decisions.records.append(gap)

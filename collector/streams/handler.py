@@ -48,9 +48,10 @@ class FrameHandler:
     def __call__(self, frame: bytes, received_at_us: int) -> None:
         (kind, stream, table, reason), message = route_message(frame)
         if kind == "event":
-            self._sink.push(table, make_envelope(self._market, received_at_us, frame))
-            if table == "depth_updates" and self._ledger is not None:
-                self._ledger.on_depth(self._market, message["data"], received_at_us)
+            if table != "depth_updates" or self._ledger is None:
+                self._sink.push(table, make_envelope(self._market, received_at_us, frame))
+            elif self._ledger.on_depth(self._market, message["data"], received_at_us, self.state.id):
+                self._sink.push(table, make_envelope(self._market, received_at_us, frame))
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)
             stats.messages += 1

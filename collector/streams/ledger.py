@@ -69,14 +69,20 @@ class GapLedger:
 
     # --- depth: the receive path -----------------------------------------------------------------
 
-    def on_depth(self, market: str, data: Any, received_at_us: int) -> None:
-        """One diff-depth event (the combined stream's `data`); a malformed one is the drain's job."""
+    def on_depth(self, market: str, data: Any, received_at_us: int, connection: str) -> bool:
+        """One diff-depth event (the combined stream's `data`); False when it is a duplicate that
+        another connection already delivered, so it need not be stored again. A malformed event is
+        the drain's to dead-letter."""
         if type(data) is not dict:
-            return
+            return True
         symbol, first_u, final_u, previous_u = data.get("s"), data.get("U"), data.get("u"), data.get("pu")
         if type(symbol) is not str or type(first_u) is not int or type(final_u) is not int:
-            return
-        self._apply(self.tracker.on_event(market, symbol, first_u, final_u, previous_u, received_at_us))
+            return True
+        decisions = self.tracker.on_event(
+            market, symbol, first_u, final_u, previous_u, received_at_us, connection
+        )
+        self._apply(decisions)
+        return not decisions.duplicate
 
     def _apply(self, decisions: Decisions) -> None:
         for gap in decisions.records:
