@@ -1,0 +1,135 @@
+"""The book at a time from the database: last snapshot at or before it, then the stored diffs after it."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from psycopg2.extensions import connection as Connection
+
+from collector.book import store
+from collector.book.engine import LocalBook, Market
+from collector.book.replay import (
+    BeforeFirstSnapshot,
+    BookAt,
+    ChainBreak,
+    GapReport,
+    InsideGap,
+    Replay,
+    resync_floor,
+    to_ms,
+)
+from collector.errors import ConfigError
+from collector.export.plan import parse_time
+from collector.settings import SYMBOL_PATTERN
+
+MARKETS: tuple[Market, ...] = ("spot", "futures")
+
+
+@dataclass(frozen=True)
+class BookRequest:
+    """A checked request: a known market, an upper-case Binance symbol, an aware UTC time."""
+
+    market: Market
+    symbol: str
+    at: datetime
+
+
+def plan_book(market: str, symbol: str, at: str | datetime, option: str = "--at") -> BookRequest:
+    """Check the arguments; `ConfigError` in one line on the first bad one. A naive `at` is UTC."""
+    if market not in MARKETS:
+        raise ConfigError(f"market {market!r}: one of {', '.join(MARKETS)}")
+    checked: Market = "spot" if market == "spot" else "futures"
+    symbol = symbol.strip().upper()  # Binance stores symbols upper-case
+    if not SYMBOL_PATTERN.match(symbol):
+        raise ConfigError(f"symbol {symbol!r} is not a Binance symbol (like BTCUSDT)")
+    if isinstance(at, str):
+        when = parse_time(at, option)
+    else:
+        when = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return BookRequest(checked, symbol, when)
+
+
+def book_at(
+    conn: Connection,
+    market: str,
+    symbol: str,
+    at: str | datetime,
+    *,
+    batch_rows: int = store.DIFF_BATCH_ROWS,
+) -> BookAt:
+    """The order book of `symbol` on `market` as it stood at `at`.
+
+    `at` is exchange time: diffs count by their event time `E`; a snapshot counts from its `E`
+    (USD-M bodies carry one) or else from its receive time (spot bodies carry no time). `at` may be
+    an aware datetime (naive means UTC) or text as `--at` takes it (ISO 8601 or epoch ms).
+
+    The book starts from the stored snapshot with the highest `lastUpdateId` at or before `at`,
+    then takes every stored diff with `E <= at` in `u` order under the market's sync rule: stale
+    diffs are dropped, a second copy of an event (two connections) is skipped, and a diff that does
+    not chain raises `InsideGap`, also when that diff is the first one after `at` (the missing
+    updates may lie before `at`). `BeforeFirstSnapshot` when no snapshot is at or before `at`.
+
+    Reads run in one read-only transaction on `conn` (which must not be inside one), and the diffs
+    arrive through a server-side cursor `batch_rows` at a time: memory is bounded by the book and
+    one batch, not by the length of the range.
+    """
+    return rebuild(conn, plan_book(market, symbol, at, option="at"), batch_rows=batch_rows)
+
+
+def rebuild(conn: Connection, request: BookRequest, *, batch_rows: int = store.DIFF_BATCH_ROWS) -> BookAt:
+    """`book_at` for a checked request."""
+    with store.read_transaction(conn):
+        return _rebuild(conn, request, batch_rows)
+
+
+def _rebuild(conn: Connection, request: BookRequest, batch_rows: int) -> BookAt:
+    market, symbol, at = request.market, request.symbol, request.at
+    found = store.find_snapshot(conn, market, symbol, at)
+    if found is None:
+        raise BeforeFirstSnapshot(market, symbol, at, store.first_snapshot_time(conn, market, symbol))
+    snapshot, body = found
+    replay = Replay(LocalBook.from_snapshot(market, body), to_ms(at), snapshot.time)
+    window_end = at + store.DIFF_LOOKAHEAD
+    since = snapshot.time - store.DIFF_LOOKBACK
+    diffs = store.stream_diffs(conn, market, symbol, snapshot.last_update_id, since, window_end, batch_rows)
+    with closing(diffs):
+        for diff in diffs:
+            if not replay.feed(diff):
+                break
+    if not replay.done:
+        # The window ended without a later diff: look further for the next one, which tells a
+        # quiet market (it chains) from a hole spanning `at` (it does not).
+        after = store.next_diff(conn, market, symbol, replay.book.update_id, window_end)
+        if after is not None:
+            replay.feed(after)
+    if replay.gap is not None:
+        raise InsideGap(gap_report(conn, request, replay.gap))
+    return replay.result(symbol, at, snapshot)
+
+
+def gap_report(conn: Connection, request: BookRequest, gap: ChainBreak) -> GapReport:
+    """Where the hole is, when it was seen and which snapshot closed it: the ledger's row when it
+    has one, else derived from the stored rows (detection = receipt of the diff after the hole)."""
+    market, symbol = request.market, request.symbol
+    seen = store.received_at(conn, market, symbol, gap.next)
+    ledger = store.ledger_gap(
+        conn, market, symbol, gap.last_good_u, gap.next.U, gap.last_good_time, seen or gap.last_good_time
+    )
+    resync = store.resync_snapshot(conn, market, symbol, resync_floor(market, gap.next.U))
+    resynced_at = resync.time if resync is not None else None
+    resync_id = resync.last_update_id if resync is not None else None
+    if ledger is not None and ledger.resynced_at is not None and ledger.resync_update_id is not None:
+        resynced_at, resync_id = ledger.resynced_at, ledger.resync_update_id
+    return GapReport(
+        market,
+        symbol,
+        request.at,
+        gap.last_good_u,
+        gap.next.U,
+        ledger.detected_at if ledger is not None else seen,
+        resynced_at,
+        resync_id,
+        ledger.cause if ledger is not None else None,
+    )
