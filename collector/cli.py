@@ -106,6 +106,30 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_book(args: argparse.Namespace, settings: Settings) -> int:
+    from collector.book.command import run
+
+    return run(settings, args.market, args.symbol, args.at, args.depth, args.json)
+
+
+def _cmd_gaps(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime
+
+    from collector.db.connection import connect
+    from collector.export.plan import parse_time
+    from collector.gaps.report import DEFAULT_SINCE, format_gaps, read_gaps
+
+    now = datetime.now(UTC)
+    since = parse_time(args.since, "--since") if args.since else now - DEFAULT_SINCE
+    conn = connect(settings)
+    try:
+        rows = read_gaps(conn, since, args.market, args.symbol.upper() if args.symbol else None)
+    finally:
+        conn.close()
+    print(format_gaps(rows, now))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
         "fake-exchange", help="run the fake Binance exchange", add_help=False, prefix_chars="\0"
     )
     fake.add_argument("fake_args", nargs=argparse.REMAINDER)
+    gaps = sub.add_parser("gaps", help="list depth gaps and stream outages with their durations")
+    gaps.add_argument("--since", metavar="TIME", help="ISO 8601 (naive = UTC) or epoch ms; default 24 h ago")
+    gaps.add_argument("--market", choices=["spot", "futures"])
+    gaps.add_argument("--symbol", help="e.g. BTCUSDT (stream outages: the streams of that symbol)")
     services = sub.add_parser("services", help="start/stop a local Redis and PostgreSQL (for make run)")
     services.add_argument("action", choices=["up", "down", "env"])
     services.add_argument("--dir", default="var")
@@ -143,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
         "relation",
         metavar="TABLE_OR_VIEW",
         help="agg_trades, depth_updates, depth_snapshots, mark_prices, force_orders, open_interest, "
-        "candles_1m or liquidations_1m",
+        "candles_1m, liquidations_1m, depth_gaps or stream_gaps",
     )
     export.add_argument("--market", choices=["spot", "futures"], help="futures-only tables take futures")
     export.add_argument("--symbol", help="e.g. BTCUSDT")
@@ -154,6 +182,24 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=["csv", "parquet"], help="default: parquet for a .parquet file, else csv"
     )
     export.add_argument("-o", "--output", metavar="FILE", help="default or '-': standard output (CSV only)")
+    book = sub.add_parser(
+        "book",
+        help="rebuild a symbol's order book at a time from the stored snapshots and diffs",
+        description="Rebuild the order book at TIME from the last stored depth snapshot at or before it "
+        "and the stored diffs after it, with Binance's sync rules for the market, and print the top "
+        "levels. TIME is exchange time: a diff counts from its event time E, a snapshot from its E "
+        "(futures) or else its receive time (spot). Exit 2 with one line when TIME is before any "
+        "snapshot or falls inside a gap in the stored diffs.",
+    )
+    book.add_argument("market", choices=["spot", "futures"], metavar="MARKET", help="spot or futures")
+    book.add_argument("symbol", metavar="SYMBOL", help="e.g. BTCUSDT")
+    book.add_argument("--at", required=True, metavar="TIME", help=time_help)
+    book.add_argument("--depth", type=int, default=10, metavar="N", help="levels a side (default 10, 0: all)")
+    book.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"bids": [[price, qty], ...], "asks": ..., "last_update_id": ...}',
+    )
     return parser
 
 
@@ -166,7 +212,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "trigger": _cmd_trigger,
     "fake-exchange": _cmd_fake_exchange,
     "services": _cmd_services,
+    "gaps": _cmd_gaps,
     "export": _cmd_export,
+    "book": _cmd_book,
 }
 
 
