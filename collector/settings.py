@@ -114,7 +114,11 @@ class Settings(BaseSettings):
     stream_flush_max_events: int = Field(2000, gt=0)
     stream_buffer_warn_events: int = Field(1_000_000, gt=0)
     ws_open_timeout_s: float = Field(10, gt=0)
-    ws_idle_timeout_s: float = Field(300, gt=0)
+    ws_idle_timeout_s: float = Field(300, gt=0)  # the longest silence tolerated on any connection
+    # A busy connection is silent after 50 of its usual gaps between frames, but never sooner than this.
+    ws_silence_min_s: float = Field(5, gt=0)
+    # Replace each connection (make-before-break) before Binance's 24-hour cut (binance.md §2).
+    ws_rotate_after_s: float = Field(85_800, gt=0, le=86_400)
     ws_backoff_initial_s: float = Field(1, gt=0)
     ws_backoff_max_s: float = Field(60, gt=0)
     ws_max_streams_per_connection: int = Field(200, gt=0, le=1024)

@@ -241,6 +241,50 @@ def test_redis_holds_exactly_the_ledger(redis_url: str, workdir: Path) -> None:
     assert sum(int(v) for v in counted.values()) == 3000
 
 
+def test_rotation_replaces_connections_without_a_hole(
+    redis_url: str, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections replaced make-before-break many times under load: every event sent is in Redis, none
+    is lost, no outage is recorded, and depth updates repeated by the overlap are queued once."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    client = redis.Redis.from_url(redis_url)
+    with FakeExchange(rate=500.0, max_events=12000) as fake:
+        with InProcess(stream_settings(redis_url, fake, ws_rotate_after_s=0.7)):
+            wait_until(lambda: fake.ledger()["data_frames_sent"] == 12000, 60, "the fake to send everything")
+            settle(lambda: total_queued(client), "the queues to settle")
+        ledger = fake.ledger()
+    assert caplog.text.count("reason=age") >= 6, "too few rotations to prove anything"
+    assert "ws.reconnecting" not in caplog.text
+    stored, sent = stored_keys(client), ledger_keys(ledger)
+    for table in STREAM_TABLES:
+        assert set(stored[table]) == set(sent[table]), f"{table}: lost or invented events"
+    assert max(stored["depth_updates"].values()) == 1, "a depth update queued twice"
+    outages = [orjson.loads(e)["frame"] for e in queued(client, "stream_gaps")]
+    assert {o["cause"] for o in outages} <= {"shutdown"}
+    assert queued(client, "depth_gaps") == []
+
+
+def test_a_silent_busy_connection_is_noticed_in_seconds(
+    redis_url: str, workdir: Path, fake: FakeExchange, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that usually delivers many frames a second is closed after a few silent seconds,
+    long before WS_IDLE_TIMEOUT_S, and the outage is recorded with cause `silence`."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    client = redis.Redis.from_url(redis_url)
+    settings = stream_settings(redis_url, fake, ws_idle_timeout_s=300, ws_silence_min_s=1)
+    with InProcess(settings):
+        wait_until(lambda: total_queued(client) > 600, 30, "enough frames to know the usual pace")
+        fake.pause()
+        paused = time.monotonic()
+        wait_until(lambda: "ws.silent id=" in caplog.text, 20, "the silence watchdog")
+        noticed_s = time.monotonic() - paused
+        fake.resume()
+        wait_until(lambda: client.hgetall(keys.metric("reconnects")), 30, "a reconnect")
+    assert noticed_s < 10, noticed_s
+    causes = {orjson.loads(e)["frame"]["cause"] for e in queued(client, "stream_gaps")}
+    assert "silence" in causes
+
+
 def test_malformed_frames_go_to_the_dead_letter_list(
     redis_url: str, workdir: Path, fake: FakeExchange
 ) -> None:
@@ -304,7 +348,7 @@ def test_silent_connection_is_reopened_by_the_watchdog(
     with InProcess(stream_settings(redis_url, fake, ws_idle_timeout_s=0.5)):
         wait_until(lambda: total_queued(client) > 10, 30, "first events")
         fake.pause()
-        wait_until(lambda: "ws.idle id=" in caplog.text, 30, "the idle watchdog")
+        wait_until(lambda: "ws.silent id=" in caplog.text, 30, "the silence watchdog")
         wait_until(lambda: client.hgetall(keys.metric("reconnects")), 30, "a reconnect")
         fake.resume()
         after = total_queued(client)
@@ -314,7 +358,7 @@ def test_silent_connection_is_reopened_by_the_watchdog(
 def test_server_shutdown_notice_reconnects_at_once(
     redis_url: str, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A spot `serverShutdown` event makes the connection reconnect without a backoff delay."""
+    """A spot `serverShutdown` notice opens the replacement first, then closes the old one: no gap."""
     caplog.set_level(logging.INFO, logger="collector.streams")
     trade = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","s":"BTCUSDT","a":%d,"T":1}}'
     connections: list[int] = []
@@ -356,8 +400,12 @@ def test_server_shutdown_notice_reconnects_at_once(
         with InProcess(settings):
             wait_until(lambda: client.llen(keys.queue("agg_trades")) == 2, 20, "one trade per connection")
         assert "ws.server_shutdown id=spot-0" in caplog.text
-        assert "ws.reconnecting id=spot-0 delay_s=0.00" in caplog.text
+        assert "ws.replaced id=spot-0 reason=server shutdown notice" in caplog.text
+        assert "ws.reconnecting id=spot-0" not in caplog.text
         assert connections == [1, 2]
+        # The spot stream never stopped receiving (the only outages are the final stop's).
+        outages = [orjson.loads(e) for e in client.lrange(keys.queue("stream_gaps"), 0, -1)]
+        assert {o["frame"]["cause"] for o in outages} == {"shutdown"}
     finally:
         done.set()
         thread.join(10)

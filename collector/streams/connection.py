@@ -5,8 +5,13 @@ The asyncio shell around `websockets`; what a frame means is the handler's busin
   disconnected by Binance, binance.md §7 #6).
 - `stop()` closes gracefully and keeps reading until the server's close frame, so every frame the
   server sent before it is still handed to the handler.
-- No client pings: they count against Binance's 5 messages/s limit (binance.md §7 #3); the library
-  still answers the server's pings. A watchdog closes a connection silent for WS_IDLE_TIMEOUT_S.
+- Make-before-break: before Binance's 24-hour cut (WS_ROTATE_AFTER_S) and on a `serverShutdown`
+  notice, a replacement is opened and receiving before the old connection is closed, so nothing
+  falls between them; the overlap's repeats are absorbed downstream (unique keys, depth tracker).
+- Silence is noticed in seconds: a connection that delivers no data frame for many times its own
+  usual gap between frames (at least WS_SILENCE_MIN_S, at most WS_IDLE_TIMEOUT_S) is closed and
+  reopened. Server pings are answered by the library and are not data.
+- No client pings: they count against Binance's 5 messages/s limit (binance.md §7 #3).
 """
 
 from __future__ import annotations
@@ -39,13 +44,27 @@ YIELD_EVERY_FRAMES: Final = 256
 # again from WS_BACKOFF_INITIAL_S. A server that accepts and drops at once keeps backing off, which
 # also keeps us under Binance's 300 connection attempts per 5 minutes per IP (binance.md §2).
 STABLE_AFTER_S: Final = 30.0
+# After a replacement opened, wait at most this long for its first frame before closing the old one:
+# a connection of quiet streams may legitimately say nothing for a while.
+REPLACEMENT_FIRST_FRAME_S: Final = 10.0
+# A replacement that could not be opened is tried again this often while the old one still lives.
+REPLACEMENT_RETRY_S: Final = 5.0
+# Silence: the usual gap between frames is a slow moving average; a connection is silent after
+# SILENCE_FACTOR of them. Until SILENCE_WARMUP_FRAMES arrived the average means little, and only
+# WS_IDLE_TIMEOUT_S applies.
+SILENCE_FACTOR: Final = 50.0
+SILENCE_EWMA_WEIGHT: Final = 0.01
+SILENCE_WARMUP_FRAMES: Final = 100
 
 # What the connection calls for each frame: (frame bytes exactly as received, receive time in µs).
 ReceiveHandler = Callable[[bytes, int], None]
 
 
 class ConnectionEvents(Protocol):
-    """Told when a connection starts and stops receiving (the gap ledger records the outages)."""
+    """Told when a connection starts and stops receiving (the gap ledger records the outages).
+
+    A connection replaced make-before-break is never "lost": its replacement was open first.
+    """
 
     def connection_opened(self, state: ConnectionState) -> None: ...
 
@@ -60,6 +79,8 @@ class ConnectionOptions:
     backoff_max_s: float
     close_timeout_s: float = CLOSE_TIMEOUT_S
     stable_after_s: float = STABLE_AFTER_S
+    silence_min_s: float = 5.0
+    rotate_after_s: float = 85_800.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionOptions:
@@ -68,33 +89,70 @@ class ConnectionOptions:
             idle_timeout_s=settings.ws_idle_timeout_s,
             backoff_initial_s=settings.ws_backoff_initial_s,
             backoff_max_s=settings.ws_backoff_max_s,
+            silence_min_s=settings.ws_silence_min_s,
+            rotate_after_s=settings.ws_rotate_after_s,
         )
 
 
+class _Live:
+    """One physical connection: its socket, its receive loop and watchdog, and what it has seen."""
+
+    __slots__ = (
+        "first_frame",
+        "frames",
+        "gap_s",
+        "last_frame",
+        "opened",
+        "receiving",
+        "source",
+        "watchdog",
+        "ws",
+    )
+
+    def __init__(self, ws: ClientConnection, source: str) -> None:
+        self.ws = ws
+        self.source = source  # distinguishes the two connections of one plan during a replacement
+        self.opened = self.last_frame = time.monotonic()
+        self.frames = 0
+        self.gap_s = 0.0  # moving average of the gap between frames
+        self.first_frame = asyncio.Event()
+        self.receiving: asyncio.Task[None] | None = None
+        self.watchdog: asyncio.Task[None] | None = None
+
+    def silence_limit_s(self, options: ConnectionOptions) -> float:
+        if self.frames < SILENCE_WARMUP_FRAMES:
+            return options.idle_timeout_s
+        return min(options.idle_timeout_s, max(options.silence_min_s, SILENCE_FACTOR * self.gap_s))
+
+
 class StreamConnection:
-    """Keeps the connection described by `state` open and feeds its frames to `handler`."""
+    """Keeps the connection described by `state` open and feeds its frames to a handler.
+
+    `handler_for(source, on_notice)` makes the handler of one physical connection: `source` names
+    it (`<id>#<n>`), so that the two connections of a replacement can be told apart downstream, and
+    the handler calls `on_notice()` when the server announces its shutdown.
+    """
 
     def __init__(
         self,
         state: ConnectionState,
-        handler: ReceiveHandler,
+        handler_for: Callable[[str, Callable[[], None]], ReceiveHandler],
         options: ConnectionOptions,
         rng: random.Random | None = None,
         events: ConnectionEvents | None = None,
     ) -> None:
         self.state = state
-        self._handler = handler
+        self._handler_for = handler_for
         self._options = options
         self._rng = rng
         self._events = events
-        self._idle_closed = False
-        self._ws: ClientConnection | None = None
+        self._open_sockets: set[ClientConnection] = set()
+        self._generation = 0
         self._stopping = False
         self._stop_event = asyncio.Event()
-        self._reconnect_now = False
-        self._last_frame = time.monotonic()
+        self._notice = asyncio.Event()  # the server announced its shutdown: replace the connection
+        self._silence_closed = False
         self._task: asyncio.Task[None] | None = None
-        self._closing: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
         self._task = asyncio.create_task(self.run(), name=f"ws-{self.state.id}")
@@ -104,8 +162,7 @@ class StreamConnection:
         """Close gracefully, handing over every frame received before the close; idempotent."""
         self._stopping = True
         self._stop_event.set()
-        ws = self._ws
-        if ws is not None:
+        for ws in list(self._open_sockets):
             await ws.close(1000, "client stopping")
         task = self._task
         if task is not None and not task.done():
@@ -116,44 +173,50 @@ class StreamConnection:
                 task.cancel()
         self.state.state = "stopped"
 
-    def request_reconnect(self) -> None:
-        """Close now and reconnect without waiting (the server announced its shutdown)."""
-        self._reconnect_now = True
-        ws = self._ws
-        if ws is not None:
-            closing = ws.close(1000, "server shutdown announced")
-            self._closing = asyncio.get_running_loop().create_task(closing)
+    def request_handover(self) -> None:
+        """The server announced its shutdown: open a replacement now, then close this connection."""
+        self._notice.set()
 
     async def run(self) -> None:
-        """Connect, receive, and reconnect with backoff until `stop()`."""
+        """Connect, receive, replace before the server's cut, reconnect with backoff until `stop()`."""
         delays = self._new_delays()
+        live: _Live | None = None
         while not self._stopping:
-            self.state.state = "connecting"
+            if live is None:
+                self.state.state = "connecting"
+                live = await self._connect()
+                if live is None:
+                    if not self._stopping:
+                        await self._pause(next(delays))
+                    continue
             received_before = self.state.messages
-            up_s = await self._connect_and_receive()
-            if self._stopping:
-                break
+            up_s, live = await self._hold(live)
+            if live is not None or self._stopping:
+                continue  # replaced make-before-break: no gap, no backoff
             # A connection that delivered data worked: the next failure starts the backoff afresh,
             # so a server that drops connections every few seconds does not push the delay up.
             delivered = self.state.messages > received_before
-            if self._reconnect_now or delivered or up_s >= self._options.stable_after_s:
+            noticed = self._notice.is_set()
+            if noticed or delivered or up_s >= self._options.stable_after_s:
                 delays = self._new_delays()
-            delay = 0.0 if self._reconnect_now else next(delays)
-            self._reconnect_now = False
-            self.state.state = "backoff"
-            self.state.reconnects += 1
-            logger.info("ws.reconnecting id=%s delay_s=%.2f", self.state.id, delay)
-            try:
-                await asyncio.wait_for(self._stop_event.wait(), delay)
-            except TimeoutError:
-                pass
+            self._notice.clear()
+            await self._pause(0.0 if noticed else next(delays))
         self.state.state = "stopped"
+
+    async def _pause(self, delay: float) -> None:
+        self.state.state = "backoff"
+        self.state.reconnects += 1
+        logger.info("ws.reconnecting id=%s delay_s=%.2f", self.state.id, delay)
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), delay)
+        except TimeoutError:
+            pass
 
     def _new_delays(self) -> Iterator[float]:
         return backoff_delays(self._options.backoff_initial_s, self._options.backoff_max_s, rng=self._rng)
 
-    async def _connect_and_receive(self) -> float:
-        """One connection from handshake to close; returns how long it stayed up (0 if it never opened)."""
+    async def _connect(self) -> _Live | None:
+        """Open one physical connection and start receiving on it; None when it could not be opened."""
         state = self.state
         opening = asyncio.create_task(self._open())
         stopping = asyncio.create_task(self._stop_event.wait())
@@ -161,15 +224,19 @@ class StreamConnection:
         stopping.cancel()
         if not opening.done():  # stop() during the handshake: nothing was received yet
             opening.cancel()
-            return 0.0
+            return None
         try:
             ws = opening.result()
         except (OSError, TimeoutError, WebSocketException) as error:
             state.last_error = f"connect: {type(error).__name__}: {error}"
             logger.warning("ws.connect_failed id=%s url=%s error=%s", state.id, state.url, state.last_error)
-            return 0.0
-        opened = time.monotonic()
-        self._ws = ws
+            return None
+        self._generation += 1
+        live = _Live(ws, f"{state.id}#{self._generation}")
+        self._open_sockets.add(ws)
+        handler = self._handler_for(live.source, self.request_handover)
+        live.receiving = asyncio.create_task(self._receive(live, handler))
+        live.watchdog = asyncio.create_task(self._watchdog(live))
         state.state = "connected"
         state.connected_since_us = time.time_ns() // 1000
         logger.info("ws.connected id=%s url=%s streams=%d", state.id, state.url, len(state.streams))
@@ -177,16 +244,66 @@ class StreamConnection:
             await ws.close(1000, "client stopping")
         if self._events is not None:
             self._events.connection_opened(state)
-        self._idle_closed = False
-        watchdog = asyncio.create_task(self._watchdog(ws))
+        return live
+
+    async def _hold(self, live: _Live) -> tuple[float, _Live | None]:
+        """Until `live` closes (-> its uptime, None) or is replaced (-> its uptime, the replacement)."""
+        assert live.receiving is not None
+        rotate_at = live.opened + self._options.rotate_after_s
+        while True:
+            notice = asyncio.create_task(self._notice.wait())
+            timeout = max(0.0, rotate_at - time.monotonic())
+            done, _ = await asyncio.wait(
+                [live.receiving, notice], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            notice.cancel()
+            if live.receiving in done:
+                return self._closed(live), None
+            if self._stopping:
+                continue  # stop() closes every socket: the receive loop ends by itself
+            reason = "server shutdown notice" if self._notice.is_set() else "age"
+            self._notice.clear()
+            replacement = await self._connect()
+            if replacement is None:
+                rotate_at = time.monotonic() + REPLACEMENT_RETRY_S
+                continue
+            if live.receiving.done() and self._events is not None:
+                # The old one ended while the replacement was opening: the streams had a short hole.
+                self._events.connection_lost(self.state, self._loss_cause())
+                self._events.connection_opened(self.state)
+            await self._replace(live, replacement, reason)
+            return time.monotonic() - live.opened, replacement
+
+    async def _replace(self, old: _Live, new: _Live, reason: str) -> None:
+        """Close `old` once `new` delivers (or has had time to); every frame `old` got is handed over."""
+        assert old.receiving is not None and new.receiving is not None
+        first = asyncio.create_task(new.first_frame.wait())
+        await asyncio.wait(
+            [first, new.receiving], timeout=REPLACEMENT_FIRST_FRAME_S, return_when=asyncio.FIRST_COMPLETED
+        )
+        first.cancel()
+        logger.info(
+            "ws.replaced id=%s reason=%s old_up_s=%.1f new_delivering=%s",
+            self.state.id,
+            reason,
+            time.monotonic() - old.opened,
+            new.first_frame.is_set(),
+        )
+        await old.ws.close(1000, "replaced")
         try:
-            await self._receive(ws)
-        finally:
-            watchdog.cancel()
-            self._ws = None
-            if self._events is not None:
-                self._events.connection_lost(state, self._loss_cause())
-        up_s = time.monotonic() - opened
+            await asyncio.wait_for(asyncio.shield(old.receiving), self._options.close_timeout_s + 1)
+        except TimeoutError:
+            old.receiving.cancel()
+        self._forget(old)
+
+    def _closed(self, live: _Live) -> float:
+        """Bookkeeping for a connection that ended by itself (server, network, silence or stop())."""
+        self._forget(live)
+        state, ws = self.state, live.ws
+        up_s = time.monotonic() - live.opened
+        cause = self._loss_cause()
+        if self._events is not None and not self._open_sockets:
+            self._events.connection_lost(state, cause)
         code = ws.close_code if ws.close_code is not None else 1006
         reason = ws.close_reason or ""
         if not self._stopping:
@@ -194,14 +311,20 @@ class StreamConnection:
         logger.info(
             "ws.disconnected id=%s code=%s reason=%s after_s=%.1f", state.id, code, reason or "-", up_s
         )
+        self._silence_closed = False
         return up_s
+
+    def _forget(self, live: _Live) -> None:
+        if live.watchdog is not None:
+            live.watchdog.cancel()
+        self._open_sockets.discard(live.ws)
 
     def _loss_cause(self) -> str:
         if self._stopping:
             return "shutdown"
-        if self._reconnect_now:
+        if self._notice.is_set():
             return "server_shutdown"
-        return "idle" if self._idle_closed else "disconnect"
+        return "silence" if self._silence_closed else "disconnect"
 
     async def _open(self) -> ClientConnection:
         return await connect(
@@ -214,18 +337,26 @@ class StreamConnection:
             close_timeout=self._options.close_timeout_s,
         )
 
-    async def _receive(self, ws: ClientConnection) -> None:
+    async def _receive(self, live: _Live, handler: ReceiveHandler) -> None:
         """The hot loop: frame, receive time, handler. Ends when the connection is closed."""
-        handler = self._handler
-        recv = ws.recv
+        recv = live.ws.recv
         clock = time.time_ns
         monotonic = time.monotonic
+        weight = SILENCE_EWMA_WEIGHT
         batch = YIELD_EVERY_FRAMES
         try:
+            frame = await recv(decode=False)
+            handler(frame, clock() // 1000)
+            live.last_frame = monotonic()
+            live.frames = 1
+            live.first_frame.set()
             while True:
                 frame = await recv(decode=False)
                 handler(frame, clock() // 1000)
-                self._last_frame = monotonic()
+                now = monotonic()
+                live.gap_s += (now - live.last_frame - live.gap_s) * weight
+                live.last_frame = now
+                live.frames += 1
                 batch -= 1
                 if not batch:
                     # recv() does not suspend while frames are queued; let the sink flush meanwhile.
@@ -234,16 +365,21 @@ class StreamConnection:
         except ConnectionClosed:
             return
 
-    async def _watchdog(self, ws: ClientConnection) -> None:
-        """Close the connection after WS_IDLE_TIMEOUT_S without a frame (silent stalls, binance.md §7 #5)."""
-        idle_timeout = self._options.idle_timeout_s
-        self._last_frame = time.monotonic()
+    async def _watchdog(self, live: _Live) -> None:
+        """Close a connection that stopped delivering data (silent stalls, binance.md §7 #5)."""
         while True:
-            idle = time.monotonic() - self._last_frame
-            if idle >= idle_timeout:
-                logger.warning("ws.idle id=%s idle_s=%.1f", self.state.id, idle)
-                self.state.last_error = f"idle for {idle:.0f}s"
-                self._idle_closed = True
-                await ws.close(1000, "idle")
+            limit = live.silence_limit_s(self._options)
+            silent = time.monotonic() - live.last_frame
+            if silent >= limit:
+                logger.warning(
+                    "ws.silent id=%s silent_s=%.1f usual_gap_s=%.3f limit_s=%.1f",
+                    self.state.id,
+                    silent,
+                    live.gap_s,
+                    limit,
+                )
+                self.state.last_error = f"silent for {silent:.0f}s"
+                self._silence_closed = True
+                await live.ws.close(1000, "silent")
                 return
-            await asyncio.sleep(idle_timeout - idle)
+            await asyncio.sleep(min(limit - silent, max(self._options.silence_min_s / 2, 0.05)))

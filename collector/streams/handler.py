@@ -27,7 +27,7 @@ DEADLETTER_LOG_EVERY: Final = 1000
 class FrameHandler:
     """Routes every frame of one connection into the sink and counts it in the connection's state."""
 
-    __slots__ = ("_deadletters", "_ledger", "_market", "_sink", "on_server_shutdown", "state")
+    __slots__ = ("_deadletters", "_ledger", "_market", "_sink", "_source", "on_server_shutdown", "state")
 
     def __init__(
         self,
@@ -35,14 +35,16 @@ class FrameHandler:
         sink: Sink,
         on_server_shutdown: Callable[[], None] | None = None,
         ledger: GapLedger | None = None,
+        source: str = "",
     ) -> None:
         self.state = state
         self._sink = sink
         # Checks every diff-depth event's place in its symbol's update-id chain.
         self._ledger = ledger
+        self._source = source or state.id  # the physical connection, when a replacement overlaps
         self._market = state.market
         self._deadletters = 0
-        # Called when the server announces it is going down; the connection then reconnects at once.
+        # Called when the server announces it is going down; the connection is then replaced.
         self.on_server_shutdown = on_server_shutdown
 
     def __call__(self, frame: bytes, received_at_us: int) -> None:
@@ -50,7 +52,7 @@ class FrameHandler:
         if kind == "event":
             if table != "depth_updates" or self._ledger is None:
                 self._sink.push(table, make_envelope(self._market, received_at_us, frame))
-            elif self._ledger.on_depth(self._market, message["data"], received_at_us, self.state.id):
+            elif self._ledger.on_depth(self._market, message["data"], received_at_us, self._source):
                 self._sink.push(table, make_envelope(self._market, received_at_us, frame))
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)

@@ -12,7 +12,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Final
 
 import redis
@@ -54,11 +56,16 @@ def build(
     for plan in plans:
         state = ConnectionState.from_plan(plan)
         sink.register(state)
-        handler = FrameHandler(state, sink, ledger=ledger)
-        connection = StreamConnection(state, handler, options, events=ledger)
-        handler.on_server_shutdown = connection.request_reconnect
+        connection = StreamConnection(state, partial(_handler, state, sink, ledger), options, events=ledger)
         process.connections.append(connection)
     return process
+
+
+def _handler(
+    state: ConnectionState, sink: Sink, ledger: GapLedger, source: str, on_notice: Callable[[], None]
+) -> FrameHandler:
+    """The handler of one physical connection; `source` tells the two of a replacement apart."""
+    return FrameHandler(state, sink, on_notice, ledger, source)
 
 
 async def serve(
