@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from collector.binance.rows import make_envelope, parse_envelope
 from collector.binance.streams import connection_plans, table_for_stream
@@ -457,6 +458,91 @@ def test_backoff_restarts_after_a_connection_that_delivered(
             wait_until(lambda: len(served) >= 8, 20, "eight connections")
         delays = [float(d) for d in re.findall(r"ws.reconnecting id=spot-0 delay_s=([0-9.]+)", caplog.text)]
         assert len(delays) >= 7 and max(delays) <= 0.2, delays
+    finally:
+        done.set()
+        thread.join(10)
+
+
+def test_one_silent_stream_on_a_busy_connection_is_resubscribed(
+    redis_url: str, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A depth stream that stops while its connection goes on is reported, resubscribed (paced, two
+    messages), and its outage closes with its next event; the busy connection is never reopened."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    depth = (
+        b'{"stream":"btcusdt@depth@100ms",'
+        b'"data":{"e":"depthUpdate","E":1,"s":"BTCUSDT","U":%d,"u":%d,"b":[],"a":[]}}'
+    )
+    trade = b'{"stream":"ethusdt@aggTrade","data":{"e":"aggTrade","s":"ETHUSDT","a":%d,"T":1}}'
+    received: list[dict[str, Any]] = []
+
+    async def depth_stops_until_resubscribed(ws: ServerConnection) -> None:
+        if ws.request is None or not ws.request.path.startswith("/stream?"):
+            await ws.wait_closed()  # the futures connection: silent
+            return
+        depth_on = asyncio.Event()
+        depth_on.set()
+
+        async def read_requests() -> None:
+            async for message in ws:
+                request = orjson.loads(message)
+                received.append(request)
+                await ws.send(orjson.dumps({"result": None, "id": request["id"]}).decode())
+                if request["method"] == "SUBSCRIBE":
+                    depth_on.set()
+
+        reader = asyncio.create_task(read_requests())
+        u = 0
+        try:
+            for i in range(1, 100_000):
+                await ws.send((trade % i).decode())
+                if depth_on.is_set():
+                    u += 1
+                    await ws.send((depth % (u, u)).decode())
+                if i == 300:
+                    depth_on.clear()  # the depth stream alone goes quiet
+                await asyncio.sleep(0.005)
+        except ConnectionClosed:
+            pass
+        finally:
+            reader.cancel()
+
+    port = free_port()
+    ready, done = threading.Event(), threading.Event()
+
+    async def server_main() -> None:
+        async with serve(depth_stops_until_resubscribed, "127.0.0.1", port):
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
+    thread.start()
+    try:
+        assert ready.wait(10)
+        settings = load_settings(
+            redis_url=redis_url,
+            binance_spot_ws_url=f"ws://127.0.0.1:{port}",
+            binance_futures_ws_url=f"ws://127.0.0.1:{port}",
+            spot_symbols=["BTCUSDT", "ETHUSDT"],
+            spot_streams=["aggTrade", "depth@100ms"],
+            futures_streams=["forceOrder"],
+            ws_silence_min_s=1,
+            stream_flush_interval_ms=20,
+        )
+        client = redis.Redis.from_url(redis_url)
+        with InProcess(settings):
+            wait_until(lambda: "gaps.stream_recovered connection=spot-0" in caplog.text, 30, "the recovery")
+        assert "ws.stream_silent id=spot-0 stream=btcusdt@depth@100ms" in caplog.text
+        assert "ws.silent id=spot-0" not in caplog.text and "ws.reconnecting id=spot-0" not in caplog.text
+        assert [(r["method"], r["params"]) for r in received] == [
+            ("UNSUBSCRIBE", ["btcusdt@depth@100ms"]),
+            ("SUBSCRIBE", ["btcusdt@depth@100ms"]),
+        ]
+        outages = [orjson.loads(e)["frame"] for e in client.lrange(keys.queue("stream_gaps"), 0, -1)]
+        silenced = [o for o in outages if o["cause"] == "stream_silence"]
+        assert [o["stream"] for o in silenced] == ["btcusdt@depth@100ms"] * 2  # opened, then closed
+        assert silenced[-1]["ended_at_us"] > silenced[-1]["started_at_us"]
     finally:
         done.set()
         thread.join(10)

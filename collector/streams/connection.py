@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
@@ -55,6 +56,9 @@ REPLACEMENT_RETRY_S: Final = 5.0
 SILENCE_FACTOR: Final = 50.0
 SILENCE_EWMA_WEIGHT: Final = 0.01
 SILENCE_WARMUP_FRAMES: Final = 100
+# Subscription messages: Binance allows 5 incoming messages a second on spot, 10 on USD-M, pings
+# and pongs included (binance.md §2); one every 500 ms keeps far below either.
+CONTROL_MESSAGE_INTERVAL_S: Final = 0.5
 
 # What the connection calls for each frame: (frame bytes exactly as received, receive time in µs).
 ReceiveHandler = Callable[[bytes, int], None]
@@ -69,6 +73,8 @@ class ConnectionEvents(Protocol):
     def connection_opened(self, state: ConnectionState) -> None: ...
 
     def connection_lost(self, state: ConnectionState, cause: str) -> None: ...
+
+    def stream_silent(self, state: ConnectionState, stream: str, since_us: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,12 @@ class _Live:
     """One physical connection: its socket, its receive loop and watchdog, and what it has seen."""
 
     __slots__ = (
+        "control_id",
         "first_frame",
         "frames",
         "gap_s",
         "last_frame",
+        "next_control",
         "opened",
         "receiving",
         "source",
@@ -118,6 +126,8 @@ class _Live:
         self.first_frame = asyncio.Event()
         self.receiving: asyncio.Task[None] | None = None
         self.watchdog: asyncio.Task[None] | None = None
+        self.next_control = 0.0  # monotonic time the next subscription message may be sent
+        self.control_id = 0
 
     def silence_limit_s(self, options: ConnectionOptions) -> float:
         if self.frames < SILENCE_WARMUP_FRAMES:
@@ -366,11 +376,14 @@ class StreamConnection:
             return
 
     async def _watchdog(self, live: _Live) -> None:
-        """Close a connection that stopped delivering data (silent stalls, binance.md §7 #5)."""
+        """Close a connection that stopped delivering data (silent stalls, binance.md §7 #5), and
+        resubscribe a stream that stopped while the rest of its connection goes on."""
         while True:
             limit = live.silence_limit_s(self._options)
             silent = time.monotonic() - live.last_frame
-            if silent >= limit:
+            if silent < limit:
+                await self._resubscribe_silent_streams(live)
+            else:
                 logger.warning(
                     "ws.silent id=%s silent_s=%.1f usual_gap_s=%.3f limit_s=%.1f",
                     self.state.id,
@@ -383,3 +396,39 @@ class StreamConnection:
                 await live.ws.close(1000, "silent")
                 return
             await asyncio.sleep(min(limit - silent, max(self._options.silence_min_s / 2, 0.05)))
+
+    async def _resubscribe_silent_streams(self, live: _Live) -> None:
+        """A stream with a steady pace that has been quiet for 50 of its usual gaps is resubscribed.
+
+        Only streams that push on a clock (diff depth, mark price): a quiet market leaves trade and
+        liquidation streams silent for minutes, and that is no outage.
+        """
+        now_us = time.time_ns() // 1000
+        for stream, stats in self.state.stream_stats.items():
+            if stats.silenced_at_us is not None or stats.last_message_us is None:
+                continue
+            if "@depth" not in stream and "markPrice" not in stream:
+                continue
+            if stats.messages < SILENCE_WARMUP_FRAMES or time.monotonic() < live.next_control:
+                continue
+            limit_us = max(self._options.silence_min_s * 1e6, SILENCE_FACTOR * stats.gap_us)
+            if now_us - stats.last_message_us < limit_us:
+                continue
+            stats.silenced_at_us = now_us
+            logger.warning(
+                "ws.stream_silent id=%s stream=%s silent_s=%.1f usual_gap_s=%.3f action=resubscribe",
+                self.state.id,
+                stream,
+                (now_us - stats.last_message_us) / 1e6,
+                stats.gap_us / 1e6,
+            )
+            if self._events is not None:
+                self._events.stream_silent(self.state, stream, stats.last_message_us)
+            for method in ("UNSUBSCRIBE", "SUBSCRIBE"):
+                live.control_id += 1
+                message = orjson.dumps({"method": method, "params": [stream], "id": live.control_id})
+                try:
+                    await live.ws.send(message.decode())
+                except ConnectionClosed:
+                    return
+            live.next_control = time.monotonic() + 2 * CONTROL_MESSAGE_INTERVAL_S

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 # and then one in every N, with the running count.
 DEADLETTER_LOG_FIRST: Final = 10
 DEADLETTER_LOG_EVERY: Final = 1000
+# Weight of the newest gap in a stream's moving average (its usual pace, for silence detection).
+STREAM_GAP_WEIGHT: Final = 0.01
 
 
 class FrameHandler:
@@ -56,8 +58,14 @@ class FrameHandler:
                 self._sink.push(table, make_envelope(self._market, received_at_us, frame))
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)
+            if stats.last_message_us is not None:
+                stats.gap_us += (received_at_us - stats.last_message_us - stats.gap_us) * STREAM_GAP_WEIGHT
             stats.messages += 1
             stats.last_message_us = received_at_us
+            if stats.silenced_at_us is not None:
+                stats.silenced_at_us = None
+                if self._ledger is not None:
+                    self._ledger.stream_recovered(state, stream, received_at_us)
             state.messages += 1
             state.last_message_us = received_at_us
         elif kind == "control":

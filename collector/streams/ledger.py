@@ -188,6 +188,28 @@ class GapLedger:
             started_us,
         )
 
+    def stream_silent(self, state: ConnectionState, stream: str, since_us: int) -> None:
+        """One stream stopped while its connection kept delivering: out until its next event."""
+        key = (state.market, stream)
+        if key not in self.open_streams:
+            gap = StreamGap(state.market, stream, since_us, "stream_silence", state.id)
+            self.open_streams[key] = gap
+            self._sink.push("stream_gaps", gap.envelope())
+            self._opened.append(("stream", state.market, "stream_silence"))
+
+    def stream_recovered(self, state: ConnectionState, stream: str, at_us: int) -> None:
+        gap = self.open_streams.get((state.market, stream))
+        if gap is not None and gap.cause == "stream_silence":
+            del self.open_streams[(state.market, stream)]
+            gap.ended_at_us = at_us
+            self._sink.push("stream_gaps", gap.envelope())
+            logger.info(
+                "gaps.stream_recovered connection=%s stream=%s after_s=%.1f",
+                state.id,
+                stream,
+                (at_us - gap.started_at_us) / 1e6,
+            )
+
     # --- Redis: monitoring mirror and restart state ----------------------------------------------
 
     async def _mirror(self, client: redis.asyncio.Redis) -> None:

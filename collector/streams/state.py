@@ -21,10 +21,12 @@ PHASES: Final[tuple[Phase, ...]] = ("connecting", "connected", "backoff", "stopp
 
 @dataclass(slots=True)
 class StreamStats:
-    """Events received on one stream since the process started."""
+    """Events received on one stream since the process started, and its usual pace."""
 
     messages: int = 0
     last_message_us: int | None = None
+    gap_us: float = 0.0  # moving average of the gap between two of its events
+    silenced_at_us: int | None = None  # reported silent and resubscribed; cleared by its next event
 
 
 @dataclass(slots=True)
