@@ -3,6 +3,8 @@ through the real drain (opening and closing records merged in any order)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import redis
 
@@ -206,3 +208,55 @@ def test_health_fails_on_a_depth_gap_left_unsynced() -> None:
     assert [g["name"] for g in report.body["open_gaps"]] == ["BTCUSDT", "ETHUSDT", "btcusdt@aggTrade"]
     gauge = next(m for m in families(snap, now) if m.name == "collector_open_gaps")
     assert {s.labels["kind"]: s.value for s in gauge.samples} == {"depth": 2, "stream": 1}
+
+
+def test_collector_gaps_lists_both_kinds_with_durations(settings: Settings, redis_conn: redis.Redis) -> None:
+    """`collector gaps` prints depth gaps and outages with their durations, filtered by market/symbol."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    now_us = time.time_ns() // 1000
+    init_db(settings)
+    drainer = Drainer(settings, redis_conn, lambda: connect(settings))
+    redis_conn.rpush(
+        keys.queue("depth_gaps"),
+        DepthGap(
+            "spot", "BTCUSDT", now_us - 60_000_000, 10, 15, "sequence", now_us - 59_500_000, 20
+        ).envelope(),
+        DepthGap("futures", "ETHUSDT", now_us - 30_000_000, 7, 9, "reconnect").envelope(),
+    )
+    redis_conn.rpush(
+        keys.queue("stream_gaps"),
+        StreamGap(
+            "spot", "btcusdt@aggTrade", now_us - 50_000_000, "disconnect", "spot-0", now_us - 48_750_000
+        ).envelope(),
+    )
+    drainer.drain("depth_gaps")
+    drainer.drain("stream_gaps")
+    collector = str(Path(sys.executable).with_name("collector"))
+    everything = subprocess.run([collector, "gaps"], capture_output=True, text=True, timeout=60)
+    assert everything.returncode == 0, everything.stderr
+    lines = everything.stdout.splitlines()
+    assert lines[0].split() == [
+        "KIND",
+        "MARKET",
+        "SYMBOL/STREAM",
+        "STARTED",
+        "(UTC)",
+        "DURATION",
+        "CAUSE",
+        "DETAIL",
+    ]
+    assert "0.500 s" in lines[1] and "u 10 -> U 15, resync at 20" in lines[1]
+    assert "btcusdt@aggTrade" in lines[2] and "1.250 s" in lines[2] and "spot-0" in lines[2]
+    assert "ETHUSDT" in lines[3] and re.search(r"open 3\d s", lines[3])
+    assert lines[-1] == "2 depth gaps, 1 stream outages, 1 open"
+    spot_btc = subprocess.run(
+        [collector, "gaps", "--market", "spot", "--symbol", "btcusdt"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert spot_btc.stdout.splitlines()[-1] == "1 depth gaps, 1 stream outages, 0 open"
