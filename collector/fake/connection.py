@@ -1,9 +1,11 @@
-"""One WebSocket connection to the fake exchange: SUBSCRIBE handling, the sender loop and pings.
+"""One WebSocket connection to the fake exchange: SUBSCRIBE handling, the sender loop, pings, faults.
 
 The sender writes data frames paced at the hub's rate (events per second on this connection, with
 mark prices and liquidations on their own clocks) or, at rate 0, in bursts as fast as the socket
 takes them. Frames are pre-serialised by the sources; the per-frame work is one envelope
 concatenation, one frame header and one ledger entry, and a whole burst goes out in one socket write.
+Binance's connection rules apply (binance.md §2): the incoming-message limit, the lifetime cut, and,
+on demand, a silence (data produced but lost, pings still flowing) and a shutdown with notice.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
+from collector.fake.faults import (
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
+    NOTICE_FAMILIES,
+    IncomingWindow,
+    Silence,
+    max_incoming_per_s,
+    shutdown_notice,
+)
 from collector.fake.generators import Event
 from collector.fake.hub import Hub, Subscription, make_subscription, now_ms, release
-from collector.fake.ledger import ConnectionCounts
+from collector.fake.ledger import ConnectionCounts, ServerClose
 from collector.fake.names import PathFamily, parse_stream
 
 logger = logging.getLogger(__name__)
@@ -32,7 +43,10 @@ BURST_FRAMES = 128  # full-speed frames produced per turn before yielding to the
 MAX_BURST_S = 0.1  # paced mode never catches up more than this much time at once
 MIN_SLEEP_S = 0.002
 MAX_SLEEP_S = 0.05  # periodic streams (mark price, liquidations) are checked at least this often
-CLOSE_POLICY_VIOLATION = 1008  # what Binance sends for "Too many requests" / too many streams
+# A silent connection at full speed has no reader to set its pace: one burst per 10 ms (~12,800
+# events/s) keeps its market moving without spinning the core the test client shares.
+SILENT_BURST_PERIOD_S = 0.01
+CLOSE_WAIT_S = 2.0  # how long a server-started close may wait for the client's close frame
 _SHORT_HEADERS = [bytes((0x81, n)) for n in range(126)]  # FIN + text opcode, 7-bit length
 
 
@@ -77,7 +91,12 @@ class StreamSession:
         self._tokens = 0.0
         self._last_tick = time.monotonic()
         self._last_pong = time.monotonic()
-        self.counts = ConnectionCounts(connection_id, request.path, ())
+        self._incoming = IncomingWindow(max_incoming_per_s(family))
+        self._silence: Silence | None = None
+        self._silence_end: asyncio.TimerHandle | None = None
+        self._closer: asyncio.Task[Any] | None = None  # the task that started a server-side close
+        self._later: list[asyncio.Task[None]] = []  # scheduled closes (shutdown notices)
+        self.counts = ConnectionCounts(connection_id, request.path, (), opened_ms=now_ms())
 
     # -- the Session protocol the hub uses --------------------------------------------------------
 
@@ -99,7 +118,7 @@ class StreamSession:
 
     async def close(self, code: int, message: bytes) -> None:
         """Close with a close frame (server shutdown)."""
-        await self.ws.close(code=code, message=message)
+        await self._server_close(code, message.decode(), "stop")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -107,7 +126,63 @@ class StreamSession:
             "path": self.request.path,
             "streams": list(self._subs),
             "silent": [name for name, sub in self._subs.items() if sub is None],
+            "silenced": self._silence is not None,
+            "opened_ms": self.counts.opened_ms,
         }
+
+    def silence(self, seconds: float) -> None:
+        """Send no data frames for `seconds` (extending a running silence); events produced are lost.
+
+        The sender keeps taking events at its usual pace, so the market moves on and shared streams
+        stay in step; each one taken is recorded in the silence instead of written. Pings, pongs and
+        replies still go out: a stalled data path, not a dead socket.
+        """
+        loop = asyncio.get_running_loop()
+        if self._silence is None:
+            self._silence = silence = Silence(self.connection_id, self.request.path, now_ms())
+            for sub in self.subscriptions():
+                silence.stream(sub.name, sub.ref.kind, sub.ref.market, sub.ref.symbol)
+            self.hub.ledger.silences.append(silence)
+            logger.info("fake.silence id=%d seconds=%.3f", self.connection_id, seconds)
+        until = loop.time() + seconds
+        if self._silence_end is None or until > self._silence_end.when():
+            if self._silence_end is not None:
+                self._silence_end.cancel()
+            self._silence_end = loop.call_at(until, self._end_silence)
+
+    def _end_silence(self) -> None:
+        silence = self._silence
+        if silence is None:
+            return
+        silence.end_ms = now_ms()
+        self._silence = None
+        if self._silence_end is not None:
+            self._silence_end.cancel()
+            self._silence_end = None
+        logger.info("fake.silence_end id=%d lost=%d", self.connection_id, silence.count)
+        self._wake.set()
+
+    def shut_down(self, notice_s: float) -> bool:
+        """Announce a server restart now (spot only), keep sending, close with 1001 after `notice_s`.
+
+        Returns whether a notice frame was sent. USD-M documents no notice (binance.md §8): its
+        connections are closed at the same moment without one.
+        """
+        notified = False
+        transport = self.request.transport
+        if self.family in NOTICE_FAMILIES and transport is not None and not self._closing():
+            event_time = now_ms()
+            frame = shutdown_notice(event_time)
+            # Written like the data frames, in order with them; a silence does not hold it back.
+            transport.write(text_frame_header(len(frame)) + frame)
+            self.counts.control_frames += 1
+            self.counts.shutdown_notice_ms = event_time
+            notified = True
+        logger.info(
+            "fake.shutdown_notice id=%d notice_s=%.3f notified=%s", self.connection_id, notice_s, notified
+        )
+        self._later.append(asyncio.create_task(self._close_after(notice_s, CLOSE_GOING_AWAY, "shutdown")))
+        return notified
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -123,10 +198,20 @@ class StreamSession:
         try:
             if not await self._subscribe(streams, request_id=None):
                 return
-            tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._ping_loop())]
+            tasks = [
+                asyncio.create_task(self._send_loop()),
+                asyncio.create_task(self._ping_loop()),
+                asyncio.create_task(self._close_after(hub.max_connection_age_s, CLOSE_GOING_AWAY, "max_age")),
+            ]
             await self._read_loop()
         finally:
             self._closed = True
+            self._end_silence()
+            closer = self._closer
+            if closer is not None and closer is not asyncio.current_task() and not closer.done():
+                # Let it read the client's close frame, so the client is not left waiting for TCP close.
+                await asyncio.wait([closer], timeout=CLOSE_WAIT_S)
+            tasks += self._later
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -139,8 +224,16 @@ class StreamSession:
         try:
             async for message in self.ws:  # ends on the client's close frame (answered by aiohttp)
                 if message.type == WSMsgType.TEXT:
+                    if self._too_many_incoming():
+                        await self._server_close(CLOSE_POLICY_VIOLATION, "Too many requests", "rate_limit")
+                        return
                     await self._control(message.data)
                 elif message.type == WSMsgType.PING:
+                    # Spot counts PING frames too (binance.md §2); pongs are not counted: a client
+                    # answering a fake with a short test ping interval would trip the limit.
+                    if self.family == "spot" and self._too_many_incoming():
+                        await self._server_close(CLOSE_POLICY_VIOLATION, "Too many requests", "rate_limit")
+                        return
                     await self.ws.pong(message.data)
                 elif message.type == WSMsgType.PONG:
                     self._last_pong = time.monotonic()
@@ -148,6 +241,34 @@ class StreamSession:
                     break
         except ConnectionError:
             return  # the client went away while we answered it
+
+    def _too_many_incoming(self) -> bool:
+        """Count one client message; True past Binance's per-second limit (then close, binance.md §2)."""
+        self.counts.incoming_messages += 1
+        if not self._incoming.count(time.monotonic()):
+            return False
+        logger.warning("fake.too_many_requests id=%d limit=%d/s", self.connection_id, self._incoming.limit)
+        return True
+
+    async def _close_after(self, delay_s: float, code: int, cause: str) -> None:
+        await asyncio.sleep(delay_s)
+        await self._server_close(code, "", cause)
+
+    async def _server_close(self, code: int, reason: str, cause: str) -> None:
+        """Send a close frame and wait for the client's; recorded in the ledger once."""
+        if self.ws.closed:
+            return
+        self._closer = asyncio.current_task()
+        self.counts.server_close = ServerClose(code, reason, cause, now_ms())
+        logger.info("fake.server_close id=%d code=%d cause=%s", self.connection_id, code, cause)
+        try:
+            await self.ws.close(code=code, message=reason.encode())
+        except ConnectionError:
+            return
+
+    def _closing(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing() or self.ws.closed
 
     async def _reply(self, body: dict[str, Any]) -> None:
         self.counts.control_frames += 1
@@ -189,7 +310,7 @@ class StreamSession:
         if len(self._subs) + len(new) > MAX_STREAMS_PER_CONNECTION:
             if request_id is not None:
                 await self._reply({"error": {"code": 4, "msg": "Too many subscriptions"}, "id": request_id})
-            await self.ws.close(code=CLOSE_POLICY_VIOLATION, message=b"Invalid request")
+            await self._server_close(CLOSE_POLICY_VIOLATION, "Invalid request", "too_many_streams")
             return False
         for name in new:
             ref = parse_stream(self.family, name, hub.spot_symbols, hub.futures_symbols)
@@ -223,6 +344,8 @@ class StreamSession:
         hub = self.hub
         try:
             while not self._closed:
+                if self._closing():
+                    return  # check before producing: an event taken now could be written nowhere
                 if self._urgent:
                     await self._write(self._drain_urgent(), reserved=False)
                     continue
@@ -232,7 +355,8 @@ class StreamSession:
                     await self._sleep(None)
                 elif hub.rate <= 0:
                     await self._write(self._burst(), reserved=True)
-                    await asyncio.sleep(0)  # let the loop serve REST, control and other connections
+                    # Let the loop serve REST, control and other connections.
+                    await asyncio.sleep(0 if self._silence is None else SILENT_BURST_PERIOD_S)
                 else:
                     frames, delay = self._paced_step(hub.rate)
                     await self._write(frames, reserved=True)
@@ -322,6 +446,9 @@ class StreamSession:
             raise ConnectionResetError("connection closed")
         if not frames:
             return
+        if self._silence is not None:
+            self._lose(self._silence, frames, reserved)
+            return
         parts: list[bytes] = []
         for sub, event in frames:
             frame = sub.envelope(event)
@@ -338,6 +465,15 @@ class StreamSession:
         counts.data_frames += len(frames)
         await self.writer.drain()  # waits only while the socket's buffer is above its high mark
 
+    def _lose(self, silence: Silence, frames: list[tuple[Subscription, Event]], reserved: bool) -> None:
+        """Record frames a silent connection does not send; they do not count against max_events."""
+        for sub, event in frames:
+            ref = sub.ref
+            silence.stream(sub.name, ref.kind, ref.market, ref.symbol).add(event)
+        self.counts.not_delivered += len(frames)
+        if reserved:
+            self.hub.refund(len(frames))
+
     async def _ping_loop(self) -> None:
         """Ping every interval (payload: a ms timestamp, as fstream does); close on a missing pong."""
         try:
@@ -345,7 +481,7 @@ class StreamSession:
                 await asyncio.sleep(self.ping_interval_s)
                 if time.monotonic() - self._last_pong > self.pong_timeout_s:
                     logger.warning("fake.pong_timeout id=%d", self.connection_id)
-                    await self.ws.close(code=CLOSE_POLICY_VIOLATION, message=b"Pong timeout")
+                    await self._server_close(CLOSE_POLICY_VIOLATION, "Pong timeout", "pong_timeout")
                     return
                 await self.ws.ping(str(now_ms()).encode())
         except ConnectionError:

@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from collector.fake.hub import Hub
+from collector.fake.faults import market_of
+from collector.fake.generators import Market
+from collector.fake.hub import Hub, Session
 from collector.fake.rest import ERROR_BODIES, RestApi
 
 logger = logging.getLogger(__name__)
 
 SIDES = ("BUY", "SELL")
+MARKETS: tuple[Market, ...] = ("spot", "futures")
 
 
 class ControlError(ValueError):
@@ -69,6 +74,55 @@ class Controls:
         parsed: dict[str, Any] = json.loads(event.data)
         return parsed
 
+    def withhold_depth(self, market: str, symbol: str, count: int) -> None:
+        """Produce the next `count` diff-depth events of a symbol but send them on no connection.
+
+        The book and its update ids advance as usual; each withheld event's identity is listed in the
+        ledger's `withheld` section. Other symbols are untouched; repeated calls add up.
+        """
+        checked = _market(market)
+        symbol = symbol.upper()
+        universe = self.hub.spot_symbols if checked == "spot" else self.hub.futures_symbols
+        if symbol not in universe:
+            raise ControlError(f"{symbol!r} is not a {checked} symbol of this fake")
+        if count < 0:
+            raise ControlError("count must be >= 0")
+        self.hub.withhold_depth(checked, symbol, count)
+        logger.info("fake.withhold_depth market=%s symbol=%s count=%d", checked, symbol, count)
+
+    def silence(self, seconds: float, market: str | None = None) -> list[int]:
+        """Make every open connection (of `market`) send no data frames for `seconds`; returns their ids.
+
+        Pings and replies continue; events produced meanwhile are lost to those connections and listed
+        in the ledger's `silences` section. Connections opened later are not silent.
+        """
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise ControlError("seconds must be > 0")
+        sessions = self._matching(market)
+        for session in sessions:
+            session.silence(seconds)
+        return [session.connection_id for session in sessions]
+
+    def server_shutdown(self, notice_s: float, market: str | None = None) -> dict[str, list[int]]:
+        """Send the serverShutdown notice on every open connection (of `market`), close them after `notice_s`.
+
+        Only spot connections get a notice (binance.md §2, §8); USD-M ones are closed at the same
+        moment without one. Data flows normally until the close (1001). Returns the ids of the
+        connections to be closed (`connections`) and of those notified (`notified`).
+        """
+        if not (notice_s >= 0 and math.isfinite(notice_s)):
+            raise ControlError("notice_s must be >= 0")
+        sessions = self._matching(market)
+        notified = [session.connection_id for session in sessions if session.shut_down(notice_s)]
+        return {"connections": [session.connection_id for session in sessions], "notified": notified}
+
+    def _matching(self, market: str | None) -> list[Session]:
+        sessions = list(self.hub.sessions.values())
+        if market is None:
+            return sessions
+        checked = _market(market)
+        return [session for session in sessions if market_of(session.family) == checked]
+
     def pause(self) -> None:
         self.hub.paused = True
 
@@ -95,6 +149,9 @@ class Controls:
             web.post("/_fake/pause", self._post_pause),
             web.post("/_fake/resume", self._post_resume),
             web.post("/_fake/rate", self._post_rate),
+            web.post("/_fake/withhold_depth", self._post_withhold_depth),
+            web.post("/_fake/silence", self._post_silence),
+            web.post("/_fake/server_shutdown", self._post_server_shutdown),
         ]
 
     async def _get_ledger(self, request: web.Request) -> web.Response:
@@ -145,6 +202,38 @@ class Controls:
     async def _post_rate(self, request: web.Request) -> web.Response:
         return _run(lambda: self.set_rate(_number(request, "value", float, None)))
 
+    async def _post_withhold_depth(self, request: web.Request) -> web.Response:
+        return _run(
+            lambda: self.withhold_depth(
+                request.query.get("market", ""),
+                request.query.get("symbol", ""),
+                _number(request, "count", int, 1),
+            )
+        )
+
+    async def _post_silence(self, request: web.Request) -> web.Response:
+        return _answer(
+            lambda: {
+                "connections": self.silence(
+                    _number(request, "seconds", float, None), request.query.get("market")
+                )
+            }
+        )
+
+    async def _post_server_shutdown(self, request: web.Request) -> web.Response:
+        return _answer(
+            lambda: self.server_shutdown(
+                _number(request, "notice_s", float, None), request.query.get("market")
+            )
+        )
+
+
+def _market(market: str) -> Market:
+    for known in MARKETS:
+        if market == known:
+            return known
+    raise ControlError(f"market must be one of {list(MARKETS)}")
+
 
 def _number(request: web.Request, name: str, kind: type[int] | type[float], default: float | None) -> Any:
     raw = request.query.get(name)
@@ -164,3 +253,12 @@ def _run(action: Any) -> web.Response:
     except ControlError as error:
         return web.json_response({"error": str(error)}, status=400)
     return web.json_response({"ok": True})
+
+
+def _answer(action: Callable[[], dict[str, Any]]) -> web.Response:
+    """`{"ok": true, **result}`, or 400 with the error."""
+    try:
+        result = action()
+    except ControlError as error:
+        return web.json_response({"error": str(error)}, status=400)
+    return web.json_response({"ok": True, **result})

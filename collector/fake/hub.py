@@ -4,7 +4,8 @@ A source produces its events on demand and, while several subscriptions share it
 few in a ring; each subscription holds a cursor into it, so every connection carrying a stream sees
 the same events in the same order (a depth chain stays valid on each) while the fastest one drives
 production. An event is produced and handed to the socket in one synchronous step, so a REST
-snapshot (`lastUpdateId` = the last produced `u`) never runs ahead of what was written.
+snapshot (`lastUpdateId` = the last produced `u`) never runs ahead of what was written. A withheld
+depth event is produced (the book and its ids advance) and handed to no subscription at all.
 Everything here runs on the server's event loop thread; nothing blocks.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from collector.fake.faults import MAX_CONNECTION_AGE_S, depth_identity
 from collector.fake.generators import (
     AggTradeGen,
     DepthGen,
@@ -26,7 +28,7 @@ from collector.fake.generators import (
     symbol_rng,
 )
 from collector.fake.ledger import Ledger
-from collector.fake.names import StreamRef
+from collector.fake.names import PathFamily, StreamRef
 from collector.fake.recordings import DepthReplay, Recordings, TradeReplay
 
 RING_SIZE = 2048  # events a lagging subscriber may fall behind before it skips (like a slow consumer)
@@ -60,7 +62,9 @@ class Source:
     """
 
     def __init__(self, produce: Callable[[int, bool], Event | None], period_ms: int | None = None) -> None:
-        self._produce = produce
+        self._produce = self._plain = produce
+        self._withhold = 0
+        self._on_withheld: Callable[[Event], None] | None = None
         self.period_ms = period_ms
         self.periodic = period_ms is not None
         self.head = 0  # index of the next event to produce
@@ -93,6 +97,28 @@ class Source:
         self.head = head + 1
         return event, head + 1
 
+    def withhold(self, count: int, on_withheld: Callable[[Event], None]) -> None:
+        """Produce the next `count` events as usual but give them to `on_withheld`, not to subscribers.
+
+        The producer is swapped only while events are pending, so the usual path pays nothing.
+        """
+        self._withhold += count
+        self._on_withheld = on_withheld
+        if self._withhold > 0:
+            self._produce = self._withholding
+
+    def _withholding(self, now: int, paced: bool) -> Event | None:
+        on_withheld = self._on_withheld
+        assert on_withheld is not None
+        while self._withhold > 0:
+            event = self._plain(now, paced)
+            if event is None:
+                return None
+            self._withhold -= 1
+            on_withheld(event)
+        self._produce = self._plain
+        return self._plain(now, paced)
+
 
 @dataclass
 class Subscription:
@@ -124,6 +150,7 @@ class Session(Protocol):
     """What the hub needs from a live connection."""
 
     connection_id: int
+    family: PathFamily
 
     def wake(self) -> None: ...
 
@@ -136,6 +163,10 @@ class Session(Protocol):
     async def close(self, code: int, message: bytes) -> None: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    def silence(self, seconds: float) -> None: ...
+
+    def shut_down(self, notice_s: float) -> bool: ...
 
 
 class Hub:
@@ -150,8 +181,10 @@ class Hub:
         seed: int,
         max_events: int | None,
         recordings: Recordings,
+        max_connection_age_s: float = MAX_CONNECTION_AGE_S,
     ) -> None:
         self.seed = seed
+        self.max_connection_age_s = max_connection_age_s
         self.rate = rate
         self.paused = False
         self.remaining = max_events  # data frames still allowed; None = no limit
@@ -240,6 +273,13 @@ class Hub:
     def wake_all(self) -> None:
         for session in self.sessions.values():
             session.wake()
+
+    def withhold_depth(self, market: Market, symbol: str, count: int) -> None:
+        """Produce the next `count` diff-depth events of a symbol on no connection; the ledger lists them."""
+        self.source(StreamRef(market, "depth", symbol)).withhold(count, self._record_withheld)
+
+    def _record_withheld(self, event: Event) -> None:
+        self.ledger.withheld.append(depth_identity(event))
 
     def inject_liquidation(self, symbol: str, side: str, price: str, quantity: str) -> Event:
         """A USD-M liquidation pushed at once to every matching forceOrder subscription."""

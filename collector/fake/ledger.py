@@ -1,9 +1,10 @@
-"""What the fake exchange actually wrote to its sockets: natural keys per table and frame counts.
+"""What the fake exchange wrote to its sockets, and what it deliberately did not: keys, faults, counts.
 
 An event is recorded the first time a connection writes it, so the tables list unique keys even when
 several connections carry the same event (an all-market stream on two connections). Keys are kept
 as integer arrays per (market, symbol), about 16 bytes an event, so a long full-speed benchmark
-does not fill the memory.
+does not fill the memory. Withheld depth events (sent on no connection) and what each silent
+connection lost are listed apart and never in the tables, unless another connection wrote them.
 """
 
 from __future__ import annotations
@@ -12,19 +13,38 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
+from collector.fake.faults import Silence
 from collector.fake.generators import AGG_TRADES, DEPTH_UPDATES, FORCE_ORDERS, MARK_PRICES, Event
 
 
 @dataclass
+class ServerClose:
+    """A close the server started: code and reason sent, why, and when (ms)."""
+
+    code: int
+    reason: str
+    cause: str  # max_age | shutdown | rate_limit | too_many_streams | pong_timeout | stop
+    at_ms: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"code": self.code, "reason": self.reason, "cause": self.cause, "at_ms": self.at_ms}
+
+
+@dataclass
 class ConnectionCounts:
-    """Frames written on one connection."""
+    """Frames written on one connection, frames it lost while silent, and how it ended."""
 
     connection_id: int
     path: str
     streams: tuple[str, ...]
+    opened_ms: int = 0
     data_frames: int = 0
     malformed: int = 0
     control_frames: int = 0
+    incoming_messages: int = 0  # client messages counted against Binance's per-second limit
+    not_delivered: int = 0  # data events lost while silent (details in Ledger.silences)
+    shutdown_notice_ms: int | None = None
+    server_close: ServerClose | None = None
     open: bool = True
 
     def as_json(self) -> dict[str, Any]:
@@ -32,9 +52,14 @@ class ConnectionCounts:
             "id": self.connection_id,
             "path": self.path,
             "streams": list(self.streams),
+            "opened_ms": self.opened_ms,
             "data_frames": self.data_frames,
             "malformed": self.malformed,
             "control_frames": self.control_frames,
+            "incoming_messages": self.incoming_messages,
+            "not_delivered": self.not_delivered,
+            "shutdown_notice_ms": self.shutdown_notice_ms,
+            "server_close": self.server_close.as_json() if self.server_close else None,
             "open": self.open,
         }
 
@@ -55,6 +80,8 @@ class Ledger:
         self.malformed_sent = 0
         self.data_frames_sent = 0
         self.connections: dict[int, ConnectionCounts] = {}
+        self.withheld: list[dict[str, Any]] = []  # depth_identity() of each withheld event, in order
+        self.silences: list[Silence] = []
 
     def record(self, event: Event) -> None:
         """Count one written data frame; keep its keys if this is the event's first write."""
@@ -104,4 +131,6 @@ class Ledger:
             "malformed_sent": self.malformed_sent,
             "data_frames_sent": self.data_frames_sent,
             "connections": [counts.as_json() for counts in self.connections.values()],
+            "withheld": list(self.withheld),
+            "silences": [silence.as_json() for silence in self.silences],
         }

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from collector.fake.connection import StreamSession
 from collector.fake.control import Controls
+from collector.fake.faults import MAX_CONNECTION_AGE_S
 from collector.fake.hub import Hub
 from collector.fake.names import path_family
 from collector.fake.recordings import Recordings, load_recordings
@@ -64,6 +65,7 @@ class FakeConfig:
     max_events: int | None = None
     recordings: Path | Recordings | None = None
     ping_interval_s: float | None = None
+    max_connection_age_s: float = MAX_CONNECTION_AGE_S
 
 
 def base_urls(host: str, port: int) -> dict[str, str]:
@@ -93,6 +95,7 @@ class FakeServer:
             seed=config.seed,
             max_events=config.max_events,
             recordings=recordings,
+            max_connection_age_s=config.max_connection_age_s,
         )
         self.rest = RestApi(self.hub)
         self.controls = Controls(self.hub, self.rest)
@@ -173,6 +176,7 @@ class FakeExchange:
         max_events: int | None = None,
         recordings: Path | Recordings | None = None,
         ping_interval_s: float | None = None,
+        max_connection_age_s: float = MAX_CONNECTION_AGE_S,
     ) -> None:
         self.config = FakeConfig(
             host,
@@ -184,6 +188,7 @@ class FakeExchange:
             max_events,
             recordings,
             ping_interval_s,
+            max_connection_age_s,
         )
         self._server: FakeServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -317,6 +322,15 @@ class FakeExchange:
     def set_rate(self, rate: float) -> None:
         self._call(lambda c: c.set_rate(rate))
 
+    def withhold_depth(self, market: str, symbol: str, count: int) -> None:
+        self._call(lambda c: c.withhold_depth(market, symbol, count))
+
+    def silence(self, seconds: float, market: str | None = None) -> list[int]:
+        return self._call(lambda c: c.silence(seconds, market))
+
+    def server_shutdown(self, notice_s: float, market: str | None = None) -> dict[str, list[int]]:
+        return self._call(lambda c: c.server_shutdown(notice_s, market))
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector fake-exchange", description=__doc__.splitlines()[0])
@@ -333,6 +347,12 @@ def _parser() -> argparse.ArgumentParser:
         "--ping-interval-s", type=float, default=None, help="default: Binance's (20 s / 180 s)"
     )
     parser.add_argument("--recordings", type=Path, default=None, help="folder of cryptofeed recordings")
+    parser.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=MAX_CONNECTION_AGE_S,
+        help="close each WebSocket (1001) after this long; default Binance's 24 h",
+    )
     return parser
 
 
@@ -368,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_events=args.max_events,
         recordings=args.recordings,
         ping_interval_s=args.ping_interval_s,
+        max_connection_age_s=args.max_connection_age_s,
     )
     try:
         asyncio.run(_run_foreground(config))
