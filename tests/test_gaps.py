@@ -47,6 +47,36 @@ def test_overlapping_connections_deliver_each_event_once() -> None:
     assert not tracker.on_event("futures", "BTCUSDT", 21, 30, 20, T, "futures-public-0").duplicate
 
 
+def test_a_replacement_ahead_of_the_old_connection_waits_for_it() -> None:
+    """During a rotation the new connection may deliver later ids before the old one delivered the
+    earlier ones: no gap while the old one is open and catches up; its repeats are duplicates."""
+    tracker = DepthTracker()
+    tracker.source_opened("spot-0#1")
+    tracker.on_event("spot", "BTCUSDT", 1, 10, None, T, "spot-0#1")
+    tracker.source_opened("spot-0#2")
+    ahead = tracker.on_event("spot", "BTCUSDT", 21, 30, None, T + 1, "spot-0#2")
+    assert ahead.records == [] and not ahead.duplicate  # stored, not judged yet
+    assert tracker.on_event("spot", "BTCUSDT", 31, 40, None, T + 2, "spot-0#2").records == []
+    catching_up = tracker.on_event("spot", "BTCUSDT", 11, 20, None, T + 3, "spot-0#1")
+    assert catching_up.records == [] and not catching_up.duplicate
+    assert tracker.on_event("spot", "BTCUSDT", 21, 30, None, T + 4, "spot-0#1").duplicate
+    assert tracker.source_closed("spot-0#1", T + 5).records == []
+    assert tracker.on_event("spot", "BTCUSDT", 41, 50, None, T + 6, "spot-0#2").records == []
+
+
+def test_an_old_connection_closing_before_it_caught_up_leaves_a_rotation_gap() -> None:
+    """If the old connection closes before reaching the replacement's first id, the ids between are a gap."""
+    tracker = DepthTracker()
+    tracker.source_opened("futures-public-0#1")
+    tracker.on_event("futures", "ETHUSDT", 1, 10, 0, T, "futures-public-0#1")
+    tracker.source_opened("futures-public-0#2")
+    tracker.on_event("futures", "ETHUSDT", 25, 30, 22, T + 1, "futures-public-0#2")
+    closed = tracker.source_closed("futures-public-0#1", T + 2)
+    assert [(g.cause, g.last_update_id, g.next_update_id) for g in closed.records] == [("rotation", 10, 25)]
+    assert closed.fetch == [("futures", "ETHUSDT")]
+    assert tracker.on_event("futures", "ETHUSDT", 31, 35, 30, T + 3, "futures-public-0#2").records == []
+
+
 def test_ids_going_back_on_one_connection_are_a_break() -> None:
     """One connection never repeats itself: an older id there is a reset of the chain, recorded as a gap."""
     tracker = DepthTracker()

@@ -3,9 +3,14 @@
 Binance's rules (binance.md, "How to manage a local order book correctly"):
 - spot: each event's `U` is the previous event's `u` + 1;
 - USD-M futures: each event's `pu` is the previous event's `u` (ids may jump between events).
-An event whose `u` is not beyond the last one seen, arriving on another connection than the last
-event, is a duplicate (two connections carry the stream while one replaces the other): it is
-neither a gap nor stored twice. On the same connection ids never go back, so there it is a break.
+While one connection replaces another, both carry the stream, and either may be ahead:
+- an event whose `u` is not beyond the chain, arriving on another connection than the last event,
+  is a duplicate (the chain already holds those ids): neither a gap nor stored twice;
+- an event of the replacement that does not link to the chain while the connection that feeds the
+  chain is still open starts a *floating* chain: stored, not judged. It joins the main chain when
+  the older connection catches up with it, and only if that one closes first is the hole between
+  them a gap (cause `rotation`).
+On one connection ids never go back, so there an older id is a break.
 
 A break opens a `DepthGap` (cause `sequence`, or `reconnect` / `startup` when the chain broke across
 a reconnection or a restart) and asks for a snapshot of that symbol only. The gap closes when a
@@ -52,6 +57,8 @@ class SymbolState:
 
     last_u: int | None = None  # the last `u` seen (None: no event yet, and none from a past run)
     last_source: str = ""  # the connection that delivered it
+    # Chains of replacement connections not linked to the main one yet: source -> (base, first U, last u).
+    floating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     pending_cause: str | None = None  # a reconnect/restart happened since the last event
     base: int | None = None  # chain_base of the chain received since the last break
     open_gaps: list[DepthGap] = field(default_factory=list)
@@ -77,6 +84,7 @@ class DepthTracker:
         self.symbols: dict[tuple[str, str], SymbolState] = {
             key: SymbolState(last_u=u, pending_cause="startup") for key, u in (last_update_ids or {}).items()
         }
+        self.open_sources: set[str] = set()  # physical connections delivering now
 
     def state(self, market: str, symbol: str) -> SymbolState:
         key = (market, symbol)
@@ -108,9 +116,16 @@ class DepthTracker:
             state.last_u, state.base = final_u, chain_base(market, first_u, previous_u)
             state.last_source = source
             return decisions
+        floating = state.floating.get(source)
+        if floating is not None:  # a replacement ahead of the main chain: follow it apart
+            state.floating[source] = (floating[0], floating[1], max(floating[2], final_u))
+            return decisions
         verdict = check(market, state.last_u, first_u, final_u, previous_u)
         if verdict == "duplicate" and source != state.last_source:
             decisions.duplicate = True
+            return decisions
+        if verdict == "break" and source != state.last_source and state.last_source in self.open_sources:
+            state.floating[source] = (chain_base(market, first_u, previous_u), first_u, final_u)
             return decisions
         state.last_source = source
         if verdict != "next":  # a hole, or ids going back on one connection
@@ -123,11 +138,44 @@ class DepthTracker:
                 state.wanted = True
         state.pending_cause = None
         state.last_u = final_u
+        self._join_floating(state)
+        final_u = state.last_u
         if state.open_gaps and state.snapshot_id is not None and covered(market, state.snapshot_id, final_u):
             self._close(state, state.snapshot_id, now_us, decisions)
         if state.wanted and not state.in_flight:
             state.wanted, state.in_flight = False, True
             decisions.fetch.append((market, symbol))
+        return decisions
+
+    @staticmethod
+    def _join_floating(state: SymbolState) -> None:
+        """A replacement's chain whose start the main chain has reached becomes the main chain."""
+        for source, (base, _, last_u) in list(state.floating.items()):
+            if state.last_u is not None and state.last_u >= base:
+                del state.floating[source]
+                if last_u > state.last_u:
+                    state.last_u, state.last_source = last_u, source
+
+    def source_opened(self, source: str) -> None:
+        self.open_sources.add(source)
+
+    def source_closed(self, source: str, now_us: int) -> Decisions:
+        """A physical connection closed: chains waiting for it to catch up now start after a hole."""
+        self.open_sources.discard(source)
+        decisions = Decisions()
+        for (market, symbol), state in self.symbols.items():
+            if state.last_source != source or not state.floating:
+                continue
+            successor, (base, first_u, last_u) = max(state.floating.items(), key=lambda item: item[1][2])
+            del state.floating[successor]
+            gap = DepthGap(market, symbol, now_us, state.last_u, first_u, "rotation")
+            state.open_gaps.append(gap)
+            decisions.records.append(gap)
+            state.base, state.snapshot_id = base, None
+            state.last_u, state.last_source = last_u, successor
+            if not state.in_flight:
+                state.in_flight = True
+                decisions.fetch.append((market, symbol))
         return decisions
 
     def on_snapshot(self, market: str, symbol: str, snapshot_id: int | None, now_us: int) -> Decisions:

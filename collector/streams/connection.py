@@ -76,6 +76,10 @@ class ConnectionEvents(Protocol):
 
     def stream_silent(self, state: ConnectionState, stream: str, since_us: int) -> None: ...
 
+    def source_opened(self, source: str) -> None: ...
+
+    def source_closed(self, source: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class ConnectionOptions:
@@ -244,6 +248,8 @@ class StreamConnection:
         self._generation += 1
         live = _Live(ws, f"{state.id}#{self._generation}")
         self._open_sockets.add(ws)
+        if self._events is not None:
+            self._events.source_opened(live.source)
         handler = self._handler_for(live.source, self.request_handover)
         live.receiving = asyncio.create_task(self._receive(live, handler))
         live.watchdog = asyncio.create_task(self._watchdog(live))
@@ -328,6 +334,8 @@ class StreamConnection:
         if live.watchdog is not None:
             live.watchdog.cancel()
         self._open_sockets.discard(live.ws)
+        if self._events is not None:
+            self._events.source_closed(live.source)
 
     def _loss_cause(self) -> str:
         if self._stopping:

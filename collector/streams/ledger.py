@@ -159,6 +159,14 @@ class GapLedger:
 
     # --- stream outages: the connection lifecycle ------------------------------------------------
 
+    def source_opened(self, source: str) -> None:
+        """One physical connection (`<id>#<n>`) started delivering."""
+        self.tracker.source_opened(source)
+
+    def source_closed(self, source: str) -> None:
+        """One physical connection ended (lost, or closed after its replacement took over)."""
+        self._apply(self.tracker.source_closed(source, now_us()))
+
     def connection_opened(self, state: ConnectionState) -> None:
         """A connection is open and subscribed: its streams' outages end now."""
         opened_us = now_us()
