@@ -208,6 +208,9 @@ def test_silent_connection_loses_events_inside_recorded_gaps(
         ][0]
         >= 1
     )
+    # The reopened connection's streams are judged afresh, not resubscribed for the old one's silence.
+    assert "ws.stream_silent" not in streams.log()
+    assert _rows(settings, "SELECT count(*) FROM stream_gaps WHERE cause = 'stream_silence'") == [(0,)]
     gaps = depth_gaps(settings)
     assert gaps and all(cause == "reconnect" for _, _, _, _, cause, _ in gaps)
     assert_every_break_is_a_recorded_gap(settings)

@@ -115,6 +115,7 @@ class _Live:
         "last_frame",
         "next_control",
         "opened",
+        "opened_us",
         "receiving",
         "source",
         "watchdog",
@@ -125,6 +126,7 @@ class _Live:
         self.ws = ws
         self.source = source  # distinguishes the two connections of one plan during a replacement
         self.opened = self.last_frame = time.monotonic()
+        self.opened_us = time.time_ns() // 1000
         self.frames = 0
         self.gap_s = 0.0  # moving average of the gap between frames
         self.first_frame = asyncio.Event()
@@ -420,7 +422,9 @@ class StreamConnection:
             if stats.messages < SILENCE_WARMUP_FRAMES or time.monotonic() < live.next_control:
                 continue
             limit_us = max(self._options.silence_min_s * 1e6, SILENCE_FACTOR * stats.gap_us)
-            if now_us - stats.last_message_us < limit_us:
+            # Measured on this connection only: a stream that was out with its previous connection
+            # is that connection's outage, already recorded, and gets its chance on this one.
+            if now_us - max(stats.last_message_us, live.opened_us) < limit_us:
                 continue
             stats.silenced_at_us = now_us
             logger.warning(
