@@ -22,7 +22,7 @@ A snapshot older than the start of that chain cannot line up, and another one is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from collector.gaps.records import DepthGap
 
@@ -76,6 +76,11 @@ class Decisions:
     duplicate: bool = False  # the event repeats one already delivered by another connection
 
 
+# The answers of the common case, shared: callers only read them (no allocation per event).
+NOTHING: Final = Decisions()
+DUPLICATE: Final = Decisions(duplicate=True)
+
+
 class DepthTracker:
     """Follows every (market, symbol) chain across connections, reconnections and restarts."""
 
@@ -110,23 +115,26 @@ class DepthTracker:
         now_us: int,
         source: str = "",
     ) -> Decisions:
-        decisions = Decisions()
-        state = self.state(market, symbol)
+        state = self.symbols.get((market, symbol)) or self.state(market, symbol)
         if state.last_u is None:  # the first event of a new recording: nothing before it was expected
             state.last_u, state.base = final_u, chain_base(market, first_u, previous_u)
             state.last_source = source
-            return decisions
-        floating = state.floating.get(source)
-        if floating is not None:  # a replacement ahead of the main chain: follow it apart
-            state.floating[source] = (floating[0], floating[1], max(floating[2], final_u))
-            return decisions
+            return NOTHING
+        if state.floating:
+            floating = state.floating.get(source)
+            if floating is not None:  # a replacement ahead of the main chain: follow it apart
+                state.floating[source] = (floating[0], floating[1], max(floating[2], final_u))
+                return NOTHING
         verdict = check(market, state.last_u, first_u, final_u, previous_u)
+        if verdict == "next" and not state.open_gaps and not state.floating:
+            state.last_u, state.last_source, state.pending_cause = final_u, source, None
+            return NOTHING  # the common case: the chain goes on
         if verdict == "duplicate" and source != state.last_source:
-            decisions.duplicate = True
-            return decisions
+            return DUPLICATE
         if verdict == "break" and source != state.last_source and state.last_source in self.open_sources:
             state.floating[source] = (chain_base(market, first_u, previous_u), first_u, final_u)
-            return decisions
+            return NOTHING
+        decisions = Decisions()
         state.last_source = source
         if verdict != "next":  # a hole, or ids going back on one connection
             gap = DepthGap(market, symbol, now_us, state.last_u, first_u, state.pending_cause or "sequence")
