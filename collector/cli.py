@@ -130,6 +130,24 @@ def _cmd_gaps(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    from collector.audit import drained_counts, find_losses, format_audit
+    from collector.db.connection import connect
+    from collector.export.plan import parse_time
+
+    since = parse_time(args.since, "--since") if args.since else datetime.now(UTC) - timedelta(hours=24)
+    conn = connect(settings)
+    try:
+        with conn.cursor() as cur:
+            text = format_audit(drained_counts(cur, since), find_losses(cur, since))
+    finally:
+        conn.close()
+    print(text)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +173,10 @@ def _parser() -> argparse.ArgumentParser:
     gaps.add_argument("--since", metavar="TIME", help="ISO 8601 (naive = UTC) or epoch ms; default 24 h ago")
     gaps.add_argument("--market", choices=["spot", "futures"])
     gaps.add_argument("--symbol", help="e.g. BTCUSDT (stream outages: the streams of that symbol)")
+    audit = sub.add_parser(
+        "audit", help="account for every event the stream process queued: drained, and lost in between"
+    )
+    audit.add_argument("--since", metavar="TIME", help="ISO 8601 (naive = UTC) or epoch ms; default 24 h ago")
     services = sub.add_parser("services", help="start/stop a local Redis and PostgreSQL (for make run)")
     services.add_argument("action", choices=["up", "down", "env"])
     services.add_argument("--dir", default="var")
@@ -213,6 +235,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "fake-exchange": _cmd_fake_exchange,
     "services": _cmd_services,
     "gaps": _cmd_gaps,
+    "audit": _cmd_audit,
     "export": _cmd_export,
     "book": _cmd_book,
 }

@@ -26,6 +26,7 @@ from psycopg2.extensions import connection as Connection
 from redis.exceptions import LockError
 from redis.lock import Lock
 
+from collector.audit import contiguous_ranges, record_ranges, tag_of
 from collector.binance.rows import Row, parse_envelope
 from collector.db.copy import CopyResult, copy_rows, copy_text
 from collector.errors import FrameError
@@ -45,6 +46,7 @@ class BatchRows:
     dead_letters: list[bytes] = field(default_factory=list)
     coin_m_skipped: int = 0
     rendered: bytes = b""  # the rows in COPY text format
+    tags: list[tuple[str, int, int]] = field(default_factory=list)  # audited envelopes (run, seq, received)
 
 
 @dataclass
@@ -80,6 +82,9 @@ def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
     """Parse and render a batch; pure. Envelopes that cannot be stored become dead letters."""
     out = BatchRows()
     for index, raw in enumerate(batch):
+        tag = tag_of(raw)
+        if tag is not None:  # counted as drained whatever becomes of it: row, duplicate or dead letter
+            out.tags.append(tag)
         try:
             parsed = parse_envelope(table, raw, keep_coin_m)
         except FrameError as error:
@@ -100,6 +105,7 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
     """
     try:
         result = copy_rows(conn, table, parsed.rows, parsed.rendered)
+        _record_ranges(conn, table, parsed)
         conn.commit()
         return result
     except psycopg2.DataError as error:
@@ -122,7 +128,15 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
             continue
         staged += result.staged
         inserted += result.inserted
+    _record_ranges(conn, table, parsed)
+    conn.commit()
     return CopyResult(staged, inserted)
+
+
+def _record_ranges(conn: Connection, table: str, parsed: BatchRows) -> None:
+    if parsed.tags:
+        with conn.cursor() as cur:
+            record_ranges(cur, table, contiguous_ranges(parsed.tags))
 
 
 class Drainer:

@@ -214,6 +214,7 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
             "depth_snapshots",
             "depth_updates",
             "force_orders",
+            "ingest_ranges",
             "mark_prices",
             "open_interest",
             "stream_gaps",

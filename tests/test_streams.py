@@ -206,7 +206,8 @@ def test_events_of_every_table_land_in_their_lists_unmodified(
             parsed = orjson.loads(envelope)
             market, received_at_us = parsed["market"], parsed["received_at_us"]
             frame = envelope[envelope.index(b',"frame":') + len(b',"frame":') : -1]
-            assert make_envelope(market, received_at_us, frame) == envelope  # the frame, untouched
+            audit = f',"run":"{parsed["run"]}","seq":{parsed["seq"]}'.encode()
+            assert make_envelope(market, received_at_us, frame, audit=audit) == envelope  # frame untouched
             assert started_us <= received_at_us <= finished_us
             stream = parsed["frame"]["stream"]
             assert table_for_stream(stream) == table and (market, stream) in planned
@@ -214,6 +215,9 @@ def test_events_of_every_table_land_in_their_lists_unmodified(
             assert all(ledger[table][key] for key in envelope_keys(table, envelope))
     markets = {orjson.loads(e)["market"] for e in queued(client, "agg_trades")}
     assert markets == {"spot", "futures"}
+    for table in STREAM_TABLES:  # numbered 1, 2, 3... per table within the run, in queue order
+        numbers = [orjson.loads(e)["seq"] for e in queued(client, table)]
+        assert numbers == list(range(1, len(numbers) + 1))
     stats = client.hgetall(keys.STREAM_MESSAGES)
     assert int(stats[keys.stream_field("spot", "btcusdt@aggTrade").encode()]) > 0
     assert client.hget(keys.STREAM_LAST_US, keys.stream_field("futures", "!markPrice@arr@1s"))

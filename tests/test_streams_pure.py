@@ -163,17 +163,21 @@ def _sink() -> Sink:
 
 
 def test_handler_wraps_frames_unmodified_and_counts_them() -> None:
-    """Events land in their table's buffer as envelopes embedding the frame byte for byte."""
-    state, sink = _state(), _sink()
+    """Events land in their table's buffer as envelopes embedding the frame byte for byte, numbered
+    per table within the run (collector.audit)."""
+    state, sink = _state(), Sink(redis.asyncio.Redis(), SinkOptions(0.05, 10_000, 1_000_000), run="r1")
     handler = FrameHandler(state, sink)
     handler(AGG_TRADE, 1_700_000_000_000_001)
     handler(AGG_TRADE, 1_700_000_000_000_002)
     handler(FORCE_ORDER, 1_700_000_000_000_003)
     trades = sink.buffered_envelopes("agg_trades")
     assert trades == [
-        make_envelope("futures", 1_700_000_000_000_001, AGG_TRADE),
-        make_envelope("futures", 1_700_000_000_000_002, AGG_TRADE),
+        make_envelope("futures", 1_700_000_000_000_001, AGG_TRADE, audit=b',"run":"r1","seq":1'),
+        make_envelope("futures", 1_700_000_000_000_002, AGG_TRADE, audit=b',"run":"r1","seq":2'),
     ]
+    assert sink.buffered_envelopes("force_orders")[0].startswith(
+        b'{"market":"futures","received_at_us":1700000000000003,"run":"r1","seq":1,'
+    )
     assert AGG_TRADE in trades[0]
     assert parse_envelope("force_orders", sink.buffered_envelopes("force_orders")[0]).rows
     assert sink.buffered == 3

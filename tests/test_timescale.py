@@ -321,7 +321,7 @@ def test_health_and_status_name_the_database_mode(settings: Settings) -> None:
     from collector.web.metrics import families
 
     init_db(settings)
-    error, database = check_postgres(settings)
+    error, database, _ = check_postgres(settings)
     assert error is None and database is not None
     assert database["mode"] == "timescaledb" and database["ok"] is True
     assert database["detail"] == "TimescaleDB 2.28.3: 8 hypertables, 2 continuous aggregates"
@@ -338,7 +338,7 @@ def test_plain_mode_is_reported(settings: Settings) -> None:
     from collector.web.health import check_postgres
 
     init_db(settings.model_copy(update={"timescale": "off"}))
-    error, database = check_postgres(settings)
+    error, database, _ = check_postgres(settings)
     assert error is None and database is not None
     assert database["mode"] == "plain" and database["ok"] is True
     assert str(database["detail"]).startswith("plain PostgreSQL tables")

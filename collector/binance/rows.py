@@ -293,12 +293,15 @@ def parse_envelope(table: str, raw: bytes, keep_coin_m: bool = False) -> ParsedE
         raise FrameError(f"no table named {table!r}") from None
 
 
-def make_envelope(market: str, received_at_us: int, frame: bytes, symbol: str | None = None) -> bytes:
+def make_envelope(
+    market: str, received_at_us: int, frame: bytes, symbol: str | None = None, audit: bytes = b""
+) -> bytes:
     """Wrap a raw frame or REST body, unmodified, with its market and receive time.
 
-    `frame` must already be valid JSON: it is embedded byte for byte, never re-serialised.
+    `frame` must already be valid JSON: it is embedded byte for byte, never re-serialised. `audit`
+    is the stream process's `,"run":"<id>","seq":<n>` (collector.audit), right after the time.
     """
-    head = b'{"market":"' + market.encode() + b'","received_at_us":' + str(received_at_us).encode()
+    head = b'{"market":"' + market.encode() + b'","received_at_us":' + str(received_at_us).encode() + audit
     if symbol is not None:
         head += b',"symbol":"' + symbol.encode() + b'"'
     return head + b',"frame":' + frame + b"}"

@@ -158,6 +158,21 @@ stream_gaps = Table(
     UniqueConstraint("market", "stream", "started_at", name="stream_gaps_natural_key"),
 )
 
+# What each drain batch consumed of the stream process's numbered envelopes (collector.audit): a hole
+# between ranges is envelopes lost between the stream process and PostgreSQL.
+ingest_ranges = Table(
+    "ingest_ranges",
+    metadata,
+    Column("table_name", Text, nullable=False),
+    Column("run", Text, nullable=False),  # the stream process run that numbered them
+    Column("first_seq", BigInteger, nullable=False),
+    Column("last_seq", BigInteger, nullable=False),
+    _ts("first_received_at"),
+    _ts("last_received_at"),
+    Index("ingest_ranges_by_run", "table_name", "run", "first_seq"),
+    Index("ingest_ranges_by_time", "last_received_at"),
+)
+
 # Alerts already decided; `alert_key` names the liquidation(s) that fired it, so a retried
 # evaluation cannot create a second alert for them.
 alerts = Table(

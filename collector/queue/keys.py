@@ -21,6 +21,7 @@
 | `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
 
 Envelope (one list element): `{"market": "spot"|"futures", "received_at_us": <int>, "frame": <raw JSON>}`;
+events of the stream process also carry `"run": "<id>", "seq": <n>` after the time (collector.audit);
 REST envelopes also carry `"symbol"` (the symbol asked for: spot depth bodies do not name it).
 `frame` is the WebSocket frame or REST body exactly as received.
 """

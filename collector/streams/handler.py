@@ -10,7 +10,6 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from collector.binance.rows import make_envelope
 from collector.streams.ledger import GapLedger
 from collector.streams.routing import deadletter_record, route_message
 from collector.streams.sink import Sink
@@ -53,9 +52,9 @@ class FrameHandler:
         (kind, stream, table, reason), message = route_message(frame)
         if kind == "event":
             if table != "depth_updates" or self._ledger is None:
-                self._sink.push(table, make_envelope(self._market, received_at_us, frame))
+                self._sink.push_event(table, self._market, received_at_us, frame)
             elif self._ledger.on_depth(self._market, message["data"], received_at_us, self._source):
-                self._sink.push(table, make_envelope(self._market, received_at_us, frame))
+                self._sink.push_event(table, self._market, received_at_us, frame)
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)
             if stats.last_message_us is not None:

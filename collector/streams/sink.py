@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
+from collector.binance.rows import make_envelope
 from collector.queue import counters, keys
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
@@ -77,7 +79,7 @@ class _Batch:
 class Sink:
     """Buffers envelopes in memory and moves them to the Redis lists of their tables."""
 
-    def __init__(self, client: redis.asyncio.Redis, options: SinkOptions) -> None:
+    def __init__(self, client: redis.asyncio.Redis, options: SinkOptions, run: str | None = None) -> None:
         self._client = client
         self._options = options
         self._queues: dict[str, list[bytes]] = {}
@@ -92,8 +94,19 @@ class Sink:
         self._stopping = False
         self._unavailable_since: float | None = None
         self._buffer_warned = False
+        # This run's id and the last number given to an event of each table (collector.audit).
+        self.run_id = run or f"r{time.time_ns() // 1000}-{os.getpid()}"
+        self._run_tag = b',"run":"' + self.run_id.encode() + b'","seq":'
+        self._seq: dict[str, int] = {}
 
     # --- the hot path: called by the receive loops, never awaits ---------------------------------
+
+    def push_event(self, table: str, market: str, received_at_us: int, frame: bytes) -> None:
+        """Queue one received event, numbered within this run and table (collector.audit)."""
+        seq = self._seq.get(table, 0) + 1
+        self._seq[table] = seq
+        tag = self._run_tag + str(seq).encode()
+        self.push(table, make_envelope(market, received_at_us, frame, audit=tag))
 
     def push(self, table: str, envelope: bytes) -> None:
         """Queue one envelope for `table`."""

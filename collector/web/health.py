@@ -12,11 +12,13 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import psycopg2
 import redis
 
+from collector.audit import Loss, find_losses
 from collector.db import timescale
 from collector.db.connection import connect
 from collector.errors import ConfigError, ServiceUnavailable
@@ -88,6 +90,8 @@ class HealthSnapshot:
     postgres_error: str | None = None
     # Which mode the database is in (`collector.db.timescale.describe`): mode, ok, detail.
     database: dict[str, Any] | None = None
+    # Envelopes lost between the stream process and PostgreSQL in the last LOSS_WINDOW (collector.audit).
+    losses: list[Loss] = field(default_factory=list)
     connections: list[ConnectionState] = field(default_factory=list)
     streams: list[StreamState] = field(default_factory=list)
     tables: list[TableState] = field(default_factory=list)
@@ -119,6 +123,10 @@ class HealthReport:
     body: dict[str, Any]
 
 
+# /health reports envelopes lost within this window; `collector audit --since` looks further back.
+LOSS_WINDOW = timedelta(hours=1)
+
+
 def now_us() -> int:
     """Wall-clock time in microseconds, the unit every timestamp in Redis uses."""
     return time.time_ns() // 1000
@@ -129,9 +137,13 @@ def now_us() -> int:
 
 def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
     """Read Redis (one pipeline) and check PostgreSQL; unreachable services become error strings."""
-    postgres_error, database = check_postgres(settings)
+    postgres_error, database, losses = check_postgres(settings)
     result = HealthSnapshot(
-        redis_up=True, postgres_up=postgres_error is None, postgres_error=postgres_error, database=database
+        redis_up=True,
+        postgres_up=postgres_error is None,
+        postgres_error=postgres_error,
+        database=database,
+        losses=losses,
     )
     try:
         _read_redis(redis_client, result)
@@ -143,23 +155,28 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
             redis_error=f"Redis is unreachable: {error}",
             postgres_error=postgres_error,
             database=database,
+            losses=losses,
         )
     return result
 
 
-def check_postgres(settings: Settings) -> tuple[str | None, dict[str, Any] | None]:
-    """(None, database mode) when PostgreSQL answers within DATABASE_CONNECT_TIMEOUT_S, else
-    (one line why not, None)."""
+def check_postgres(settings: Settings) -> tuple[str | None, dict[str, Any] | None, list[Loss]]:
+    """(None, database mode, recent losses) when PostgreSQL answers within DATABASE_CONNECT_TIMEOUT_S,
+    else (one line why not, None, [])."""
     try:
         conn = connect(settings, autocommit=True)
     except (ServiceUnavailable, ConfigError) as error:
-        return str(error), None
+        return str(error), None, []
     try:
         with conn.cursor() as cur:
-            return None, timescale.describe(cur)
+            database = timescale.describe(cur)
+            cur.execute("SELECT to_regclass('ingest_ranges') IS NOT NULL")
+            audited = cur.fetchone()[0]
+            since = datetime.now(UTC) - LOSS_WINDOW
+            return None, database, find_losses(cur, since) if audited else []
     except psycopg2.Error as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"PostgreSQL did not answer: {reason}", None
+        return f"PostgreSQL did not answer: {reason}", None, []
     finally:
         conn.close()
 
@@ -307,6 +324,11 @@ def assess(snap: HealthSnapshot, now: int, thresholds: HealthThresholds) -> Heal
         reasons += _connection_reasons(snap.connections, now, thresholds.health_max_message_age_s)
         reasons += _queue_reasons(snap.tables, now, thresholds.health_max_drain_age_s)
         reasons += _gap_reasons(snap.open_gaps, now, thresholds.health_max_gap_open_s)
+    reasons += [
+        f"lost {loss.count} {loss.table} events received between {loss.after_received.isoformat()} and "
+        f"{loss.before_received.isoformat()} (queued, never stored: see `collector audit`)"
+        for loss in snap.losses
+    ]
     return HealthReport(healthy=not reasons, reasons=reasons, body=_body(snap, now, reasons))
 
 
@@ -413,6 +435,15 @@ def _body(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str, Any]:
             for t in snap.tables
         ],
         "deadletter_length": snap.deadletter_length,
+        "lost_events": [
+            {
+                "table": loss.table,
+                "count": loss.count,
+                "received_after": loss.after_received.isoformat(),
+                "received_before": loss.before_received.isoformat(),
+            }
+            for loss in snap.losses
+        ],
         "open_gaps": [
             {
                 "kind": g.kind,

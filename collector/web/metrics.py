@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from collector.queue import keys
 from collector.queue.counters import COUNTERS
 from collector.web.health import CONNECTED, HealthSnapshot, age_s, now_us
 
@@ -35,6 +36,14 @@ def families(snap: HealthSnapshot, now: int) -> list[Metric]:
                 1 if snap.database["mode"] == "timescaledb" else 0,
             )
         )
+    lost = GaugeMetricFamily(
+        f"{PREFIX}_lost_events",
+        "Envelopes queued by the stream process but never stored, received in the last hour",
+        labels=["table"],
+    )
+    for table in keys.TABLES:  # zeros too: a dashboard sees the series before anything is lost
+        lost.add_metric([table], sum(loss.count for loss in snap.losses if loss.table == table))
+    up.append(lost)
     if not snap.redis_up:
         return up
     open_gaps = GaugeMetricFamily(
