@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import datetime
 from typing import Final
 
@@ -77,10 +77,22 @@ def contiguous_ranges(tags: Iterable[tuple[str, int, int]]) -> list[SeqRange]:
 
 
 INSERT_RANGES: Final = (
-    "INSERT INTO ingest_ranges (table_name, run, first_seq, last_seq, first_received_at, last_received_at)"
+    "INSERT INTO ingest_ranges (table_name, run, first_seq, last_seq, first_received_at, last_received_at,"
+    " rows_inserted, rows_duplicate, rows_filtered, dead_letters)"
     " VALUES (%s, %s, %s, %s, TIMESTAMPTZ 'epoch' + %s * INTERVAL '1 microsecond',"
-    " TIMESTAMPTZ 'epoch' + %s * INTERVAL '1 microsecond')"
+    " TIMESTAMPTZ 'epoch' + %s * INTERVAL '1 microsecond', %s, %s, %s, %s)"
 )
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one drain batch made of its envelopes."""
+
+    rows_inserted: int
+    rows_duplicate: int
+    rows_filtered: int
+    dead_letters: int
+
 
 # Holes between the drained ranges of each run and table: the next range starts beyond the highest
 # number drained before it. Redelivered batches overlap (never a hole), hence the running maximum.
@@ -101,9 +113,10 @@ ORDER BY first_received_at
 """
 
 
-def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange]) -> None:
-    """Inside the batch's transaction; logs a hole before the first range (the loss, as it is found)."""
-    for piece in ranges:
+def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
+    """Inside the batch's transaction; logs a hole before a range (the loss, as it is found)."""
+    for index, piece in enumerate(ranges):
+        counts = astuple(outcome) if index == 0 else (0, 0, 0, 0)
         cur.execute(
             "SELECT max(last_seq), max(last_received_at) FROM ingest_ranges"
             " WHERE table_name = %s AND run = %s AND first_seq < %s",
@@ -123,7 +136,15 @@ def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange]) -> None:
             )
         cur.execute(
             INSERT_RANGES,
-            (table, piece.run, piece.first, piece.last, piece.first_received_us, piece.last_received_us),
+            (
+                table,
+                piece.run,
+                piece.first,
+                piece.last,
+                piece.first_received_us,
+                piece.last_received_us,
+                *counts,
+            ),
         )
 
 
@@ -134,28 +155,90 @@ def find_losses(cur: Cursor, since: datetime, table: str | None = None) -> list[
     return [Loss(*row) for row in cur.fetchall()]
 
 
-def drained_counts(cur: Cursor, since: datetime) -> dict[tuple[str, str], tuple[int, int]]:
-    """(table, run) -> (envelopes drained, highest number drained) since `since`."""
+@dataclass(frozen=True)
+class RunBalance:
+    """One table of one run: what its drains consumed, and what became of it."""
+
+    table: str
+    run: str
+    highest: int  # the highest number drained
+    drained: int  # envelopes drained (a redelivered batch counts twice)
+    rows_inserted: int
+    rows_duplicate: int
+    rows_filtered: int
+    dead_letters: int
+    started: datetime  # the receive time of its first drained envelope
+
+
+def drained_balances(cur: Cursor, since: datetime) -> list[RunBalance]:
+    """Per (table, run) received since `since`, oldest run first."""
     cur.execute(
-        "SELECT table_name, run, sum(last_seq - first_seq + 1), max(last_seq) FROM ingest_ranges"
-        " WHERE last_received_at >= %s GROUP BY table_name, run",
+        "SELECT table_name, run, max(last_seq), sum(last_seq - first_seq + 1), sum(rows_inserted),"
+        " sum(rows_duplicate), sum(rows_filtered), sum(dead_letters), min(first_received_at)"
+        " FROM ingest_ranges WHERE last_received_at >= %s GROUP BY table_name, run ORDER BY 9, 1",
         (since,),
     )
-    return {(t, r): (int(n), int(m)) for t, r, n, m in cur.fetchall()}
+    return [
+        RunBalance(t, r, int(h), int(d), int(i), int(u), int(f), int(x), s)
+        for t, r, h, d, i, u, f, x, s in cur.fetchall()
+    ]
 
 
-def format_audit(drained: dict[tuple[str, str], tuple[int, int]], losses: list[Loss]) -> str:
-    """The text of `collector audit`: per table and run, what was drained and lost, then each hole. Pure."""
-    if not drained:
-        return "no audited envelopes drained in this period"
+def format_audit(
+    balances: list[RunBalance], losses: list[Loss], queued: dict[str, int], pending: dict[str, int]
+) -> str:
+    """The text of `collector audit`. Pure.
+
+    Per table and run: the events the stream process committed to the queue (`queued`, from Redis:
+    `<run>/<table>` -> last number), and where they went: drained (into rows stored, duplicate or
+    filtered, or dead letters), still queued or in flight (`pending`, per table, the latest run's),
+    or lost. A run whose numbers add up says `balanced`.
+    """
+    if not balances:
+        return "no audited events drained in this period"
+    latest = {b.table: b.run for b in balances}  # ordered by start: the last one wins
     lost: dict[tuple[str, str], int] = {}
     for loss in losses:
         lost[(loss.table, loss.run)] = lost.get((loss.table, loss.run), 0) + loss.count
-    header = ("TABLE", "RUN", "HIGHEST NUMBER", "DRAINED", "LOST")
-    rows = [
-        (table, run, f"{highest:,}", f"{count:,}", f"{lost.get((table, run), 0):,}")
-        for (table, run), (count, highest) in sorted(drained.items())
-    ]
+    header = (
+        "TABLE",
+        "RUN",
+        "QUEUED",
+        "DRAINED",
+        "PENDING",
+        "LOST",
+        "ROWS STORED",
+        "DUPLICATE",
+        "FILTERED",
+        "DEAD LETTERS",
+        "BALANCE",
+    )
+    rows = []
+    for b in balances:
+        waiting = pending.get(b.table, 0) if latest[b.table] == b.run else 0
+        missing = lost.get((b.table, b.run), 0)
+        sent = queued.get(f"{b.run}/{b.table}")
+        if sent is None:
+            verdict, sent_text = "unknown (not in Redis)", "?"
+        else:
+            short = sent - b.drained - missing - waiting
+            verdict = "balanced" if short <= 0 else f"{short:,} not accounted for yet"
+            sent_text = f"{sent:,}"
+        rows.append(
+            (
+                b.table,
+                b.run,
+                sent_text,
+                f"{b.drained:,}",
+                f"{waiting:,}",
+                f"{missing:,}",
+                f"{b.rows_inserted:,}",
+                f"{b.rows_duplicate:,}",
+                f"{b.rows_filtered:,}",
+                f"{b.dead_letters:,}",
+                verdict,
+            )
+        )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
     lines += [

@@ -133,19 +133,37 @@ def _cmd_gaps(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from datetime import UTC, datetime, timedelta
 
-    from collector.audit import drained_counts, find_losses, format_audit
+    import redis
+
+    from collector.audit import drained_balances, find_losses, format_audit
     from collector.db.connection import connect
     from collector.export.plan import parse_time
+    from collector.queue import keys
+    from collector.queue.batches import inflight_length, queue_length
+    from collector.queue.client import redis_client
 
     since = parse_time(args.since, "--since") if args.since else datetime.now(UTC) - timedelta(hours=24)
+    client = redis_client(settings)
+    try:
+        # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
+        queued = {_text(k): int(v) for k, v in client.hgetall(keys.AUDIT_QUEUED).items()}
+        pending = {t: queue_length(client, t) + inflight_length(client, t) for t in keys.TABLES}
+    except redis.RedisError as error:
+        raise ServiceUnavailable(f"Redis at {settings.redis_url} is unreachable: {error}") from None
+    finally:
+        client.close()
     conn = connect(settings)
     try:
         with conn.cursor() as cur:
-            text = format_audit(drained_counts(cur, since), find_losses(cur, since))
+            text = format_audit(drained_balances(cur, since), find_losses(cur, since), queued, pending)
     finally:
         conn.close()
     print(text)
     return 0
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _parser() -> argparse.ArgumentParser:

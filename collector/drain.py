@@ -26,7 +26,7 @@ from psycopg2.extensions import connection as Connection
 from redis.exceptions import LockError
 from redis.lock import Lock
 
-from collector.audit import contiguous_ranges, record_ranges, tag_of
+from collector.audit import BatchOutcome, contiguous_ranges, record_ranges, tag_of
 from collector.binance.rows import Row, parse_envelope
 from collector.db.copy import CopyResult, copy_rows, copy_text
 from collector.errors import FrameError
@@ -105,7 +105,7 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
     """
     try:
         result = copy_rows(conn, table, parsed.rows, parsed.rendered)
-        _record_ranges(conn, table, parsed)
+        _record_ranges(conn, table, parsed, result)
         conn.commit()
         return result
     except psycopg2.DataError as error:
@@ -128,15 +128,19 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
             continue
         staged += result.staged
         inserted += result.inserted
-    _record_ranges(conn, table, parsed)
+    result = CopyResult(staged, inserted)
+    _record_ranges(conn, table, parsed, result)
     conn.commit()
-    return CopyResult(staged, inserted)
+    return result
 
 
-def _record_ranges(conn: Connection, table: str, parsed: BatchRows) -> None:
+def _record_ranges(conn: Connection, table: str, parsed: BatchRows, result: CopyResult) -> None:
     if parsed.tags:
+        outcome = BatchOutcome(
+            result.inserted, result.duplicates, parsed.coin_m_skipped, len(parsed.dead_letters)
+        )
         with conn.cursor() as cur:
-            record_ranges(cur, table, contiguous_ranges(parsed.tags))
+            record_ranges(cur, table, contiguous_ranges(parsed.tags), outcome)
 
 
 class Drainer:

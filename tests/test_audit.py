@@ -57,6 +57,12 @@ def test_nothing_lost_in_a_normal_run(settings: Settings, tmp_path: Path) -> Non
     conn.close()
     assert {t for t, _, _ in balances} >= {"agg_trades", "depth_updates", "mark_prices"}
     assert all(drained == highest for _, drained, highest in balances)
+    printed = subprocess.run([COLLECTOR, "audit"], capture_output=True, text=True, timeout=60)
+    lines = printed.stdout.splitlines()
+    assert lines[0].split()[:6] == ["TABLE", "RUN", "QUEUED", "DRAINED", "PENDING", "LOST"]
+    rows = [line.split() for line in lines[1:-1]]
+    assert len(rows) >= 4 and all(row[-1] == "balanced" and row[2] == row[3] for row in rows), printed.stdout
+    assert lines[-1] == "nothing lost"
 
 
 def test_events_redis_lost_are_reported_with_count_and_interval(settings: Settings, tmp_path: Path) -> None:
@@ -87,6 +93,8 @@ def test_events_redis_lost_are_reported_with_count_and_interval(settings: Settin
     assert printed.returncode == 0, printed.stderr
     assert f"({lost} events), received between" in printed.stdout
     assert printed.stdout.strip().endswith(f"{lost} events lost")
+    trades = next(line.split() for line in printed.stdout.splitlines() if line.startswith("agg_trades "))
+    assert trades[5] == f"{lost:,}" and trades[-1] == "balanced"  # queued = drained + lost
     error, _, recent = check_postgres(settings)
     assert error is None and recent == losses
     from collector.web.health import HealthSnapshot

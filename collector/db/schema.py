@@ -169,6 +169,11 @@ ingest_ranges = Table(
     Column("last_seq", BigInteger, nullable=False),
     _ts("first_received_at"),
     _ts("last_received_at"),
+    # What the batch made of its envelopes (on the batch's first range; 0 on the others).
+    Column("rows_inserted", BigInteger, nullable=False, server_default="0"),
+    Column("rows_duplicate", BigInteger, nullable=False, server_default="0"),
+    Column("rows_filtered", BigInteger, nullable=False, server_default="0"),  # COIN-M left out
+    Column("dead_letters", BigInteger, nullable=False, server_default="0"),
     Index("ingest_ranges_by_run", "table_name", "run", "first_seq"),
     Index("ingest_ranges_by_time", "last_received_at"),
 )

@@ -247,8 +247,13 @@ class Sink:
 
     async def _write(self, batch: _Batch) -> None:
         pipe: Any = self._client.pipeline(transaction=True)
+        queued_upto: dict[str, int] = {}
         for table, count in batch.envelopes.items():
             pipe.rpush(keys.queue(table), *self._queues[table][:count])
+            if table in self._seq:  # numbered events only: the last number this flush commits
+                queued_upto[f"{self.run_id}/{table}"] = self._seq[table] - (len(self._queues[table]) - count)
+        if queued_upto:
+            pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
         if batch.deadletters:
             pipe.rpush(keys.DEADLETTER, *self._deadletters[: batch.deadletters])
             counters.incr(pipe, "deadletters", "streams", amount=batch.deadletters)
