@@ -10,14 +10,15 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import orjson
 import pytest
 import redis
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from collector.binance.rows import make_envelope, parse_envelope
@@ -128,6 +129,13 @@ class InProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@contextmanager
+def websocket_server(handler: Callable[[ServerConnection], Awaitable[None]]) -> Iterator[int]:
+    """A `websockets` server on a free port in its own thread, running `handler` per connection."""
+    with websocket_server(handler) as port:
+        yield port
 
 
 def queued(client: redis.Redis, table: str) -> list[bytes]:
@@ -378,19 +386,7 @@ def test_server_shutdown_notice_reconnects_at_once(
             await ws.send(b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1}}', text=True)
         await ws.wait_closed()
 
-    port = free_port()
-    ready, done = threading.Event(), threading.Event()
-
-    async def server_main() -> None:
-        async with serve(announce_then_idle, "127.0.0.1", port):
-            ready.set()
-            while not done.is_set():
-                await asyncio.sleep(0.05)
-
-    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with websocket_server(announce_then_idle) as port:
         settings = load_settings(
             redis_url=redis_url,
             binance_spot_ws_url=f"ws://127.0.0.1:{port}",
@@ -411,9 +407,6 @@ def test_server_shutdown_notice_reconnects_at_once(
         # The spot stream never stopped receiving (the only outages are the final stop's).
         outages = [orjson.loads(e) for e in client.lrange(keys.queue("stream_gaps"), 0, -1)]
         assert {o["frame"]["cause"] for o in outages} == {"shutdown"}
-    finally:
-        done.set()
-        thread.join(10)
 
 
 def test_backoff_restarts_after_a_connection_that_delivered(
@@ -434,19 +427,7 @@ def test_backoff_restarts_after_a_connection_that_delivered(
         await ws.send(trade % len(served), text=True)
         await ws.close(1001, "going away")
 
-    port = free_port()
-    ready, done = threading.Event(), threading.Event()
-
-    async def server_main() -> None:
-        async with serve(send_one_then_drop, "127.0.0.1", port):
-            ready.set()
-            while not done.is_set():
-                await asyncio.sleep(0.05)
-
-    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with websocket_server(send_one_then_drop) as port:
         settings = load_settings(
             redis_url=redis_url,
             binance_spot_ws_url=f"ws://127.0.0.1:{port}",
@@ -462,9 +443,6 @@ def test_backoff_restarts_after_a_connection_that_delivered(
             wait_until(lambda: len(served) >= 8, 20, "eight connections")
         delays = [float(d) for d in re.findall(r"ws.reconnecting id=spot-0 delay_s=([0-9.]+)", caplog.text)]
         assert len(delays) >= 7 and max(delays) <= 0.2, delays
-    finally:
-        done.set()
-        thread.join(10)
 
 
 def test_one_silent_stream_on_a_busy_connection_is_resubscribed(
@@ -511,19 +489,7 @@ def test_one_silent_stream_on_a_busy_connection_is_resubscribed(
         finally:
             reader.cancel()
 
-    port = free_port()
-    ready, done = threading.Event(), threading.Event()
-
-    async def server_main() -> None:
-        async with serve(depth_stops_until_resubscribed, "127.0.0.1", port):
-            ready.set()
-            while not done.is_set():
-                await asyncio.sleep(0.05)
-
-    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
-    thread.start()
-    try:
-        assert ready.wait(10)
+    with websocket_server(depth_stops_until_resubscribed) as port:
         settings = load_settings(
             redis_url=redis_url,
             binance_spot_ws_url=f"ws://127.0.0.1:{port}",
@@ -547,9 +513,6 @@ def test_one_silent_stream_on_a_busy_connection_is_resubscribed(
         silenced = [o for o in outages if o["cause"] == "stream_silence"]
         assert [o["stream"] for o in silenced] == ["btcusdt@depth@100ms"] * 2  # opened, then closed
         assert silenced[-1]["ended_at_us"] > silenced[-1]["started_at_us"]
-    finally:
-        done.set()
-        thread.join(10)
 
 
 def test_nothing_is_lost_while_redis_is_down(
