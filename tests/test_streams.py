@@ -18,7 +18,7 @@ from typing import Any, cast
 import orjson
 import pytest
 import redis
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from collector.binance.rows import make_envelope, parse_envelope
@@ -134,8 +134,23 @@ class InProcess:
 @contextmanager
 def websocket_server(handler: Callable[[ServerConnection], Awaitable[None]]) -> Iterator[int]:
     """A `websockets` server on a free port in its own thread, running `handler` per connection."""
-    with websocket_server(handler) as port:
+    port = free_port()
+    ready, done = threading.Event(), threading.Event()
+
+    async def server_main() -> None:
+        async with serve(handler, "127.0.0.1", port):
+            ready.set()
+            while not done.is_set():
+                await asyncio.sleep(0.05)
+
+    thread = threading.Thread(target=lambda: asyncio.run(server_main()))
+    thread.start()
+    try:
+        assert ready.wait(10)
         yield port
+    finally:
+        done.set()
+        thread.join(10)
 
 
 def queued(client: redis.Redis, table: str) -> list[bytes]:
