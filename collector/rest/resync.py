@@ -78,7 +78,7 @@ def snapshot_fetcher(settings: Settings, client: redis.Redis) -> SnapshotFetcher
             time.sleep(wait_s)
         try:
             response = rest.get(request)
-        except RestError as error:
+        except (RestError, redis.RedisError) as error:  # Redis holds the shared pause and counters
             logger.warning("rest.resync_failed market=%s symbol=%s error=%s", market, symbol, error)
             return None
         if (

@@ -136,7 +136,11 @@ class GapLedger:
         queue = self._queue(market)
         while True:
             symbol = await queue.get()
-            fetched = await self._fetch(market, symbol)
+            try:
+                fetched = await self._fetch(market, symbol)
+            except Exception:  # this worker must outlive any one request: it retries with backoff
+                logger.exception("gaps.resync_error market=%s symbol=%s", market, symbol)
+                fetched = None
             if fetched is None:
                 # Failed after the REST client's own retries: ask again later, backing off per symbol.
                 delays = self._retry_delays.setdefault(
