@@ -162,6 +162,19 @@ def test_reconnect_is_a_gap_only_when_the_chain_broke() -> None:
     assert [g.cause for g in later.records] == ["sequence"]
 
 
+def test_after_a_crash_each_symbol_starts_with_a_gap() -> None:
+    """The previous run died: what it last saw is unknown, so each symbol's first event opens a gap."""
+    tracker = DepthTracker(after_crash=True)
+    decisions = tracker.on_event("spot", "BTCUSDT", 500, 510, None, T)
+    assert [(g.cause, g.last_update_id, g.next_update_id) for g in decisions.records] == [
+        ("crash", None, 500)
+    ]
+    assert decisions.fetch == [("spot", "BTCUSDT")]
+    assert tracker.on_event("spot", "BTCUSDT", 511, 520, None, T + 1).records == []
+    closed = tracker.on_snapshot("spot", "BTCUSDT", 515, T + 2)
+    assert [g.resync_update_id for g in closed.records] == [515]
+
+
 def test_restart_continues_from_the_saved_update_ids() -> None:
     """A restart with the last u of the previous run records a `startup` gap only if ids were missed."""
     tracker = DepthTracker({("spot", "BTCUSDT"): 10, ("spot", "ETHUSDT"): 10})

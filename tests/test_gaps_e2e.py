@@ -273,3 +273,37 @@ def test_without_rotation_the_exchange_cut_is_a_recorded_outage(settings: Settin
     assert outages[0][0] >= 10 and outages[0][1]
     assert_every_break_is_a_recorded_gap(settings)
     assert_gaps_resynced_by_stored_snapshots(settings)
+
+
+def test_a_crashed_stream_process_leaves_a_complete_ledger(settings: Settings, tmp_path: Path) -> None:
+    """SIGKILL, then a new start: every stream has a `crash` outage from the last heartbeat to the new
+    connection, every depth symbol a `crash` gap (no lower bound) resynced by its own snapshot."""
+    import signal
+
+    client = redis.Redis.from_url(settings.redis_url)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with FakeExchange(rate=300.0) as fake:
+        first = _run(settings, fake, tmp_path / "first")
+        try:
+            wait_until(lambda: _depth_flowing(client, 100), 60, "depth events")
+            wait_until(lambda: client.exists(keys.STREAMS_ALIVE), 10, "a heartbeat")
+        finally:
+            first.signal_group(signal.SIGKILL)
+            first.stop()
+        second = stream_process(_env(settings, fake), tmp_path / "second")
+        try:
+            wait_until(lambda: "gaps.previous_run_crashed" in second.log(), 30, "the crash noticed")
+            _more_depth(client, 100)
+        finally:
+            assert second.stop() == 0, second.log()
+    _drain_all(settings)
+    crash_outages = _rows(
+        settings, "SELECT count(*), bool_and(ended_at > started_at) FROM stream_gaps WHERE cause = 'crash'"
+    )
+    assert crash_outages == [(10, True)]  # every planned stream
+    gaps = depth_gaps(settings)
+    assert sorted((m, s, last, cause) for m, s, last, _, cause, _ in gaps) == sorted(
+        (m, s, None, "crash") for m, s in DEPTH_SYMBOLS
+    )
+    assert_gaps_resynced_by_stored_snapshots(settings)

@@ -84,7 +84,12 @@ DUPLICATE: Final = Decisions(duplicate=True)
 class DepthTracker:
     """Follows every (market, symbol) chain across connections, reconnections and restarts."""
 
-    def __init__(self, last_update_ids: dict[tuple[str, str], int] | None = None) -> None:
+    def __init__(
+        self, last_update_ids: dict[tuple[str, str], int] | None = None, after_crash: bool = False
+    ) -> None:
+        # After a crash the previous run's last ids are unknown: each symbol's first event opens a
+        # gap (cause `crash`) with no lower bound, and a resync.
+        self.after_crash = after_crash
         # From the previous run (Redis): a restart is then checked for continuity like a reconnect.
         self.symbols: dict[tuple[str, str], SymbolState] = {
             key: SymbolState(last_u=u, pending_cause="startup") for key, u in (last_update_ids or {}).items()
@@ -119,7 +124,12 @@ class DepthTracker:
         if state.last_u is None:  # the first event of a new recording: nothing before it was expected
             state.last_u, state.base = final_u, chain_base(market, first_u, previous_u)
             state.last_source = source
-            return NOTHING
+            if not self.after_crash:
+                return NOTHING
+            gap = DepthGap(market, symbol, now_us, None, first_u, "crash")
+            state.open_gaps.append(gap)
+            state.in_flight = True
+            return Decisions(records=[gap], fetch=[(market, symbol)])
         if state.floating:
             floating = state.floating.get(source)
             if floating is not None:  # a replacement ahead of the main chain: follow it apart

@@ -18,6 +18,7 @@
 | `collector:rest:pause_until_us:<market>` | STRING | REST tasks | REST tasks | no REST call to that market before this time (429/418 Retry-After) |
 | `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
 | `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
+| `collector:streams:alive` | STRING | stream process (every second; deleted at a clean stop) | stream process (start) | time (µs) of its last heartbeat: found at start, the previous run crashed |
 | `collector:audit:queued` | HASH | stream process | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue |
 | `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
 
@@ -55,6 +56,7 @@ ALERTS_LOCK: Final = f"{PREFIX}:lock:alerts"
 OPEN_GAPS: Final = f"{PREFIX}:gaps:open"
 DEPTH_LAST_UPDATE_ID: Final = f"{PREFIX}:gaps:depth_last_u"
 STREAM_OUTAGES: Final = f"{PREFIX}:gaps:stream_outages"
+STREAMS_ALIVE: Final = f"{PREFIX}:streams:alive"
 AUDIT_QUEUED: Final = f"{PREFIX}:audit:queued"
 
 

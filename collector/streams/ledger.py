@@ -66,6 +66,10 @@ class GapLedger:
         self.open_streams: dict[tuple[str, str], StreamGap] = {}  # (market, stream) -> outage
         self._opened: list[tuple[str, str, str]] = []  # (kind, market, cause) not yet counted
         self._stopping = False
+        # The previous run died without a clean stop (its heartbeat is still in Redis): from its last
+        # heartbeat until each connection opens, its streams were out.
+        self._crashed_at_us: int | None = None
+        self._crash_recorded: set[str] = set()  # connections whose crash outage is recorded
 
     # --- depth: the receive path -----------------------------------------------------------------
 
@@ -174,6 +178,15 @@ class GapLedger:
     def connection_opened(self, state: ConnectionState) -> None:
         """A connection is open and subscribed: its streams' outages end now."""
         opened_us = now_us()
+        if self._crashed_at_us is not None and state.id not in self._crash_recorded:
+            self._crash_recorded.add(state.id)
+            for stream in state.streams:
+                if (state.market, stream) not in self.open_streams:
+                    outage = StreamGap(
+                        state.market, stream, self._crashed_at_us, "crash", state.id, opened_us
+                    )
+                    self._sink.push("stream_gaps", outage.envelope())
+                    self._opened.append(("stream", state.market, "crash"))
         for stream in state.streams:
             gap = self.open_streams.pop((state.market, stream), None)
             if gap is not None:
@@ -232,6 +245,7 @@ class GapLedger:
             pipe.delete(keys.OPEN_GAPS)
             if mapping:
                 pipe.hset(keys.OPEN_GAPS, mapping=mapping)
+            pipe.set(keys.STREAMS_ALIVE, now_us())  # the heartbeat a crash leaves behind
             for kind, market, cause in opened:
                 counters.incr(pipe, "gaps", kind, market, cause)
             await pipe.execute()
@@ -263,7 +277,7 @@ class GapLedger:
         }
         outages = {f"{m}/{s}": orjson.dumps(_stream_json(g)) for (m, s), g in self.open_streams.items()}
         pipe: Any = client.pipeline(transaction=True)
-        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES)
+        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES, keys.STREAMS_ALIVE)
         if last_u:
             pipe.hset(keys.DEPTH_LAST_UPDATE_ID, mapping=last_u)
         if outages:
@@ -279,13 +293,20 @@ class GapLedger:
         pipe: Any = client.pipeline(transaction=True)
         pipe.hgetall(keys.DEPTH_LAST_UPDATE_ID)
         pipe.hgetall(keys.STREAM_OUTAGES)
-        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES)
-        last_u_raw, outages_raw, _ = await pipe.execute()
+        pipe.get(keys.STREAMS_ALIVE)
+        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES, keys.STREAMS_ALIVE)
+        last_u_raw, outages_raw, alive, _ = await pipe.execute()
         last_u = {}
         for name, value in last_u_raw.items():
             market, _, symbol = name.decode().partition("/")
             last_u[(market, symbol)] = int(value)
-        self.tracker = DepthTracker(last_u)
+        if alive is not None and not last_u_raw:
+            self._crashed_at_us = int(alive)
+            logger.warning(
+                "gaps.previous_run_crashed last_alive_us=%s action=record outages and resync every symbol",
+                self._crashed_at_us,
+            )
+        self.tracker = DepthTracker(last_u, after_crash=self._crashed_at_us is not None)
         for name, value in outages_raw.items():
             market, _, stream = name.decode().partition("/")
             record = orjson.loads(value)
