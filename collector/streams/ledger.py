@@ -301,7 +301,9 @@ class GapLedger:
             market, _, symbol = name.decode().partition("/")
             last_u[(market, symbol)] = int(value)
         if alive is not None and not last_u_raw:
-            self._crashed_at_us = int(alive)
+            # Events received after the dead run's last flush were lost; that flush may have come
+            # just before its last heartbeat, so the outage starts one heartbeat interval earlier.
+            self._crashed_at_us = int(alive) - int(MIRROR_INTERVAL_S * 1e6)
             logger.warning(
                 "gaps.previous_run_crashed last_alive_us=%s action=record outages and resync every symbol",
                 self._crashed_at_us,
