@@ -316,3 +316,27 @@ def test_resync_snapshots_spend_at_most_their_share_of_the_weight() -> None:
     assert delays[30] == pytest.approx(2.0) and delays[39] == pytest.approx(20.0)  # 10 weight/s after
     assert bucket.delay_s(20, 1060.0) == 0.0  # a minute later the bucket has refilled
     assert seconds_to_next_minute(1_764_000_015.5) == pytest.approx(44.5)
+
+
+def test_a_second_depth_speed_of_a_symbol_is_stored_but_not_judged() -> None:
+    """`@depth` beside `@depth@100ms`: the slower stream batches differently; no false gap, none dropped."""
+    import redis.asyncio
+
+    from collector.streams.ledger import GapLedger
+    from collector.streams.sink import Sink, SinkOptions
+
+    async def never(market: str, symbol: str) -> None:
+        return None
+
+    sink = Sink(redis.asyncio.Redis(), SinkOptions(0.05, 10_000, 1_000_000), run="r1")
+    ledger = GapLedger(sink, never)
+    fast, slow = "btcusdt@depth@100ms", "btcusdt@depth"
+    stored = [
+        ledger.on_depth("spot", fast, {"s": "BTCUSDT", "U": 1, "u": 10}, T, "spot-0#1"),
+        ledger.on_depth("spot", slow, {"s": "BTCUSDT", "U": 1, "u": 30}, T, "spot-0#1"),
+        ledger.on_depth("spot", fast, {"s": "BTCUSDT", "U": 11, "u": 20}, T, "spot-0#1"),
+        ledger.on_depth("spot", fast, {"s": "BTCUSDT", "U": 21, "u": 30}, T, "spot-0#1"),
+        ledger.on_depth("spot", slow, {"s": "BTCUSDT", "U": 31, "u": 60}, T, "spot-0#1"),
+    ]
+    assert stored == [True] * 5
+    assert ledger.tracker.open_gaps() == [] and sink.buffered_envelopes("depth_gaps") == []

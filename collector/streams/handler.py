@@ -53,7 +53,7 @@ class FrameHandler:
         if kind == "event":
             if table != "depth_updates" or self._ledger is None:
                 self._sink.push_event(table, self._market, received_at_us, frame)
-            elif self._ledger.on_depth(self._market, message["data"], received_at_us, self._source):
+            elif self._ledger.on_depth(self._market, stream, message["data"], received_at_us, self._source):
                 self._sink.push_event(table, self._market, received_at_us, frame)
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)

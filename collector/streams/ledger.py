@@ -65,6 +65,7 @@ class GapLedger:
         self._retry_delays: dict[tuple[str, str], Any] = {}
         self.open_streams: dict[tuple[str, str], StreamGap] = {}  # (market, stream) -> outage
         self._opened: list[tuple[str, str, str]] = []  # (kind, market, cause) not yet counted
+        self._chain_streams: dict[tuple[str, str], str] = {}  # (market, symbol) -> its followed stream
         self._stopping = False
         # The previous run died without a clean stop (its heartbeat is still in Redis): from its last
         # heartbeat until each connection opens, its streams were out.
@@ -73,14 +74,22 @@ class GapLedger:
 
     # --- depth: the receive path -----------------------------------------------------------------
 
-    def on_depth(self, market: str, data: Any, received_at_us: int, connection: str) -> bool:
+    def on_depth(self, market: str, stream: str, data: Any, received_at_us: int, connection: str) -> bool:
         """One diff-depth event (the combined stream's `data`); False when it is a duplicate that
         another connection already delivered, so it need not be stored again. A malformed event is
-        the drain's to dead-letter."""
+        the drain's to dead-letter.
+
+        The chain of a symbol is followed on one depth stream: a second speed of the same symbol
+        (`@depth` beside `@depth@100ms`) batches updates differently, so its events are stored but
+        not checked against the first one's.
+        """
         if type(data) is not dict:
             return True
         symbol, first_u, final_u, previous_u = data.get("s"), data.get("U"), data.get("u"), data.get("pu")
         if type(symbol) is not str or type(first_u) is not int or type(final_u) is not int:
+            return True
+        followed = self._chain_streams.setdefault((market, symbol), stream)
+        if followed != stream:
             return True
         decisions = self.tracker.on_event(
             market, symbol, first_u, final_u, previous_u, received_at_us, connection
