@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
 import orjson
@@ -62,7 +62,7 @@ class GapLedger:
         self._fetch = fetch
         self.tracker = tracker or DepthTracker()
         self._requests: dict[str, asyncio.Queue[str]] = {}
-        self._retry_delays: dict[tuple[str, str], Any] = {}
+        self._retry_delays: dict[tuple[str, str], Iterator[float]] = {}
         self.open_streams: dict[tuple[str, str], StreamGap] = {}  # (market, stream) -> outage
         self._opened: list[tuple[str, str, str]] = []  # (kind, market, cause) not yet counted
         self._chain_streams: dict[tuple[str, str], str] = {}  # (market, symbol) -> its followed stream
