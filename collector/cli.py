@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -259,9 +260,37 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 }
 
 
+# Commands an operator types in another shell while `make run` / `make demo` runs.
+OPERATOR_COMMANDS = frozenset({"status", "trigger", "gaps", "audit", "book", "export"})
+
+
+def _adopt_running_stack(command: str) -> None:
+    """With no REDIS_URL / DATABASE_URL configured, talk to the stack running from ./var, and say so."""
+    from pathlib import Path
+
+    from dotenv import dotenv_values
+
+    from collector.localservices import running_stack
+
+    if command not in OPERATOR_COMMANDS:
+        return
+    configured = {**dotenv_values(".env"), **os.environ} if Path(".env").exists() else dict(os.environ)
+    if "REDIS_URL" in configured or "DATABASE_URL" in configured:
+        return
+    stack = running_stack(Path("var"))
+    if stack is None:
+        return
+    label, env_file = stack
+    for name, value in dotenv_values(env_file).items():
+        if value is not None:
+            os.environ.setdefault(name, value)
+    print(f"collector: talking to the running `{label}` stack ({env_file})", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _adopt_running_stack(args.command)
         settings = get_settings()
         _setup_logging(settings)
         return COMMANDS[args.command](args, settings)

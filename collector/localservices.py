@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,21 @@ def running_postgres(root: Path) -> tuple[int, int] | None:
         return None
     pid, port = int(lines[0]), int(lines[3])
     return (pid, port) if _alive(pid) else None
+
+
+# The stacks `scripts/stack.sh` starts: (what the user typed, the name of its pid and env files).
+STACKS: Final = (("make run", "run"), ("make demo", "demo"))
+
+
+def running_stack(root: Path) -> tuple[str, Path] | None:
+    """The `make run` / `make demo` stack running from `root` (its honcho pid is alive): its name
+    and the env file its processes use, or None."""
+    for label, name in STACKS:
+        pid = _pid_from_file(root / f"{name}.pid")
+        env_file = root / f"{name}.env"
+        if pid is not None and _alive(pid) and env_file.exists():
+            return label, env_file
+    return None
 
 
 def _redis_url(port: int, config: ServicesConfig) -> str:

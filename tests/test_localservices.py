@@ -207,3 +207,36 @@ def test_bad_variables_are_named_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and variable in err[0]
     assert not root.exists()
+
+
+def test_operator_commands_find_the_running_stack(
+    tmp_path: Path, redis_url: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no REDIS_URL / DATABASE_URL set, `collector status` and `collector trigger` talk to the
+    `make demo` stack running from ./var (its env file), and say so; without one they do not."""
+    import os
+
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / "demo.env").write_text(f"REDIS_URL={redis_url}\nDATABASE_URL={database_url}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    collector = str(Path(sys.executable).with_name("collector"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [collector, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+
+    (var / "demo.pid").write_text(f"{os.getpid()}\n")  # a live pid: the stack runs
+    status = run("status")
+    assert (
+        status.stderr.splitlines()[0] == "collector: talking to the running `make demo` stack (var/demo.env)"
+    )
+    assert "redis       up" in status.stdout
+    sent = run("trigger", "drain", "--table", "agg_trades")
+    assert sent.returncode == 0, sent.stderr
+    assert redis.Redis.from_url(redis_url).llen("ingest") == 1  # the stack's broker got the task
+
+    (var / "demo.pid").write_text("999999999\n")  # the stack stopped
+    stopped = run("status")
+    assert "talking to" not in stopped.stderr
