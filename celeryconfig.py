@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 from kombu import Queue
 
+from collector.errors import ConfigError
 from collector.schedule import QUEUES, TASK_QUEUES
 from collector.schedule import beat_schedule as build_beat_schedule
 from collector.settings import get_settings
 
-_settings = get_settings()
+try:
+    _settings = get_settings()
+except ConfigError as error:
+    # `celery -A collector worker|beat` would show the whole traceback: one line names the variable.
+    print(f"collector: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True

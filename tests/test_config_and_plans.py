@@ -224,3 +224,20 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
         cur.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
         assert cur.fetchone()[0] == 0
     conn.close()
+
+
+@pytest.mark.parametrize("command", ["worker", "beat"])
+def test_celery_with_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """`celery -A collector worker|beat` with a bad setting prints one line naming it, exit code 2."""
+    celery = str(Path(sys.executable).with_name("celery"))
+    done = subprocess.run(
+        [celery, "-A", "collector", command],
+        env={"SPOT_SYMBOLS": "BTC/USDT", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    output = (done.stdout + done.stderr).strip()
+    assert output.count("\n") == 0 and "SPOT_SYMBOLS" in output and "Traceback" not in output

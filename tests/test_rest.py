@@ -434,6 +434,21 @@ def test_tasks_refuse_bad_arguments_with_one_line(
         "rest.bad_market",
     ]
     assert counter(redis_conn, "rest_requests") == {}
-    result = open_interest(symbol="NOPEUSDT")
-    assert result is not None and list(result["failed"]) == ["NOPEUSDT"]
+    with pytest.raises(RestError, match=r"every REST call failed \(1\), e.g. NOPEUSDT: "):
+        open_interest(symbol="NOPEUSDT")  # Binance refused it: a failed task, not a success
     assert counter(redis_conn, "rest_requests") == {"futures|open_interest|400": 1}
+
+
+def test_a_run_whose_every_call_failed_is_a_failed_task(
+    rest_settings: Settings, exchange: FakeExchange, redis_conn: redis.Redis
+) -> None:
+    """When no symbol could be fetched the task raises (FAILURE in Flower); one success is enough."""
+    from collector.tasks.rest import depth_snapshot, open_interest
+
+    exchange.fail_rest(status=500, count=1000, retry_after_s=0)
+    with pytest.raises(RestError, match="every REST call failed"):
+        open_interest()
+    with pytest.raises(RestError, match="every REST call failed"):
+        depth_snapshot(market="spot")
+    exchange.fail_rest(status=500, count=0, retry_after_s=0)
+    assert open_interest()["ok"] == ["BTCUSDT", "ETHUSDT"]

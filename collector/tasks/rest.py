@@ -12,6 +12,7 @@ import requests
 from celery.utils.log import get_task_logger
 
 from collector.binance.rest import Market
+from collector.errors import RestError
 from collector.queue.client import redis_client
 from collector.rest.poll import poll_depth_snapshots, poll_open_interest
 from collector.settings import SYMBOL_PATTERN, Settings, get_settings
@@ -59,7 +60,9 @@ def open_interest(symbol: str | None = None) -> dict[str, Any] | None:
     client = redis_client(settings)
     try:
         with requests.Session() as session:
-            return poll_open_interest(settings, client, session, symbols).as_dict()
+            return _fail_if_nothing_fetched(
+                [poll_open_interest(settings, client, session, symbols).as_dict()]
+            )[0]
     finally:
         client.close()
 
@@ -90,4 +93,13 @@ def depth_snapshot(market: str | None = None, symbol: str | None = None) -> list
                     summaries.append(poll_depth_snapshots(settings, client, session, each, symbols).as_dict())
     finally:
         client.close()
+    return _fail_if_nothing_fetched(summaries)
+
+
+def _fail_if_nothing_fetched(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run in which every call failed is a failed task (Flower shows FAILURE, not SUCCESS)."""
+    failed = {symbol: reason for summary in summaries for symbol, reason in summary["failed"].items()}
+    if failed and not any(summary["ok"] for summary in summaries):
+        first = next(iter(failed.items()))
+        raise RestError(f"every REST call failed ({len(failed)}), e.g. {first[0]}: {first[1]}")
     return summaries

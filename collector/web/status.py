@@ -119,7 +119,8 @@ def _connections(snap: HealthSnapshot, now: int) -> list[str]:
             format_age(age_s(c.connected_since_us, now)) if c.state == "connected" else "-",
             c.messages,
             c.reconnects,
-            _short(c.last_error),
+            # A connected connection's last error is history (it is counted in RECONNECTS).
+            _short(c.last_error) if c.state != "connected" else "",
         )
         for c in snap.connections
     ]
