@@ -65,14 +65,18 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     from collector.celery import app
 
-    name, task_args, task_kwargs = _trigger_call(args)
+    name, task_args, task_kwargs = _trigger_call(args, settings)
     result = app.send_task(name, args=task_args, kwargs=task_kwargs)
     print(f"sent {name} args={task_args} kwargs={task_kwargs} id={result.id}")
     return 0
 
 
-def _trigger_call(args: argparse.Namespace) -> tuple[str, list[object], dict[str, object]]:
-    """Map `collector trigger <what>` to a task name and its arguments."""
+def _trigger_call(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[str, list[object], dict[str, object]]:
+    """Map `collector trigger <what>` to a task name and its arguments, refusing what cannot work."""
+    if args.symbol is not None:
+        args.symbol = _configured_symbol(args.symbol, args.market, args.what, settings)
     if args.what == "drain":
         if args.table is None:
             raise ConfigError(f"trigger drain needs --table (one of {', '.join(TABLES)})")
@@ -82,6 +86,19 @@ def _trigger_call(args: argparse.Namespace) -> tuple[str, list[object], dict[str
     if args.what == "depth-snapshot":
         return "collector.tasks.rest.depth_snapshot", [], {"market": args.market, "symbol": args.symbol}
     return "collector.tasks.alerts.evaluate", [], {}
+
+
+def _configured_symbol(symbol: str, market: str | None, what: str, settings: Settings) -> str:
+    """`symbol` upper-cased when a market it is asked for is configured with it; else one ConfigError line."""
+    wanted = symbol.strip().upper()
+    markets = ["futures"] if what == "open-interest" else [market] if market else ["spot", "futures"]
+    if any(wanted in settings.symbols(m) for m in markets):  # type: ignore[arg-type]
+        return wanted
+    listed = "; ".join(
+        f"{m.upper()}_SYMBOLS: {', '.join(settings.symbols(m))}"  # type: ignore[arg-type]
+        for m in markets
+    )
+    raise ConfigError(f"trigger {what}: {wanted} is not a configured symbol ({listed})")
 
 
 def _cmd_fake_exchange(args: argparse.Namespace, settings: Settings) -> int:

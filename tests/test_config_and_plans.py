@@ -241,3 +241,24 @@ def test_celery_with_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, comman
     assert done.returncode == 2
     output = (done.stdout + done.stderr).strip()
     assert output.count("\n") == 0 and "SPOT_SYMBOLS" in output and "Traceback" not in output
+
+
+def test_trigger_refuses_an_unknown_symbol_with_one_line(tmp_path: Path) -> None:
+    """`collector trigger … --symbol X` for a symbol not configured: one line, exit 2, nothing sent."""
+    done = subprocess.run(
+        [COLLECTOR, "trigger", "depth-snapshot", "--market", "spot", "--symbol", "dogeusdt"],
+        env={
+            "SPOT_SYMBOLS": "BTCUSDT,ETHUSDT",
+            "PATH": "/usr/bin:/bin",
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "collector: trigger depth-snapshot: DOGEUSDT is not a configured symbol "
+        "(SPOT_SYMBOLS: BTCUSDT, ETHUSDT)\n"
+    )

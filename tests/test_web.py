@@ -427,14 +427,22 @@ def test_status_cli_unhealthy(database: Settings, redis_conn: redis.Redis) -> No
     assert "queue agg_trades: 1 waiting and never drained" in last
 
 
-def test_web_cli_redis_unreachable_exits_2(settings: Settings) -> None:
-    """`collector web` with Redis down exits 2 with one line naming Redis."""
-    result = cli(
-        "web", env={"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "REDIS_SOCKET_TIMEOUT_S": "2"}
-    )
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Redis" in lines[0] and lines[0].startswith("collector: ")
+def test_web_cli_starts_without_redis_and_answers_503(database: Settings, tmp_path: Path) -> None:
+    """`collector web` with Redis down still serves: one warning line, and /health is 503 naming Redis."""
+    port = free_port()
+    log = tmp_path / "web.log"
+    env = {
+        "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "REDIS_SOCKET_TIMEOUT_S": "2",
+        "WEB_HOST": "127.0.0.1",
+        "WEB_PORT": str(port),
+    }
+    with running(["web"], env, log) as process:
+        response = wait_for_answer(f"http://127.0.0.1:{port}/health", process)
+        assert response.status_code == 503
+        assert response.json()["reasons"][0].startswith("Redis is unreachable")
+    warnings = [line for line in log.read_text().splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "health.redis_unreachable" in warnings[0]
 
 
 def wait_for_answer(url: str, process: subprocess.Popen[bytes], **kwargs: object) -> requests.Response:

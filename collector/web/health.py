@@ -147,8 +147,9 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
     )
     try:
         _read_redis(redis_client, result)
+        _redis_state.report(up=True)
     except redis.RedisError as error:
-        logger.warning("health.redis_unreachable error=%s", error)
+        _redis_state.report(up=False, error=error)
         return HealthSnapshot(
             redis_up=False,
             postgres_up=result.postgres_up,
@@ -158,6 +159,29 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
             losses=losses,
         )
     return result
+
+
+class _Transitions:
+    """One log line when a service becomes unreachable and one when it is back, not one per probe."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up: bool | None = None
+
+    def report(self, up: bool, error: object = None) -> None:
+        if up and self.up is False:
+            logger.info("health.%s_back", self.name)
+        elif not up and self.up is not False:
+            logger.warning("health.%s_unreachable error=%s (logged once until it is back)", self.name, error)
+        self.up = up
+
+
+_redis_state = _Transitions("redis")
+
+
+def report_redis(up: bool, error: object = None) -> None:
+    """Record whether Redis answered (logs only the changes); the web server reports its start too."""
+    _redis_state.report(up, error)
 
 
 def check_postgres(settings: Settings) -> tuple[str | None, dict[str, Any] | None, list[Loss]]:

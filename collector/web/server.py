@@ -17,10 +17,10 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from collector.db.connection import database_name
-from collector.errors import ConfigError
+from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue.client import check_redis, redis_client
 from collector.settings import Settings
-from collector.web.health import assess, now_us, snapshot
+from collector.web.health import assess, now_us, report_redis, snapshot
 from collector.web.metrics import make_registry
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,16 @@ def make_app(settings: Settings) -> web.Application:
 
 
 def run(settings: Settings) -> None:
-    """Check Redis, then serve on WEB_HOST:WEB_PORT until SIGTERM or SIGINT."""
-    check_redis(settings)
+    """Serve on WEB_HOST:WEB_PORT until SIGTERM or SIGINT.
+
+    Redis down at start is no reason not to serve: /health is where an operator (or a container
+    healthcheck) learns it, with 503 and the reason, until Redis is back.
+    """
+    try:
+        check_redis(settings)
+        report_redis(up=True)
+    except ServiceUnavailable as error:
+        report_redis(up=False, error=error)  # one warning; /health answers 503 until it is back
     database_name(settings.database_url)  # a malformed DATABASE_URL fails now, not on every probe
     asyncio.run(_serve(settings))
 
