@@ -143,6 +143,51 @@ def _record_ranges(conn: Connection, table: str, parsed: BatchRows, result: Copy
             record_ranges(cur, table, contiguous_ranges(parsed.tags), outcome)
 
 
+# A drain runs every second per table: its summary goes out at INFO once a minute (per table and
+# worker process), or at once when something notable happened (dead letters, recovered batches).
+SUMMARY_INTERVAL_S = 60.0
+
+
+@dataclass
+class DrainSummary:
+    """What the drains of one table did since the last summary line."""
+
+    since: float
+    runs: int = 0
+    envelopes: int = 0
+    inserted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+
+
+_SUMMARIES: dict[str, DrainSummary] = {}
+
+
+def log_summary(result: DrainResult, now: float, notable: bool) -> None:
+    """Add one run to its table's summary; log it at INFO when due or notable, else at DEBUG."""
+    summary = _SUMMARIES.setdefault(result.table, DrainSummary(now))
+    summary.runs += 1
+    summary.envelopes += result.envelopes
+    summary.inserted += result.inserted
+    summary.duplicates += result.duplicates
+    summary.dead_letters += result.dead_letters
+    due = notable or now - summary.since >= SUMMARY_INTERVAL_S
+    (logger.info if due else logger.debug)(
+        "drain.summary table=%s over_s=%.0f runs=%d envelopes=%d inserted=%d duplicates=%d "
+        "dead_letters=%d remaining=%d",
+        result.table,
+        now - summary.since,
+        summary.runs,
+        summary.envelopes,
+        summary.inserted,
+        summary.duplicates,
+        summary.dead_letters,
+        result.remaining,
+    )
+    if due:
+        _SUMMARIES[result.table] = DrainSummary(now)
+
+
 class Drainer:
     """Moves one table's queue into PostgreSQL in batches until it is empty or the time is up.
 
@@ -192,6 +237,7 @@ class Drainer:
         conn = self._connect()  # before claiming: with PostgreSQL down, nothing moves
         deadline = self._clock() + self._settings.drain_run_max_s
         recovered = queue.recover()
+        recovered_count = len(recovered)
         if recovered:
             logger.warning("drain.recovering table=%s batches=%d", table, len(recovered))
         pending: Future[None] | None = None
@@ -211,17 +257,7 @@ class Drainer:
                 pending.result()
         result.remaining = queue_length(self._redis, table)
         if result.batches:
-            logger.info(
-                "drain.done table=%s batches=%d envelopes=%d inserted=%d duplicates=%d "
-                "dead_letters=%d remaining=%d",
-                table,
-                result.batches,
-                result.envelopes,
-                result.inserted,
-                result.duplicates,
-                result.dead_letters,
-                result.remaining,
-            )
+            log_summary(result, self._clock(), notable=bool(result.dead_letters or recovered_count))
 
     @staticmethod
     def _write_and_acknowledge(

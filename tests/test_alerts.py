@@ -200,3 +200,28 @@ def test_task_lock_busy_and_release(alert_settings: Settings, redis_conn: redis.
     redis_conn.delete(keys.ALERTS_LOCK)
     assert evaluate() == {"rows": 0, "alerts": 0, "written": 0, "published": 0}
     assert redis_conn.get(keys.ALERTS_LOCK) is None
+
+
+def test_postgres_down_is_one_warning_then_one_line_when_back(
+    alert_settings: Settings,
+    conn: psycopg2.extensions.connection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While PostgreSQL is unreachable the alert task (run every second) logs one warning, not a
+    traceback a second, and one line when it is back; it decides nothing meanwhile."""
+    from collector.localservices import free_port
+    from collector.tasks import alerts
+
+    good = alert_settings.database_url
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/collector")
+    get_settings.cache_clear()
+    with caplog.at_level("INFO"):
+        assert [alerts.evaluate() for _ in range(5)] == [None] * 5
+        monkeypatch.setenv("DATABASE_URL", good)
+        get_settings.cache_clear()
+        assert alerts.evaluate() == {"rows": 0, "alerts": 0, "written": 0, "published": 0}
+        assert alerts.evaluate() is not None
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("collector.tasks.alerts")]
+    assert [line.split(" ")[0] for line in lines] == ["alerts.postgres_unreachable", "alerts.postgres_back"]
+    assert "Traceback" not in caplog.text

@@ -197,3 +197,25 @@ def test_postgres_down_keeps_batch_until_it_returns(
         assert _count(connect(own, autocommit=True), "agg_trades") == 120
     finally:
         server.stop()
+
+
+def test_drain_summary_is_one_info_line_a_minute_or_when_notable(caplog: pytest.LogCaptureFixture) -> None:
+    """A drain a second is one INFO summary a minute per table; dead letters are reported at once."""
+    from collector.drain import DrainResult, log_summary
+
+    def run(envelopes: int, dead: int = 0) -> DrainResult:
+        return DrainResult(
+            "test_only_table", batches=1, envelopes=envelopes, inserted=envelopes - dead, dead_letters=dead
+        )
+
+    with caplog.at_level("DEBUG", logger="collector.drain"):
+        for second in range(61):
+            log_summary(run(10), 10_000.0 + second, notable=False)
+        log_summary(run(5, dead=1), 10_061.5, notable=True)
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert infos == [
+        "drain.summary table=test_only_table over_s=60 runs=61 envelopes=610 inserted=610 duplicates=0 "
+        "dead_letters=0 remaining=0",
+        "drain.summary table=test_only_table over_s=2 runs=1 envelopes=5 inserted=4 duplicates=0 "
+        "dead_letters=1 remaining=0",
+    ]

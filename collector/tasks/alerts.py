@@ -5,16 +5,23 @@ from __future__ import annotations
 import uuid
 from typing import Any, Final
 
+import psycopg2
+import redis
 from celery.utils.log import get_task_logger
 
 from collector.alerts.evaluate import evaluate_alerts
 from collector.db.connection import connect
+from collector.errors import ServiceUnavailable
+from collector.logonce import Transitions
 from collector.queue import keys
 from collector.queue.client import redis_client
 from collector.settings import get_settings
 from collector.tasks.base import collector_task
 
 logger = get_task_logger(__name__)
+# Per worker process: the state of each service as this process last saw it (collector.logonce).
+_postgres = Transitions(logger, "alerts.postgres")
+_redis = Transitions(logger, "alerts.redis")
 
 SOFT_TIME_LIMIT_S: Final = 45
 TIME_LIMIT_S: Final = 60
@@ -47,9 +54,14 @@ def evaluate() -> dict[str, Any] | None:
     client = redis_client(settings)
     token = uuid.uuid4().hex
     try:
-        if not client.set(keys.ALERTS_LOCK, token, nx=True, px=LOCK_TTL_MS):
-            logger.info("alerts.lock_busy")
+        try:
+            if not client.set(keys.ALERTS_LOCK, token, nx=True, px=LOCK_TTL_MS):
+                logger.debug("alerts.lock_busy")
+                return None
+        except redis.RedisError as error:
+            _redis.report(up=False, error=error)  # beat runs this every second: one line, not one a second
             return None
+        _redis.report(up=True)
         release = client.register_script(RELEASE_LOCK_SCRIPT)
         try:
             conn = connect(settings)
@@ -57,8 +69,15 @@ def evaluate() -> dict[str, Any] | None:
                 summary = evaluate_alerts(settings, conn, client)
             finally:
                 conn.close()
+        except (ServiceUnavailable, psycopg2.OperationalError, psycopg2.InterfaceError) as error:
+            # Nothing was decided: the cursor has not moved, the next run starts where this one would.
+            _postgres.report(
+                up=False, error=str(error).strip().splitlines()[0] if str(error).strip() else error
+            )
+            return None
         finally:
             release(keys=[keys.ALERTS_LOCK], args=[token])
+        _postgres.report(up=True)
         return {
             "rows": summary.rows,
             "alerts": summary.alerts,

@@ -10,6 +10,7 @@ from psycopg2.extensions import connection as Connection
 from collector.db.connection import connect
 from collector.drain import Drainer
 from collector.errors import ServiceUnavailable
+from collector.logonce import Transitions
 from collector.queue.client import redis_client
 from collector.settings import get_settings
 from collector.tasks.base import collector_task
@@ -27,6 +28,11 @@ def _connection() -> Connection:
     if _conn is None or _conn.closed:
         _conn = connect(get_settings())
     return _conn
+
+
+# Per worker process and table: whether PostgreSQL and Redis answered the last drain.
+_postgres_states: dict[str, Transitions] = {}
+_redis_states: dict[str, Transitions] = {}
 
 
 def _forget_connection() -> None:
@@ -54,11 +60,18 @@ def drain(table: str) -> None:
     run finds the lock taken and returns, or finds nothing new; a re-delivered batch inserts nothing twice.
     """
     drainer = Drainer(get_settings(), _redis_client(), _connection)
+    postgres = _postgres_states.setdefault(table, Transitions(logger, f"drain.{table}.postgres"))
+    redis_state = _redis_states.setdefault(table, Transitions(logger, f"drain.{table}.redis"))
     try:
         drainer.drain(table)
     except (ServiceUnavailable, psycopg2.OperationalError, psycopg2.InterfaceError) as error:
-        # The batch stays in flight and is written by a later run; beat retries every second.
+        # The batch stays in flight and is written by a later run; beat retries every second, so
+        # only the change is logged (collector.logonce), not a line a second.
         _forget_connection()
-        logger.warning("drain.postgres_unavailable table=%s error=%s", table, str(error).splitlines()[0])
+        postgres.report(up=False, error=str(error).splitlines()[0])
+        return
     except redis.RedisError as error:
-        logger.warning("drain.redis_unavailable table=%s error=%s", table, error)
+        redis_state.report(up=False, error=error)
+        return
+    postgres.report(up=True)
+    redis_state.report(up=True)

@@ -22,6 +22,7 @@ from collector.audit import Loss, find_losses
 from collector.db import timescale
 from collector.db.connection import connect
 from collector.errors import ConfigError, ServiceUnavailable
+from collector.logonce import Transitions
 from collector.queue import keys
 from collector.queue.batches import inflight_length
 from collector.queue.counters import COUNTERS
@@ -161,22 +162,7 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
     return result
 
 
-class _Transitions:
-    """One log line when a service becomes unreachable and one when it is back, not one per probe."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.up: bool | None = None
-
-    def report(self, up: bool, error: object = None) -> None:
-        if up and self.up is False:
-            logger.info("health.%s_back", self.name)
-        elif not up and self.up is not False:
-            logger.warning("health.%s_unreachable error=%s (logged once until it is back)", self.name, error)
-        self.up = up
-
-
-_redis_state = _Transitions("redis")
+_redis_state = Transitions(logger, "health.redis")
 
 
 def report_redis(up: bool, error: object = None) -> None:
