@@ -86,7 +86,8 @@ def evaluate_alerts(
         if rows < settings.alert_batch_max_rows or time.monotonic() >= deadline:
             break
     if summary.rows or summary.published:
-        logger.info(
+        # Every second with any liquidation: INFO only when an alert came of it.
+        (logger.info if summary.alerts or summary.published else logger.debug)(
             "alerts.evaluated rows=%d alerts=%d written=%d published=%d",
             summary.rows,
             summary.alerts,
