@@ -43,11 +43,14 @@ install: ## create .venv (Python 3.11+) and install the project and its dev tool
 	echo "$$want" > "$(STAMP)"; \
 	echo "make install: $(VENV) is ready"
 
+# A stack ended by `make stop` (SIGTERM, 143) or Ctrl-C (130) ended as asked: not an error for make.
+STACK_EXIT := code=$$?; if [ $$code -eq 143 ] || [ $$code -eq 130 ]; then exit 0; fi; exit $$code
+
 run: install ## record live Binance data: local services if needed, init-db, then everything under honcho
-	@scripts/stack.sh run
+	@scripts/stack.sh run; $(STACK_EXIT)
 
 demo: install ## the same stack against the fake exchange, with short intervals and low alert thresholds
-	@scripts/stack.sh demo
+	@scripts/stack.sh demo; $(STACK_EXIT)
 
 stop: ## stop a running `make run` / `make demo`, then the local Redis and PostgreSQL
 	@scripts/stack.sh stop
