@@ -147,6 +147,7 @@ class Settings(BaseSettings):
     health_max_message_age_s: float = Field(60, gt=0)
     health_max_drain_age_s: float = Field(30, gt=0)
     health_max_gap_open_s: float = Field(120, gt=0)
+    flower_host: str = "127.0.0.1"  # a public address needs a FLOWER_PASSWORD of your own
     flower_port: int = Field(5555, gt=0, lt=65536)
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("change-me")

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector.db.connection import ensure_database
+from collector.errors import ConfigError
 from collector.localservices import free_port
 from collector.queue import counters, keys
 from collector.queue.batches import BatchQueue
@@ -184,12 +185,25 @@ def test_flower_command_keeps_password_off_the_command_line() -> None:
     settings = load_settings(flower_user="ops", flower_password="pw-123", flower_port=5999)
     environ = {"FLOWER_USER": "ops", "FLOWER_PASSWORD": "pw-123", "FLOWER_PORT": "5999", "PATH": "/bin"}
     argv, env = flower_command(settings, sys.executable, environ)
-    assert argv[1:] == ["-A", "collector", "flower", "--port=5999"]
+    assert argv[1:] == ["-A", "collector", "flower", "--port=5999", "--address=127.0.0.1"]  # local by default
     assert Path(argv[0]).name == "celery"
     assert not any("pw-123" in arg for arg in argv)
     assert env["FLOWER_BASIC_AUTH"] == "ops:pw-123"
     assert "FLOWER_PASSWORD" not in env and "FLOWER_USER" not in env
     assert env["PATH"] == "/bin"
+
+
+def test_flower_refuses_a_public_address_with_the_default_password() -> None:
+    """Flower on a non-loopback FLOWER_HOST with the shipped password is one ConfigError line."""
+    public = load_settings(flower_host="0.0.0.0")
+    with pytest.raises(
+        ConfigError, match=r"FLOWER_PASSWORD: still the default while FLOWER_HOST is 0\.0\.0\.0"
+    ):
+        flower_command(public, sys.executable, {})
+    argv, _ = flower_command(
+        load_settings(flower_host="0.0.0.0", flower_password="s3cret"), sys.executable, {}
+    )
+    assert argv[-1] == "--address=0.0.0.0"
 
 
 # --- served for real --------------------------------------------------------------------------------

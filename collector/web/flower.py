@@ -19,7 +19,8 @@ DEFAULT_PASSWORD = "change-me"  # the shipped default of FLOWER_PASSWORD (collec
 # Our settings that share Flower's `FLOWER_` prefix without being Flower options. Flower reads every
 # FLOWER_* variable as one of its options and stops with a KeyError on an unknown name
 # (flower/command.py, apply_env_options), so they must not reach it.
-OWN_VARIABLES = ("FLOWER_USER", "FLOWER_PASSWORD")
+OWN_VARIABLES = ("FLOWER_USER", "FLOWER_PASSWORD", "FLOWER_HOST")
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 def flower_command(
@@ -38,7 +39,14 @@ def flower_command(
         raise ConfigError("configuration error: FLOWER_USER: must be non-empty, without ':' or ','")
     if not password or "," in password:
         raise ConfigError("configuration error: FLOWER_PASSWORD: must be non-empty, without ','")
+    if settings.flower_host not in LOOPBACK_HOSTS and password == DEFAULT_PASSWORD:
+        # Flower can revoke tasks and shut workers down: never on a reachable address with a known password.
+        raise ConfigError(
+            f"configuration error: FLOWER_PASSWORD: still the default while FLOWER_HOST is "
+            f"{settings.flower_host} (reachable from other machines); set a password of your own"
+        )
     argv = [_celery_script(python), "-A", "collector", "flower", f"--port={settings.flower_port}"]
+    argv.append(f"--address={settings.flower_host}")
     env = {name: value for name, value in environ.items() if name not in OWN_VARIABLES}
     env["FLOWER_BASIC_AUTH"] = f"{user}:{password}"
     return argv, env
@@ -59,7 +67,12 @@ def run(settings: Settings) -> int:
     argv, env = flower_command(settings, sys.executable, os.environ)
     if settings.flower_password.get_secret_value() == DEFAULT_PASSWORD:
         logger.warning("flower.default_password user=%s hint=set FLOWER_PASSWORD", settings.flower_user)
-    logger.info("flower.exec port=%d user=%s", settings.flower_port, settings.flower_user)
+    logger.info(
+        "flower.exec host=%s port=%d user=%s",
+        settings.flower_host,
+        settings.flower_port,
+        settings.flower_user,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(argv[0], argv, env)
