@@ -413,6 +413,17 @@ def _print_urls(root: Path, config: ServicesConfig) -> bool:
     return all_running
 
 
+def _print_stack_urls(label: str, env_file: Path) -> int:
+    from dotenv import dotenv_values
+
+    values = dotenv_values(env_file)
+    for name in ("REDIS_URL", "DATABASE_URL"):
+        if values.get(name):
+            print(f"{name}={values[name]}")
+    print(f"collector services: the running `{label}` stack ({env_file})", file=sys.stderr)
+    return 0
+
+
 def services_command(action: str, directory: str) -> int:
     """`collector services up|down|env --dir DIR`: manage a private Redis and PostgreSQL in DIR.
 
@@ -433,6 +444,9 @@ def services_command(action: str, directory: str) -> int:
                 print(f"{name}: {state} on 127.0.0.1:{port} (data in {where})", file=sys.stderr)
             return 0 if _print_urls(root, config) else 2
         if action == "env":
+            stack = running_stack(root)
+            if stack is not None:  # `make demo` uses its own database numbers: print what it uses
+                return _print_stack_urls(*stack)
             return 0 if _print_urls(root, config) else 1
         if action == "down":
             for name, stop in (("redis", _redis_down), ("postgresql", _postgres_down)):

@@ -240,3 +240,24 @@ def test_operator_commands_find_the_running_stack(
     (var / "demo.pid").write_text("999999999\n")  # the stack stopped
     stopped = run("status")
     assert "talking to" not in stopped.stderr
+
+
+def test_services_env_prints_the_running_stacks_urls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make services-env` while `make demo` runs prints the demo's URLs (its own database numbers)."""
+    import os
+
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / "demo.env").write_text(
+        "REDIS_URL=redis://127.0.0.1:16379/1\nDATABASE_URL=postgresql://postgres@127.0.0.1:15432/collector_demo\n"
+    )
+    (var / "demo.pid").write_text(f"{os.getpid()}\n")
+    assert services_command("env", str(var)) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        "REDIS_URL=redis://127.0.0.1:16379/1",
+        "DATABASE_URL=postgresql://postgres@127.0.0.1:15432/collector_demo",
+    ]
+    assert "`make demo` stack" in err
