@@ -189,13 +189,8 @@ class GapLedger:
         opened_us = now_us()
         if self._crashed_at_us is not None and state.id not in self._crash_recorded:
             self._crash_recorded.add(state.id)
-            for stream in state.streams:
-                if (state.market, stream) not in self.open_streams:
-                    outage = StreamGap(
-                        state.market, stream, self._crashed_at_us, "crash", state.id, opened_us
-                    )
-                    self._sink.push("stream_gaps", outage.envelope())
-                    self._opened.append(("stream", state.market, "crash"))
+            for stream in state.streams:  # opened here, closed just below like any other outage
+                self._open_outage(state, stream, self._crashed_at_us, "crash")
         for stream in state.streams:
             gap = self.open_streams.pop((state.market, stream), None)
             if gap is not None:
@@ -207,13 +202,7 @@ class GapLedger:
         """A connection stopped receiving: each of its streams is out from its last frame until reopened."""
         started_us = state.last_message_us or now_us()
         for stream in state.streams:
-            key = (state.market, stream)
-            if key in self.open_streams:
-                continue  # already out (a reconnect that failed): the outage goes on
-            gap = StreamGap(state.market, stream, started_us, cause, state.id)
-            self.open_streams[key] = gap
-            self._sink.push("stream_gaps", gap.envelope())
-            self._opened.append(("stream", state.market, cause))
+            self._open_outage(state, stream, started_us, cause)
         logger.warning(
             "gaps.streams_out connection=%s cause=%s streams=%d since_us=%d",
             state.id,
@@ -224,12 +213,17 @@ class GapLedger:
 
     def stream_silent(self, state: ConnectionState, stream: str, since_us: int) -> None:
         """One stream stopped while its connection kept delivering: out until its next event."""
+        self._open_outage(state, stream, since_us, "stream_silence")
+
+    def _open_outage(self, state: ConnectionState, stream: str, since_us: int, cause: str) -> None:
+        """Queue the opening record of a stream's outage, unless one is open already (it goes on)."""
         key = (state.market, stream)
-        if key not in self.open_streams:
-            gap = StreamGap(state.market, stream, since_us, "stream_silence", state.id)
-            self.open_streams[key] = gap
-            self._sink.push("stream_gaps", gap.envelope())
-            self._opened.append(("stream", state.market, "stream_silence"))
+        if key in self.open_streams:
+            return
+        gap = StreamGap(state.market, stream, since_us, cause, state.id)
+        self.open_streams[key] = gap
+        self._sink.push("stream_gaps", gap.envelope())
+        self._opened.append(("stream", state.market, cause))
 
     def stream_recovered(self, state: ConnectionState, stream: str, at_us: int) -> None:
         gap = self.open_streams.get((state.market, stream))
