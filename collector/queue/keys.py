@@ -16,6 +16,10 @@
 | `collector:lock:alerts` | STRING | alert task | alert task | lock so two alert evaluations never run at once |
 | `collector:alerts` | pub/sub channel | alert task | subscribers | one JSON message per alert |
 | `collector:rest:pause_until_us:<market>` | STRING | REST tasks | REST tasks | no REST call to that market before this time (429/418 Retry-After) |
+| `collector:rest:weight:<market>:<minute>` | STRING | REST planner, resync fetcher (weight script) | planner, web `/metrics`, status | request weight spent on `market` in that UTC minute (epoch s // 60), raised to Binance's `X-MBX-USED-WEIGHT-1M` when that is higher |
+| `collector:rest:cursor:<kind>:<market>` | HASH | REST planner (claim script) | REST planner | `next_due_us`, `counter`: the next scheduled poll of that kind and market, spread evenly over its interval |
+| `collector:rest:plan` | HASH | REST planner | web, status | field `<market>` -> JSON of the market's weight plan (needed vs available per minute, stretch) |
+| `collector:symbols:<market>` | STRING | stream process (symbol universe) | REST planner, web, status, trigger | JSON list of the symbols being recorded on `market` (resolved from exchangeInfo when `*_SYMBOLS=ALL`) |
 | `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
 | `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
 | `collector:streams:alive` | STRING | stream process (every second; deleted at a clean stop) | stream process (start) | time (µs) of its last heartbeat: found at start, the previous run crashed |
@@ -93,6 +97,24 @@ def metric(counter: str) -> str:
 def rest_pause_until(market: str) -> str:
     """Time (µs) before which no REST request may go to `market` (set from Retry-After)."""
     return f"{PREFIX}:rest:pause_until_us:{market}"
+
+
+def rest_weight(market: str, minute: int) -> str:
+    """Request weight spent on `market` in UTC minute `minute` (epoch seconds // 60)."""
+    return f"{PREFIX}:rest:weight:{market}:{minute}"
+
+
+def rest_cursor(kind: str, market: str) -> str:
+    """The next scheduled poll of `kind` (depth_snapshots, open_interest) on `market`."""
+    return f"{PREFIX}:rest:cursor:{kind}:{market}"
+
+
+REST_PLAN: Final = f"{PREFIX}:rest:plan"
+
+
+def symbols(market: str) -> str:
+    """The symbols being recorded on `market`, as the stream process resolved them."""
+    return f"{PREFIX}:symbols:{market}"
 
 
 def stream_field(market: str, stream: str) -> str:
