@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     rest_max_retries: int = Field(4, ge=0)
     rest_backoff_initial_s: float = Field(0.5, gt=0)
     rest_backoff_max_s: float = Field(30, gt=0)
+    # Share of each market's per-minute request weight kept unused, for other users of this IP and
+    # for clock skew between us and Binance's minute (collector.rest.budget).
+    rest_weight_margin: float = Field(0.1, ge=0, lt=0.5)
+    # Scheduled REST calls sent at once by one poll tick (each on its own connection).
+    rest_parallel_requests: int = Field(4, gt=0, le=32)
 
     # --- liquidation alerts ---------------------------------------------------------------------
     alert_log: Path = Path("alert.log")
@@ -204,6 +209,10 @@ class Settings(BaseSettings):
 
     def symbols(self, market: Market) -> list[str]:
         return self.spot_symbols if market == "spot" else self.futures_symbols
+
+    def symbols_all(self, market: Market) -> bool:
+        """True when `market` records every TRADING symbol of exchangeInfo (`*_SYMBOLS=ALL`)."""
+        return self.symbols(market) == ["ALL"]
 
 
 def _describe(error: ValidationError) -> str:
