@@ -13,7 +13,7 @@ from typing import Final, Literal
 import orjson
 
 Market = Literal["spot", "futures"]
-Endpoint = Literal["depth", "open_interest"]
+Endpoint = Literal["depth", "open_interest", "exchange_info"]
 Action = Literal["ok", "wait", "retry", "fatal"]
 TransportError = Literal["timeout", "connection_error", "invalid_request"]
 
