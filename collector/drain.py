@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import orjson
 import psycopg2
 import redis
 from psycopg2.extensions import connection as Connection
@@ -27,11 +26,12 @@ from redis.exceptions import LockError
 from redis.lock import Lock
 
 from collector.audit import BatchOutcome, contiguous_ranges, record_ranges, tag_of
-from collector.binance.rows import Row, parse_envelope
+from collector.binance.rows import Row, parse_envelope, split_envelope
 from collector.db.copy import CopyResult, copy_rows, copy_text
 from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
+from collector.queue.deadletter import DeadLetter
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class BatchRows:
 
     rows: list[Row] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)  # index of the envelope each row came from
-    dead_letters: list[bytes] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     coin_m_skipped: int = 0
     rendered: bytes = b""  # the rows in COPY text format
     tags: list[tuple[str, int, int]] = field(default_factory=list)  # audited envelopes (run, seq, received)
@@ -61,21 +61,22 @@ class DrainResult:
     remaining: int = 0
 
 
-def dead_letter(reason: str, source: str, table: str, raw: bytes) -> bytes:
-    """A dead-letter entry that keeps the original bytes (as text when they are UTF-8)."""
-    entry: dict[str, object] = {
-        "reason": reason,
-        "source": source,
-        "table": table,
-        "dead_at_us": time.time_ns() // 1000,
-    }
-    try:
-        entry["envelope"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
-
-        entry["envelope_b64"] = base64.b64encode(raw).decode("ascii")
-    return orjson.dumps(entry)
+def dead_letter(reason: str, table: str, raw: bytes) -> DeadLetter:
+    """The dead letter of an envelope: its frame and head, or the whole envelope if the head is unreadable."""
+    parts = split_envelope(raw)
+    if parts is None:
+        return DeadLetter(reason, "drain", None, table, None, raw)
+    return DeadLetter(
+        reason,
+        "drain",
+        parts.market,
+        table,
+        parts.received_at_us,
+        parts.frame,
+        symbol=parts.symbol,
+        run=parts.run,
+        seq=parts.seq,
+    )
 
 
 def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
@@ -88,7 +89,7 @@ def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
         try:
             parsed = parse_envelope(table, raw, keep_coin_m)
         except FrameError as error:
-            out.dead_letters.append(dead_letter(str(error), "drain", table, raw))
+            out.dead_letters.append(dead_letter(str(error), table, raw))
             continue
         out.rows.extend(parsed.rows)
         out.owners.extend([index] * len(parsed.rows))
@@ -124,7 +125,7 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
         except psycopg2.DataError as error:
             conn.rollback()
             reason = f"rejected by PostgreSQL: {str(error).splitlines()[0]}"
-            parsed.dead_letters.append(dead_letter(reason, "drain", table, batch[owner]))
+            parsed.dead_letters.append(dead_letter(reason, table, batch[owner]))
             continue
         staged += result.staged
         inserted += result.inserted
@@ -277,7 +278,12 @@ class Drainer:
         result.inserted += written.inserted
         result.duplicates += written.duplicates
         result.dead_letters += len(parsed.dead_letters)
-        for entry in parsed.dead_letters:
+        for letter in parsed.dead_letters:
             logger.warning(
-                "drain.dead_letter table=%s entry=%s", queue.table, entry[:300].decode("utf-8", "replace")
+                "drain.dead_letter table=%s reason=%s run=%s seq=%s frame=%r",
+                queue.table,
+                letter.reason,
+                letter.run,
+                letter.seq,
+                letter.frame[:200],
             )

@@ -117,7 +117,10 @@ def test_malformed_envelopes_go_to_dead_letters(settings: Settings, redis_conn: 
     assert (result.inserted, result.dead_letters) == (1, 3)
     letters = [orjson.loads(x) for x in redis_conn.lrange(keys.DEADLETTER, 0, -1)]
     assert [x["source"] for x in letters] == ["drain"] * 3
-    assert letters[0]["envelope"] == "{not json" and "not JSON" in letters[0]["reason"]
+    # An envelope whose head is unreadable is kept whole; a readable one gives its frame and head.
+    assert letters[0]["frame"] == "{not json" and "not JSON" in letters[0]["reason"]
+    assert letters[0]["market"] is None and letters[1]["market"] == "futures"
+    assert letters[1]["frame"].encode() in missing_field and letters[1]["table"] == "agg_trades"
     assert "'a'" in letters[1]["reason"] and "'p'" in letters[2]["reason"]
     assert inflight_length(redis_conn, "agg_trades") == 0
 

@@ -196,9 +196,9 @@ def test_handler_dead_letters_and_signals_shutdown() -> None:
     handler(b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1}}', 7)
     assert calls == ["reconnect"]
     assert sink.buffered == 1 and state.messages == 0
-    record = orjson.loads(sink.buffered_deadletters()[0])
-    assert record["connection"] == "spot-0" and record["market"] == "spot"
-    assert record["frame"] == "not json at all" and record["received_at_us"] == 5
+    (letter,) = sink.buffered_deadletters()
+    assert (letter.source, letter.connection, letter.market) == ("streams", "spot-0", "spot")
+    assert letter.frame == b"not json at all" and letter.received_at_us == 5
 
 
 def test_connection_state_json_names_every_field() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -305,3 +305,40 @@ def make_envelope(
     if symbol is not None:
         head += b',"symbol":"' + symbol.encode() + b'"'
     return head + b',"frame":' + frame + b"}"
+
+
+# The head `make_envelope` writes, up to the frame: market, time, the audit tag, the symbol.
+_ENVELOPE_HEAD = re.compile(
+    rb'^\{"market":"(\w+)","received_at_us":(\d+)(?:,"run":"([\w.-]+)","seq":(\d+))?'
+    rb'(?:,"symbol":"([\w.-]*)")?,"frame":'
+)
+
+
+class EnvelopeParts(NamedTuple):
+    """What `make_envelope` wrapped; wrapping these again gives the envelope back byte for byte."""
+
+    market: str
+    received_at_us: int
+    frame: bytes
+    symbol: str | None
+    run: str | None
+    seq: int | None
+
+
+def split_envelope(raw: bytes) -> EnvelopeParts | None:
+    """The parts of an envelope `make_envelope` wrote, frame bytes untouched; None for anything else.
+
+    Reads only the head: the frame itself need not be valid JSON (that is why it may be dead-lettered).
+    """
+    match = _ENVELOPE_HEAD.match(raw)
+    if match is None or not raw.endswith(b"}"):
+        return None
+    market, received, run, seq, symbol = match.groups()
+    return EnvelopeParts(
+        market.decode(),
+        int(received),
+        raw[match.end() : -1],
+        symbol.decode() if symbol is not None else None,
+        run.decode() if run is not None else None,
+        int(seq) if seq is not None else None,
+    )

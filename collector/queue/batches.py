@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import redis
 
-from collector.queue import counters, keys
+from collector.queue import counters, deadletter, keys
+from collector.queue.deadletter import DeadLetter
 
 # KEYS[1] = queue list, KEYS[2] = in-flight registry set, KEYS[3] = batch id counter
 # ARGV[1] = maximum number of elements, ARGV[2] = prefix of the batch's own list key
@@ -87,16 +88,14 @@ class BatchQueue:
         self,
         batch: Batch,
         committed_at_us: int,
-        dead_letters: Sequence[bytes] = (),
+        dead_letters: Sequence[DeadLetter] = (),
         inserted: int = 0,
         duplicates: int = 0,
         coin_m_skipped: int = 0,
     ) -> None:
         """Drop a batch whose rows are committed and record what happened, atomically."""
         pipe = self._client.pipeline(transaction=True)
-        if dead_letters:
-            pipe.rpush(keys.DEADLETTER, *dead_letters)
-            counters.incr(pipe, "deadletters", "drain", amount=len(dead_letters))
+        deadletter.push(pipe, dead_letters)
         pipe.delete(batch.key)
         pipe.srem(keys.inflight(self.table), batch.key)
         pipe.hset(keys.DRAIN_LAST_SUCCESS_US, self.table, committed_at_us)

@@ -7,7 +7,7 @@
 | `collector:inflight:<table>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
 | `collector:inflight_seq:<table>` | STRING | drain (claim script) | drain | counter numbering the batches |
 | `collector:lock:drain:<table>` | STRING | drain (SET NX EX) | drain | token of the one drain allowed to run for the table |
-| `collector:deadletter` | LIST | everyone (RPUSH) | operators | JSON `{reason, source, market, received_at_us, frame}` of what could not be parsed |
+| `collector:deadletter` | LIST | stream process, drain, REST tasks (`collector.queue.deadletter.push`) | operators (`collector.queue.deadletter.read`) | JSON `{reason, source, market, table, symbol, connection, run, seq, received_at_us, dead_at_us, frame \| frame_b64}` of what could not be stored; `frame` is the exact bytes received (base64 in `frame_b64` when not UTF-8), null fields where unknown |
 | `collector:stream:messages` | HASH | stream process | web, status | field `<market>:<stream>` -> events received |
 | `collector:stream:last_us` | HASH | stream process | web, status | field `<market>:<stream>` -> receive time (µs) of its last event |
 | `collector:connections` | HASH | stream process | web, status | field `<connection id>` -> JSON state of that WebSocket connection |

@@ -10,8 +10,9 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from collector.queue.deadletter import DeadLetter
 from collector.streams.ledger import GapLedger
-from collector.streams.routing import deadletter_record, route_message
+from collector.streams.routing import route_message
 from collector.streams.sink import Sink
 from collector.streams.state import ConnectionState
 
@@ -78,7 +79,8 @@ class FrameHandler:
 
     def _deadletter(self, reason: str, frame: bytes, received_at_us: int) -> None:
         state = self.state
-        self._sink.push_deadletter(deadletter_record(reason, state.id, state.market, received_at_us, frame))
+        letter = DeadLetter(reason, "streams", state.market, None, received_at_us, frame, connection=state.id)
+        self._sink.push_deadletter(letter)
         self._deadletters += 1
         count = self._deadletters
         if count <= DEADLETTER_LOG_FIRST or count % DEADLETTER_LOG_EVERY == 0:

@@ -24,7 +24,8 @@ import redis
 import redis.asyncio
 
 from collector.binance.rows import make_envelope
-from collector.queue import counters, keys
+from collector.queue import counters, deadletter, keys
+from collector.queue.deadletter import DeadLetter
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
 from collector.streams.state import ConnectionState
@@ -83,7 +84,7 @@ class Sink:
         self._client = client
         self._options = options
         self._queues: dict[str, list[bytes]] = {}
-        self._deadletters: list[bytes] = []
+        self._deadletters: list[DeadLetter] = []
         self._buffered = 0
         self._states: dict[str, ConnectionState] = {}
         self._written_states: dict[str, bytes] = {}
@@ -118,9 +119,9 @@ class Sink:
         if self._buffered >= self._options.flush_max_events:
             self._wake.set()
 
-    def push_deadletter(self, record: bytes) -> None:
-        """Queue one dead-letter record (JSON bytes)."""
-        self._deadletters.append(record)
+    def push_deadletter(self, letter: DeadLetter) -> None:
+        """Queue one dead letter."""
+        self._deadletters.append(letter)
         self._buffered += 1
 
     # --- bookkeeping -----------------------------------------------------------------------------
@@ -138,8 +139,8 @@ class Sink:
         """A copy of the envelopes of `table` waiting to be flushed, oldest first."""
         return list(self._queues.get(table, ()))
 
-    def buffered_deadletters(self) -> list[bytes]:
-        """A copy of the dead-letter records waiting to be flushed, oldest first."""
+    def buffered_deadletters(self) -> list[DeadLetter]:
+        """A copy of the dead letters waiting to be flushed, oldest first."""
         return list(self._deadletters)
 
     def buffered_by_table(self) -> dict[str, int]:
@@ -254,9 +255,7 @@ class Sink:
                 queued_upto[f"{self.run_id}/{table}"] = self._seq[table] - (len(self._queues[table]) - count)
         if queued_upto:
             pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
-        if batch.deadletters:
-            pipe.rpush(keys.DEADLETTER, *self._deadletters[: batch.deadletters])
-            counters.incr(pipe, "deadletters", "streams", amount=batch.deadletters)
+        deadletter.push(pipe, self._deadletters[: batch.deadletters])
         last_us: dict[str, int] = {}
         for state, stream, messages, last in batch.streams:
             delta = messages - self._written_streams.get((state.id, stream), 0)
