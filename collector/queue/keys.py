@@ -7,7 +7,7 @@
 | `collector:inflight:<table>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
 | `collector:inflight_seq:<table>` | STRING | drain (claim script) | drain | counter numbering the batches |
 | `collector:lock:drain:<table>` | STRING | drain (SET NX EX) | drain | token of the one drain allowed to run for the table |
-| `collector:deadletter` | LIST | stream process, drain, REST tasks (`collector.queue.deadletter.push`) | operators (`collector.queue.deadletter.read`) | JSON `{reason, source, market, table, symbol, connection, run, seq, received_at_us, dead_at_us, frame \| frame_b64}` of what could not be stored; `frame` is the exact bytes received (base64 in `frame_b64` when not UTF-8), null fields where unknown |
+| `collector:deadletter` | LIST | stream process, drain, REST tasks (`collector.queue.deadletter.push`) | operators (`collector.queue.deadletter.read`) | JSON `{reason, source, market, table, symbol, connection, run, seq, received_at_us, dead_at_us, frame or frame_b64}` of what could not be stored; `frame` is the exact bytes received (base64 in `frame_b64` when not UTF-8), null fields where unknown |
 | `collector:stream:messages` | HASH | stream process | web, status | field `<market>:<stream>` -> events received |
 | `collector:stream:last_us` | HASH | stream process | web, status | field `<market>:<stream>` -> receive time (µs) of its last event |
 | `collector:connections` | HASH | stream process | web, status | field `<connection id>` -> JSON state of that WebSocket connection |
@@ -22,6 +22,7 @@
 | `collector:symbols:<market>` | STRING | stream process (symbol universe) | REST planner, web, status, trigger | JSON list of the symbols being recorded on `market` (resolved from exchangeInfo when `*_SYMBOLS=ALL`) |
 | `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
 | `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
+| `collector:streams:loop` | HASH | stream process (every second, `collector.queue.loop_lag`) | bench, web `/metrics`, status | fields `max_block_ms` (longest event-loop block of this run), `blocks_over` (blocks past `block_warn_ms`), `block_warn_ms`, `started_us`, `updated_us` |
 | `collector:streams:alive` | STRING | stream process (every second; deleted at a clean stop) | stream process (start) | time (µs) of its last heartbeat: found at start, the previous run crashed |
 | `collector:audit:queued` | HASH | stream process | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue |
 | `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
@@ -61,6 +62,7 @@ OPEN_GAPS: Final = f"{PREFIX}:gaps:open"
 DEPTH_LAST_UPDATE_ID: Final = f"{PREFIX}:gaps:depth_last_u"
 STREAM_OUTAGES: Final = f"{PREFIX}:gaps:stream_outages"
 STREAMS_ALIVE: Final = f"{PREFIX}:streams:alive"
+STREAMS_LOOP: Final = f"{PREFIX}:streams:loop"
 AUDIT_QUEUED: Final = f"{PREFIX}:audit:queued"
 
 
