@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 import psycopg2
 import redis
 from psycopg2.extensions import connection as Connection
-from redis.exceptions import LockError
-from redis.lock import Lock
 
 from collector.audit import BatchOutcome, contiguous_ranges, record_ranges, tag_of
 from collector.binance.rows import Row, parse_envelope, split_envelope
@@ -32,6 +30,7 @@ from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.queue.deadletter import DeadLetter
+from collector.queue.locks import RedisLock, drain_lock
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -214,10 +213,8 @@ class Drainer:
         if table not in keys.TABLES:
             raise ValueError(f"unknown table {table!r} (one of {', '.join(keys.TABLES)})")
         result = DrainResult(table)
-        lock = self._redis.lock(
-            keys.drain_lock(table), timeout=self._settings.drain_lock_ttl_s, blocking=False
-        )
-        if not lock.acquire(blocking=False):
+        lock = drain_lock(self._redis, table, self._settings.drain_lock_ttl_s)
+        if not lock.acquire():
             logger.info("drain.lock_busy table=%s", table)
             result.lock_busy = True
             return result
@@ -225,15 +222,15 @@ class Drainer:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drain-{table}") as writer:
                 self._drain_locked(table, lock, result, writer)
         finally:
-            try:
-                lock.release()
-            except LockError:
+            if not lock.release():
                 logger.warning(
                     "drain.lock_lost table=%s (expired during the run; the next drain recovers)", table
                 )
         return result
 
-    def _drain_locked(self, table: str, lock: Lock, result: DrainResult, writer: ThreadPoolExecutor) -> None:
+    def _drain_locked(
+        self, table: str, lock: RedisLock, result: DrainResult, writer: ThreadPoolExecutor
+    ) -> None:
         queue = BatchQueue(self._redis, table)
         conn = self._connect()  # before claiming: with PostgreSQL down, nothing moves
         deadline = self._clock() + self._settings.drain_run_max_s
@@ -251,7 +248,9 @@ class Drainer:
                 if pending is not None:
                     pending.result()  # the previous batch is committed and acknowledged (or raises)
                 # Still ours? If the lock expired, another drain may be recovering: stop claiming.
-                lock.extend(self._settings.drain_lock_ttl_s, replace_ttl=True)
+                # The batch just claimed stays in flight for the next drain to recover.
+                if not lock.extend():
+                    break
                 pending = writer.submit(self._write_and_acknowledge, conn, queue, batch, parsed, result)
         finally:
             if pending is not None:

@@ -26,10 +26,10 @@ from collector.errors import ConfigError
 from collector.localservices import free_port
 from collector.queue import counters, keys
 from collector.queue.batches import BatchQueue
+from collector.queue.connections import ConnectionRecord
 from collector.settings import Settings, load_settings
 from collector.web.flower import flower_command
 from collector.web.health import (
-    ConnectionState,
     HealthSnapshot,
     StreamState,
     TableState,
@@ -61,7 +61,7 @@ def healthy_snapshot(**changes: object) -> HealthSnapshot:
     snap = HealthSnapshot(
         redis_up=True,
         postgres_up=True,
-        connections=[ConnectionState("spot-0", "spot", "spot", state="connected", last_message_us=NOW - S)],
+        connections=[ConnectionRecord("spot-0", "spot", "spot", state="connected", last_message_us=NOW - S)],
         streams=[StreamState("spot", "btcusdt@aggTrade", 10, NOW - S)],
         tables=fresh_tables(),
     )
@@ -93,19 +93,19 @@ def test_assess_healthy() -> None:
         ({"postgres_up": False, "postgres_error": "PostgreSQL at x is unreachable"}, "PostgreSQL at x"),
         ({"connections": []}, "no connection registered"),
         (
-            {"connections": [ConnectionState("f-1", state="backoff", last_error="timed out")]},
+            {"connections": [ConnectionRecord("f-1", state="backoff", last_error="timed out")]},
             "connection f-1 is backoff: timed out",
         ),
         (
-            {"connections": [ConnectionState("f-1", state="connected", last_message_us=NOW - 61 * S)]},
+            {"connections": [ConnectionRecord("f-1", state="connected", last_message_us=NOW - 61 * S)]},
             "connection f-1: last message 61s ago (max 60s)",
         ),
         (
-            {"connections": [ConnectionState("f-1", state="connected", connected_since_us=NOW - 90 * S)]},
+            {"connections": [ConnectionRecord("f-1", state="connected", connected_since_us=NOW - 90 * S)]},
             "connection f-1: last message 90s ago",
         ),
         (
-            {"connections": [ConnectionState("f-1", state="connected")]},
+            {"connections": [ConnectionRecord("f-1", state="connected")]},
             "connection f-1 has received no message",
         ),
         (
@@ -139,8 +139,8 @@ def test_assess_tolerates_quiet_streams_and_idle_queues() -> None:
     """An old per-stream message, a connection just opened, or an old drain of an empty queue stay healthy."""
     snap = healthy_snapshot(
         connections=[
-            ConnectionState("f-1", state="connected", last_message_us=NOW - S),
-            ConnectionState("f-2", state="connected", connected_since_us=NOW - 5 * S),
+            ConnectionRecord("f-1", state="connected", last_message_us=NOW - S),
+            ConnectionRecord("f-2", state="connected", connected_since_us=NOW - 5 * S),
         ],
         streams=[StreamState("futures", "!forceOrder@arr", 3, NOW - 600 * S)],
         tables=fresh_tables(open_interest=TableState("open_interest", 0, 0, NOW - 3600 * S)),
@@ -160,7 +160,7 @@ def no_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_assess_takes_thresholds_from_settings() -> None:
     """The limits come from HEALTH_MAX_MESSAGE_AGE_S / HEALTH_MAX_DRAIN_AGE_S of the settings."""
     snap = healthy_snapshot(
-        connections=[ConnectionState("s", state="connected", last_message_us=NOW - 20 * S)]
+        connections=[ConnectionRecord("s", state="connected", last_message_us=NOW - 20 * S)]
     )
     strict = load_settings(health_max_message_age_s=10, health_max_drain_age_s=5)
     assert assess(snap, NOW, Limits()).healthy

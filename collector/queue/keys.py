@@ -6,14 +6,14 @@
 | `collector:inflight:<table>` | SET | drain (claim script) | drain, web, status | keys of that table's batches in flight |
 | `collector:inflight:<table>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
 | `collector:inflight_seq:<table>` | STRING | drain (claim script) | drain | counter numbering the batches |
-| `collector:lock:drain:<table>` | STRING | drain (SET NX EX) | drain | token of the one drain allowed to run for the table |
+| `collector:lock:drain:<table>` | STRING | drain (`collector.queue.locks`: SET NX PX, Lua release) | drain | token of the one drain allowed to run for the table |
 | `collector:deadletter` | LIST | stream process, drain, REST tasks (`collector.queue.deadletter.push`) | operators (`collector.queue.deadletter.read`) | JSON `{reason, source, market, table, symbol, connection, run, seq, received_at_us, dead_at_us, frame or frame_b64}` of what could not be stored; `frame` is the exact bytes received (base64 in `frame_b64` when not UTF-8), null fields where unknown |
 | `collector:stream:messages` | HASH | stream process | web, status | field `<market>:<stream>` -> events received |
 | `collector:stream:last_us` | HASH | stream process | web, status | field `<market>:<stream>` -> receive time (µs) of its last event |
-| `collector:connections` | HASH | stream process | web, status | field `<connection id>` -> JSON state of that WebSocket connection |
+| `collector:connections` | HASH | stream process | web, status | field `<connection id>` -> JSON `ConnectionRecord` of that WebSocket connection (`collector.queue.connections`) |
 | `collector:drain:last_success_us` | HASH | drain | web, status | field `<table>` -> time (µs) of the last batch committed |
 | `collector:metrics:<counter>` | HASH | everyone (HINCRBY) | web `/metrics` | field = label value(s) joined by `|`, value = counter |
-| `collector:lock:alerts` | STRING | alert task | alert task | lock so two alert evaluations never run at once |
+| `collector:lock:alerts` | STRING | alert task (`collector.queue.locks`) | alert task | token of the one alert evaluation allowed to run |
 | `collector:alerts` | pub/sub channel | alert task | subscribers | one JSON message per alert |
 | `collector:rest:pause_until_us:<market>` | STRING | REST tasks | REST tasks | no REST call to that market before this time (429/418 Retry-After) |
 | `collector:rest:weight:<market>:<minute>` | STRING | REST planner, resync fetcher (weight script) | planner, web `/metrics`, status | request weight spent on `market` in that UTC minute (epoch s // 60), raised to Binance's `X-MBX-USED-WEIGHT-1M` when that is higher |

@@ -2,21 +2,17 @@
 
 The stream process owns these objects; the sink mirrors them to Redis (`keys.CONNECTIONS`,
 `keys.STREAM_MESSAGES`, `keys.STREAM_LAST_US`) on each flush, so `/health` and `collector status`
-read what the process itself believes.
+read what the process itself believes. The record in `keys.CONNECTIONS` is
+`collector.queue.connections.ConnectionRecord`, the one definition its readers use too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final, Literal
-
-import orjson
 
 from collector.binance.streams import ConnectionPlan, Family
+from collector.queue.connections import ConnectionRecord, Phase
 from collector.settings import Market
-
-Phase = Literal["connecting", "connected", "backoff", "stopped"]
-PHASES: Final[tuple[Phase, ...]] = ("connecting", "connected", "backoff", "stopped")
 
 
 @dataclass(slots=True)
@@ -59,20 +55,22 @@ class ConnectionState:
             stats = self.stream_stats[stream] = StreamStats()
         return stats
 
-    def to_json(self) -> bytes:
-        """The value stored in `keys.CONNECTIONS`; per-stream stats live in their own hashes."""
-        return orjson.dumps(
-            {
-                "id": self.id,
-                "market": self.market,
-                "family": self.family,
-                "url": self.url,
-                "streams": list(self.streams),
-                "state": self.state,
-                "connected_since_us": self.connected_since_us,
-                "last_message_us": self.last_message_us,
-                "messages": self.messages,
-                "reconnects": self.reconnects,
-                "last_error": self.last_error,
-            }
+    def record(self) -> ConnectionRecord:
+        """What `keys.CONNECTIONS` holds for this connection; per-stream stats live in their own hashes."""
+        return ConnectionRecord(
+            connection_id=self.id,
+            market=self.market,
+            family=self.family,
+            url=self.url,
+            streams=self.streams,
+            state=self.state,
+            connected_since_us=self.connected_since_us,
+            last_message_us=self.last_message_us,
+            messages=self.messages,
+            reconnects=self.reconnects,
+            last_error=self.last_error,
         )
+
+    def to_json(self) -> bytes:
+        """The value stored in `keys.CONNECTIONS` (`ConnectionRecord.to_json`)."""
+        return self.record().to_json()

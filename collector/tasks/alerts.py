@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Final
 
 import psycopg2
@@ -13,8 +12,8 @@ from collector.alerts.evaluate import evaluate_alerts
 from collector.db.connection import connect
 from collector.errors import ServiceUnavailable
 from collector.logonce import Transitions
-from collector.queue import keys
 from collector.queue.client import redis_client
+from collector.queue.locks import alerts_lock
 from collector.settings import get_settings
 from collector.tasks.base import collector_task
 
@@ -28,15 +27,6 @@ TIME_LIMIT_S: Final = 60
 # The lock outlives the longest possible run (the hard time limit), so it is never lost while the
 # task still works; a worker killed outright blocks alerts for at most this long.
 LOCK_TTL_MS: Final = TIME_LIMIT_S * 1000
-
-# KEYS[1] = lock key; ARGV[1] = token of the holder.
-# Delete the lock only if we still hold it: after an expiry another run may own it (redis-py's Lock).
-RELEASE_LOCK_SCRIPT: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @collector_task(
@@ -52,17 +42,16 @@ def evaluate() -> dict[str, Any] | None:
     """
     settings = get_settings()
     client = redis_client(settings)
-    token = uuid.uuid4().hex
+    lock = alerts_lock(client, LOCK_TTL_MS)
     try:
         try:
-            if not client.set(keys.ALERTS_LOCK, token, nx=True, px=LOCK_TTL_MS):
+            if not lock.acquire():
                 logger.debug("alerts.lock_busy")
                 return None
         except redis.RedisError as error:
             _redis.report(up=False, error=error)  # beat runs this every second: one line, not one a second
             return None
         _redis.report(up=True)
-        release = client.register_script(RELEASE_LOCK_SCRIPT)
         try:
             conn = connect(settings)
             try:
@@ -76,7 +65,7 @@ def evaluate() -> dict[str, Any] | None:
             )
             return None
         finally:
-            release(keys=[keys.ALERTS_LOCK], args=[token])
+            lock.release()  # only if still ours: after an expiry another run may hold it
         _postgres.report(up=True)
         return {
             "rows": summary.rows,

@@ -25,29 +25,11 @@ from collector.errors import ConfigError, ServiceUnavailable
 from collector.logonce import Transitions
 from collector.queue import keys
 from collector.queue.batches import inflight_length
+from collector.queue.connections import CONNECTED, ConnectionRecord, read_connections
 from collector.queue.counters import COUNTERS
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-CONNECTED = "connected"
-
-
-@dataclass(frozen=True)
-class ConnectionState:
-    """One WebSocket connection as the stream process last described it (fields may be missing)."""
-
-    connection_id: str
-    market: str = ""
-    family: str = ""
-    url: str = ""
-    streams: tuple[str, ...] = ()
-    state: str = "unknown"
-    connected_since_us: int | None = None
-    last_message_us: int | None = None
-    messages: int = 0
-    reconnects: int = 0
-    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +75,7 @@ class HealthSnapshot:
     database: dict[str, Any] | None = None
     # Envelopes lost between the stream process and PostgreSQL in the last LOSS_WINDOW (collector.audit).
     losses: list[Loss] = field(default_factory=list)
-    connections: list[ConnectionState] = field(default_factory=list)
+    connections: list[ConnectionRecord] = field(default_factory=list)
     streams: list[StreamState] = field(default_factory=list)
     tables: list[TableState] = field(default_factory=list)
     deadletter_length: int = 0
@@ -209,10 +191,7 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
     counter_hashes = replies[6 + len(keys.TABLES) :]
     into.open_gaps = sorted(_parse_open_gaps(_decode_hash(open_gaps)), key=lambda g: g.since_us)
 
-    into.connections = sorted(
-        (_parse_connection(_text(cid), raw) for cid, raw in connections.items()),
-        key=lambda c: c.connection_id,
-    )
+    into.connections = read_connections(connections)
     into.streams = _parse_streams(_decode_hash(messages), _decode_hash(last_us))
     last_drain = _decode_hash(drains)
     into.tables = [
@@ -265,31 +244,6 @@ def _int_or_none(value: object) -> int | None:
         return int(float(_text(value)))
     except (ValueError, OverflowError):
         return None
-
-
-def _parse_connection(connection_id: str, raw: object) -> ConnectionState:
-    try:
-        data = json.loads(_text(raw))
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        logger.warning("health.bad_connection_state connection=%s", connection_id)
-        return ConnectionState(connection_id, state="unknown", last_error="unreadable state in Redis")
-    streams = data.get("streams")
-    error = data.get("last_error")
-    return ConnectionState(
-        connection_id=connection_id,
-        market=str(data.get("market") or ""),
-        family=str(data.get("family") or ""),
-        url=str(data.get("url") or ""),
-        streams=tuple(str(s) for s in streams) if isinstance(streams, list) else (),
-        state=str(data.get("state") or "unknown"),
-        connected_since_us=_int_or_none(data.get("connected_since_us")),
-        last_message_us=_int_or_none(data.get("last_message_us")),
-        messages=_int_or_none(data.get("messages")) or 0,
-        reconnects=_int_or_none(data.get("reconnects")) or 0,
-        last_error=str(error) if error else None,
-    )
 
 
 def _parse_streams(messages: dict[str, str], last_us: dict[str, str]) -> list[StreamState]:
@@ -349,7 +303,7 @@ def age_s(then_us: int | None, now: int) -> float | None:
     return max(0.0, (now - then_us) / 1_000_000)
 
 
-def _connection_reasons(connections: list[ConnectionState], now: int, max_age_s: float) -> list[str]:
+def _connection_reasons(connections: list[ConnectionRecord], now: int, max_age_s: float) -> list[str]:
     if not connections:
         return ["no connection registered (is `collector streams` running?)"]
     reasons = []
