@@ -16,9 +16,12 @@ QUEUE_REST = "rest"
 QUEUE_ALERTS = "alerts"
 QUEUES = (QUEUE_INGEST, QUEUE_REST, QUEUE_ALERTS)
 
+REST_POLL_TICK_S = 1.0
+
 # task name -> queue; `celeryconfig.task_routes` is derived from this.
 TASK_QUEUES = {
     "collector.tasks.ingest.drain": QUEUE_INGEST,
+    "collector.tasks.rest.poll_due": QUEUE_REST,
     "collector.tasks.rest.open_interest": QUEUE_REST,
     "collector.tasks.rest.depth_snapshot": QUEUE_REST,
     "collector.tasks.alerts.evaluate": QUEUE_ALERTS,
@@ -39,21 +42,16 @@ def _entry(
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """One drain per table, the REST pollers (only for markets with symbols) and the alert check."""
+    """One drain per table, the REST poll tick and the alert check.
+
+    The tick runs every REST_POLL_TICK_S; which open-interest and depth-snapshot calls it sends is
+    decided by `collector.rest.planner` (OPEN_INTEREST_INTERVAL_S, DEPTH_SNAPSHOT_INTERVAL_S, spread
+    evenly over each interval and stretched when the weight budget requires).
+    """
     schedule = {
         f"drain-{table}": _entry("collector.tasks.ingest.drain", settings.drain_interval_s, (table,))
         for table in TABLES
     }
-    if settings.futures_symbols:
-        schedule["open-interest"] = _entry(
-            "collector.tasks.rest.open_interest", settings.open_interest_interval_s
-        )
-    for market in ("spot", "futures"):
-        if settings.symbols(market):
-            schedule[f"depth-snapshot-{market}"] = _entry(
-                "collector.tasks.rest.depth_snapshot",
-                settings.depth_snapshot_interval_s,
-                kwargs={"market": market},
-            )
+    schedule["rest-poll"] = _entry("collector.tasks.rest.poll_due", REST_POLL_TICK_S)
     schedule["alerts"] = _entry("collector.tasks.alerts.evaluate", settings.alert_interval_s)
     return schedule

@@ -169,7 +169,8 @@ def test_many_symbols_split_across_connections() -> None:
 
 
 def test_beat_schedule_from_settings() -> None:
-    """One drain per table every second, pollers at their intervals, every entry with queue and expiry."""
+    """One drain per table every second, the REST poll tick every second (the planner spreads the
+    calls over their intervals), every entry with queue and expiry."""
     s = load_settings(open_interest_interval_s=15, depth_snapshot_interval_s=120)
     schedule = beat_schedule(s)
     drains = [e for e in schedule.values() if e["task"] == "collector.tasks.ingest.drain"]
@@ -185,9 +186,9 @@ def test_beat_schedule_from_settings() -> None:
             "stream_gaps",
         ]
     )
-    assert schedule["open-interest"]["schedule"] == 15
-    assert schedule["depth-snapshot-spot"]["kwargs"] == {"market": "spot"}
-    assert schedule["depth-snapshot-futures"]["schedule"] == 120
+    assert schedule["rest-poll"]["task"] == "collector.tasks.rest.poll_due"
+    assert schedule["rest-poll"]["schedule"] == 1.0
+    assert not any("open_interest" in e["task"] or "depth_snapshot" in e["task"] for e in schedule.values())
     for entry in schedule.values():
         assert entry["options"]["queue"] == TASK_QUEUES[entry["task"]] and entry["options"]["expires"] >= 1
 

@@ -305,19 +305,6 @@ def test_collector_gaps_lists_both_kinds_with_durations(settings: Settings, redi
     assert spot_btc.stdout.splitlines()[-1] == "1 depth gaps, 1 stream outages, 0 open"
 
 
-def test_resync_snapshots_spend_at_most_their_share_of_the_weight() -> None:
-    """Many gaps at once: the first snapshots go at once, the rest are spread at the budget's pace."""
-    from collector.rest.resync import RESYNC_WEIGHT_SHARE, WeightBucket, seconds_to_next_minute
-
-    per_minute = 2400 * RESYNC_WEIGHT_SHARE  # USD-M: 600 weight a minute for resyncs
-    bucket = WeightBucket(per_minute, now_s=1000.0)
-    delays = [bucket.delay_s(20, 1000.0) for _ in range(40)]  # 40 futures snapshots of 1000 levels
-    assert delays[:30] == [0.0] * 30  # 600 weight: the bucket is full at start
-    assert delays[30] == pytest.approx(2.0) and delays[39] == pytest.approx(20.0)  # 10 weight/s after
-    assert bucket.delay_s(20, 1060.0) == 0.0  # a minute later the bucket has refilled
-    assert seconds_to_next_minute(1_764_000_015.5) == pytest.approx(44.5)
-
-
 def test_a_second_depth_speed_of_a_symbol_is_stored_but_not_judged() -> None:
     """`@depth` beside `@depth@100ms`: the slower stream batches differently; no false gap, none dropped."""
     import redis.asyncio

@@ -145,6 +145,7 @@ class Controls:
             web.post("/_fake/drop", self._post_drop),
             web.post("/_fake/malformed", self._post_malformed),
             web.post("/_fake/rest_fail", self._post_rest_fail),
+            web.get("/_fake/rest_stats", self._get_rest_stats),
             web.post("/_fake/liquidation", self._post_liquidation),
             web.post("/_fake/pause", self._post_pause),
             web.post("/_fake/resume", self._post_resume),
@@ -156,6 +157,9 @@ class Controls:
 
     async def _get_ledger(self, request: web.Request) -> web.Response:
         return web.json_response(self.ledger())
+
+    async def _get_rest_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.rest.stats())
 
     async def _get_connections(self, request: web.Request) -> web.Response:
         return web.json_response({"connections": self.connections()})

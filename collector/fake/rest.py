@@ -99,6 +99,28 @@ class WeightMeter:
         return self.used[market]
 
 
+# An IP that sends again before a 429's Retry-After is over is banned (418): 2 minutes at first,
+# doubling for repeat offenders up to 3 days (binance.md §4.5).
+FIRST_BAN_S = 120.0
+LONGEST_BAN_S = 3 * 86_400.0
+
+
+@dataclass
+class Penalties:
+    """One market's rate-limit state, as Binance keeps it per IP: the 429 back-off and the ban."""
+
+    back_off_until_s: float = 0.0  # Retry-After of the last 429
+    banned_until_s: float = 0.0
+    bans: int = 0
+
+    def ban(self, now_s: float) -> float:
+        """Ban the IP (418); returns the ban's length."""
+        length = min(FIRST_BAN_S * 2**self.bans, LONGEST_BAN_S)
+        self.bans += 1
+        self.banned_until_s = now_s + length
+        return length
+
+
 @dataclass
 class FaultPlan:
     """The next `count` REST requests answer `status` (with Retry-After for 418/429)."""
@@ -118,6 +140,10 @@ class RestApi:
         self.hub = hub
         self.meter = WeightMeter()
         self.faults = FaultPlan()
+        self.penalties: dict[Market, Penalties] = {"spot": Penalties(), "futures": Penalties()}
+        # What was answered, for the tests' accounting: per market, per status; weight per minute.
+        self.answered: dict[Market, dict[int, int]] = {"spot": {}, "futures": {}}
+        self.weight_by_minute: dict[Market, dict[int, int]] = {"spot": {}, "futures": {}}
         self._open_interest: dict[str, float] = {}
 
     def routes(self) -> list[web.RouteDef]:
@@ -141,32 +167,71 @@ class RestApi:
         """Wrap a `query -> (weight, body)` function with faults, weight accounting and errors."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            now_s = time.time()
-            if self.faults.count > 0:
-                self.faults.count -= 1
-                return self._fault(market, now_s)
-            try:
-                weight, payload = body(dict(request.query))
-                status = 200
-            except RestError as error:
-                weight, status, payload = 1, error.status, error.body
-            limit = WEIGHT_LIMIT_1M[market]
-            if self.meter.current(market, now_s) + weight > limit:
-                logger.warning("fake.rest_weight_exceeded market=%s path=%s", market, request.path)
-                retry = str(60 - int(now_s) % 60)
-                headers = {
-                    "Retry-After": retry,
-                    "X-MBX-USED-WEIGHT-1M": str(self.meter.current(market, now_s)),
-                }
-                return _json_response(ERROR_BODIES[429], 429, headers)
-            used = self.meter.add(market, weight, now_s)
-            return _json_response(payload, status, {"X-MBX-USED-WEIGHT-1M": str(used)})
+            response = self._answer(market, request, body, time.time())
+            self.answered[market][response.status] = self.answered[market].get(response.status, 0) + 1
+            return response
 
         return handle
 
+    def _answer(
+        self,
+        market: Market,
+        request: web.Request,
+        body: Callable[[dict[str, str]], tuple[int, dict[str, Any]]],
+        now_s: float,
+    ) -> web.Response:
+        if self.faults.count > 0:  # scripted answers come first, whatever the state
+            self.faults.count -= 1
+            return self._fault(market, now_s)
+        penalties = self.penalties[market]
+        if now_s < penalties.banned_until_s:
+            return self._rate_limited(market, 418, penalties.banned_until_s - now_s, now_s)
+        if now_s < penalties.back_off_until_s:
+            # Still sending while told to back off: that is what earns the ban.
+            length = penalties.ban(now_s)
+            logger.warning("fake.rest_ip_banned market=%s path=%s ban_s=%.0f", market, request.path, length)
+            return self._rate_limited(market, 418, length, now_s)
+        try:
+            weight, payload = body(dict(request.query))
+            status = 200
+        except RestError as error:
+            weight, status, payload = 1, error.status, error.body
+        if self.meter.current(market, now_s) + weight > WEIGHT_LIMIT_1M[market]:
+            logger.warning("fake.rest_weight_exceeded market=%s path=%s", market, request.path)
+            retry_s = 60 - int(now_s) % 60
+            penalties.back_off_until_s = now_s + retry_s
+            return self._rate_limited(market, 429, retry_s, now_s)
+        used = self.meter.add(market, weight, now_s)
+        self._note_weight(market, used, now_s)
+        return _json_response(payload, status, {"X-MBX-USED-WEIGHT-1M": str(used)})
+
+    def _rate_limited(self, market: Market, status: int, retry_s: float, now_s: float) -> web.Response:
+        headers = {
+            "Retry-After": str(math.ceil(retry_s)),
+            "X-MBX-USED-WEIGHT-1M": str(self.meter.current(market, now_s)),
+        }
+        return _json_response(ERROR_BODIES[status], status, headers)
+
+    def _note_weight(self, market: Market, used: int, now_s: float) -> None:
+        self.weight_by_minute[market][int(now_s // 60)] = used
+
+    def stats(self) -> dict[str, Any]:
+        """Per market: answers by status, weight used per UTC minute, the limit, the bans."""
+        return {
+            market: {
+                "answered": {str(status): count for status, count in sorted(self.answered[market].items())},
+                "weight_by_minute": {str(m): w for m, w in sorted(self.weight_by_minute[market].items())},
+                "limit_1m": WEIGHT_LIMIT_1M[market],
+                "bans": self.penalties[market].bans,
+            }
+            for market in ("spot", "futures")
+        }
+
     def _fault(self, market: Market, now_s: float) -> web.Response:
         status = self.faults.status
-        headers = {"X-MBX-USED-WEIGHT-1M": str(self.meter.add(market, 1, now_s))}
+        used = self.meter.add(market, 1, now_s)
+        self._note_weight(market, used, now_s)
+        headers = {"X-MBX-USED-WEIGHT-1M": str(used)}
         if status in (418, 429):
             headers["Retry-After"] = str(math.ceil(self.faults.retry_after_s))
         body = ERROR_BODIES.get(status, {"code": -1000, "msg": f"HTTP {status}"})

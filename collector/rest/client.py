@@ -1,8 +1,10 @@
-"""A `requests.Session` wrapper: timeouts, retries with backoff, and a 429/418 pause shared through Redis.
+"""A `requests.Session` wrapper: timeouts, retries with backoff, the shared weight budget, and the
+429/418 pause shared through Redis.
 
-Binance's limits are per IP (binance.md §4.5), so every worker must stop when any one of them is
-told to: a 429/418 stores "no request to this market before T" in Redis
-(`collector.queue.keys.rest_pause_until`) and every client checks that key before each request.
+Binance's limits are per IP (binance.md §4.5), so every worker and the stream process share one
+weight counter per market and minute (`collector.queue.rest_weight`): no request leaves before its
+weight fits under its priority's limit (`collector.rest.budget.gate_limit`). A 429/418 stores "no
+request to this market before T" in Redis and every client checks that before each request.
 What an answer means (retry, wait, fatal) is decided by the pure `collector.binance.rest.classify`.
 """
 
@@ -18,8 +20,6 @@ import redis
 import requests
 
 from collector.binance.rest import (
-    FUTURES_WEIGHT_PER_MINUTE,
-    SPOT_WEIGHT_PER_MINUTE,
     RestRequest,
     Verdict,
     backoff_s,
@@ -27,24 +27,12 @@ from collector.binance.rest import (
     used_weight,
 )
 from collector.errors import RateLimited, RestError
-from collector.queue import counters, keys
+from collector.queue import counters
+from collector.queue.rest_weight import RestWeight
+from collector.rest.budget import Priority, gate_limit, minute_of, seconds_to_next_minute
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-# Warn when a market's weight used this minute (X-MBX-USED-WEIGHT-1M) passes this share of its budget.
-WEIGHT_WARN_FRACTION = 0.8
-
-# KEYS[1] = pause key of the market; ARGV[1] = pause-until time (µs), ARGV[2] = expiry (ms).
-# Only ever lengthens a pause: a short 429 Retry-After must not cut a running 418 ban short.
-EXTEND_PAUSE_SCRIPT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tonumber(ARGV[1]) > current then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -64,8 +52,10 @@ def now_us() -> int:
 class RestClient:
     """GETs to Binance with `(connect, read)` timeouts, retries, and the shared rate-limit pause.
 
-    `max_wait_s` is the longest pause a call sits out before sending; a longer one (a 418 ban lasts
-    2 minutes to 3 days) raises `RateLimited` at once so the worker is not held. Not thread-safe.
+    `max_wait_s` is the longest wait a call sits out before sending, for a pause or for the next
+    minute's weight; a longer one (a 418 ban lasts 2 minutes to 3 days) raises `RateLimited` at once
+    so the worker is not held. `priority` chooses the weight limit (resyncs may use the resync share).
+    Not thread-safe: one client per thread.
     """
 
     def __init__(
@@ -76,6 +66,8 @@ class RestClient:
         max_wait_s: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         jitter: Callable[[], float] = random.random,
+        priority: Priority = "scheduled",
+        max_retries: int | None = None,
     ) -> None:
         self._settings = settings
         self._redis = client
@@ -83,22 +75,30 @@ class RestClient:
         self._max_wait_s = settings.rest_backoff_max_s if max_wait_s is None else max_wait_s
         self._sleep = sleep
         self._jitter = jitter
-        self._extend_pause = client.register_script(EXTEND_PAUSE_SCRIPT)
+        self._priority: Priority = priority
+        self._max_retries = settings.rest_max_retries if max_retries is None else max_retries
+        self._weight = RestWeight(client)
+        self._warned_minute = -1
 
     @property
     def timeout(self) -> tuple[float, float]:
         return (self._settings.rest_connect_timeout_s, self._settings.rest_read_timeout_s)
 
-    def get(self, request: RestRequest) -> RestResponse:
-        """The answer to `request`; `RateLimited` or `RestError` after the retries are spent."""
+    def get(self, request: RestRequest, reserved: bool = False) -> RestResponse:
+        """The answer to `request`; `RateLimited` or `RestError` after the retries are spent.
+
+        `reserved`: the first attempt's weight was already counted (a claimed scheduled poll);
+        every other attempt counts its own.
+        """
         attempt = 0
         while True:
             self.wait_if_paused(request)
+            if attempt > 0 or not reserved:
+                self._acquire_weight(request)
             response, verdict = self._send(request)
             if verdict.action == "ok" and response is not None:
                 received_at_us = now_us()
                 used = used_weight(response.headers)
-                self._check_weight(request, used)
                 return RestResponse(response.status_code, response.content, received_at_us, used)
             self._after_failure(request, None if response is None else response.status_code, verdict, attempt)
             attempt += 1
@@ -109,7 +109,7 @@ class RestClient:
         """Raise when the failure is final; otherwise set the pause or sleep the backoff."""
         self._record_error(request, verdict.reason)
         what = f"{request.market} {request.endpoint} {request.symbol}"
-        last_try = attempt >= self._settings.rest_max_retries
+        last_try = attempt >= self._max_retries
         if verdict.action == "fatal":
             logger.error(
                 "rest.fatal market=%s endpoint=%s symbol=%s status=%s reason=%s detail=%s",
@@ -145,10 +145,35 @@ class RestClient:
 
     def paused_for_s(self, market: str) -> float:
         """Seconds left of the market's shared 429/418 pause (0 when none)."""
-        raw = self._redis.get(keys.rest_pause_until(market))
-        if raw is None:
-            return 0.0
-        return max(0.0, (int(raw) - now_us()) / 1e6)
+        return self._weight.paused_for_s(market)
+
+    def _acquire_weight(self, request: RestRequest) -> None:
+        """Count the request's weight against the market's minute, waiting for the next minute
+        when this priority's share is spent (or raising `RateLimited` when that is too long)."""
+        limit = gate_limit(request.market, self._settings.rest_weight_margin, self._priority)
+        while True:
+            now_s = time.time()
+            added, used = self._weight.acquire(request.market, request.weight, limit, minute_of(now_s))
+            if added:
+                return
+            # A little past the minute's edge, so our clock's minute has surely turned.
+            wait_s = seconds_to_next_minute(now_s) + 0.05
+            if wait_s > self._max_wait_s:
+                raise RateLimited(
+                    f"{request.market} REST weight of this minute spent ({used} of {limit} for "
+                    f"{self._priority} calls); next minute in {wait_s:.0f} s",
+                    429,
+                    wait_s,
+                )
+            logger.info(
+                "rest.weight_wait market=%s priority=%s used_1m=%d limit_1m=%d wait_s=%.1f",
+                request.market,
+                self._priority,
+                used,
+                limit,
+                wait_s,
+            )
+            self._sleep(wait_s)
 
     def wait_if_paused(self, request: RestRequest) -> None:
         """Sit out the market's pause, or raise `RateLimited` when it is longer than `max_wait_s`."""
@@ -188,12 +213,30 @@ class RestClient:
             verdict = classify(None, transport_error="invalid_request")
             return None, Verdict(verdict.action, verdict.reason, detail=str(error))
         self._record_request(request, str(response.status_code))
+        self._observe_weight(request, used_weight(response.headers))
         return response, classify(response.status_code, response.headers, response.content)
 
+    def _observe_weight(self, request: RestRequest, used: int | None) -> None:
+        """Binance's count of the minute, when it is higher than ours, becomes ours."""
+        if used is None:
+            return
+        minute = minute_of(time.time())
+        counted = self._weight.observe(request.market, used, minute)
+        ours = gate_limit(request.market, self._settings.rest_weight_margin, "resync")
+        if used > ours and self._warned_minute != minute:
+            # More than we ever spend: something else uses this IP's weight.
+            self._warned_minute = minute
+            logger.warning(
+                "rest.weight_high market=%s used_1m=%d our_limit_1m=%d counted_1m=%d "
+                "(another client on this IP is using Binance's weight)",
+                request.market,
+                used,
+                ours,
+                counted,
+            )
+
     def _pause(self, request: RestRequest, verdict: Verdict, status: int) -> None:
-        until_us = now_us() + int(verdict.retry_after_s * 1e6)
-        expiry_ms = max(1, int(verdict.retry_after_s * 1000) + 1)
-        self._extend_pause(keys=[keys.rest_pause_until(request.market)], args=[until_us, expiry_ms])
+        self._weight.extend_pause(request.market, now_us() + int(verdict.retry_after_s * 1e6))
         logger.warning(
             "rest.rate_limited market=%s endpoint=%s status=%d retry_after_s=%g detail=%s",
             request.market,
@@ -202,12 +245,6 @@ class RestClient:
             verdict.retry_after_s,
             verdict.detail,
         )
-
-    def _check_weight(self, request: RestRequest, used: int | None) -> None:
-        """Warn before Binance starts answering 429: the per-minute budget is shared by every worker."""
-        budget = SPOT_WEIGHT_PER_MINUTE if request.market == "spot" else FUTURES_WEIGHT_PER_MINUTE
-        if used is not None and used >= budget * WEIGHT_WARN_FRACTION:
-            logger.warning("rest.weight_high market=%s used_1m=%d budget_1m=%d", request.market, used, budget)
 
     def _record_request(self, request: RestRequest, status: str) -> None:
         counters.incr(self._redis, "rest_requests", request.market, request.endpoint, status)

@@ -1,4 +1,7 @@
-"""The REST pollers: fetch open interest and depth snapshots, queue each body for the drain.
+"""REST polls asked for by hand, and queueing a REST body for the drain.
+
+Scheduled polls are spread over their intervals by `collector.rest.planner`; the functions here
+poll a list of symbols at once (`collector trigger`, Flower), each call still within the weight budget.
 
 Each body is wrapped, unmodified, in an envelope with its receive time and symbol and pushed onto
 `collector:queue:open_interest` / `collector:queue:depth_snapshots`; the drain writes it to PostgreSQL.
@@ -25,6 +28,8 @@ from collector.rest.client import RestClient, RestResponse
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+MANUAL_MAX_WAIT_S = 65.0
 
 
 @dataclass
@@ -78,7 +83,9 @@ def _poll(
     market: str,
     requests_: list[RestRequest],
 ) -> PollSummary:
-    rest = RestClient(settings, client, session)
+    # A poll asked for by hand (`collector trigger`, Flower) runs in the rest pool: it may wait for
+    # the next minute's weight rather than fail.
+    rest = RestClient(settings, client, session, max_wait_s=MANUAL_MAX_WAIT_S)
     summary = PollSummary(table, market)
     for index, request in enumerate(requests_):
         symbol = request.symbol or ""
@@ -97,8 +104,9 @@ def _poll(
             break
         except RestError as error:
             summary.failed[symbol] = str(error)
+            logger.warning("rest.gave_up table=%s market=%s symbol=%s error=%s", table, market, symbol, error)
             continue
-        reason = _queue(client, table, market, symbol, response)
+        reason = queue_body(client, table, market, symbol, response)
         if reason:
             summary.failed[symbol] = reason
         else:
@@ -113,7 +121,7 @@ def _poll(
     return summary
 
 
-def _queue(client: redis.Redis, table: str, market: str, symbol: str, response: RestResponse) -> str:
+def queue_body(client: redis.Redis, table: str, market: str, symbol: str, response: RestResponse) -> str:
     """Push the envelope (or a dead letter); returns the failure reason, "" when queued."""
     reason = body_problem(response.body)
     if reason:

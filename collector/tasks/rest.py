@@ -14,6 +14,7 @@ from celery.utils.log import get_task_logger
 from collector.binance.rest import Market
 from collector.errors import RestError
 from collector.queue.client import redis_client
+from collector.rest.planner import run_tick
 from collector.rest.poll import poll_depth_snapshots, poll_open_interest
 from collector.settings import SYMBOL_PATTERN, Settings, get_settings
 from collector.tasks.base import collector_task
@@ -43,6 +44,22 @@ def _markets(settings: Settings, market: str | None, symbol: str | None) -> tupl
         configured = tuple(m for m in MARKETS if wanted in settings.symbols(m))
         return configured or MARKETS
     return MARKETS
+
+
+@collector_task("collector.tasks.rest.poll_due", soft_time_limit_s=30, time_limit_s=45)
+def poll_due() -> dict[str, Any]:
+    """Send the scheduled open-interest and depth-snapshot calls that are due now (one tick).
+
+    Beat sends one every REST_POLL_TICK_S and the calls are claimed atomically in Redis, so ticks
+    may overlap on several workers without sending anything twice. It never sleeps: a paused market
+    or a spent minute leaves the calls for a later tick.
+    """
+    settings = get_settings()
+    client = redis_client(settings)
+    try:
+        return run_tick(settings, client).as_dict()
+    finally:
+        client.close()
 
 
 @collector_task("collector.tasks.rest.open_interest")
