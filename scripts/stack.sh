@@ -15,7 +15,7 @@ VENV=${VENV:-.venv}
 export PATH="$VENV/bin:$PATH"
 VAR=var
 # honcho sends SIGTERM to every process, then SIGKILL after this many seconds (its default is 5).
-# A Celery worker finishes its running drain first (DRAIN_RUN_MAX_S, 20 s by default).
+# worker-ingest finishes its running drain first (DRAIN_RUN_MAX_S, 20 s by default).
 STOP_GRACE_S=${STOP_GRACE_S:-30}
 DEMO_EXCHANGE_PORT=19443 # also written in Procfile.demo
 
@@ -62,7 +62,7 @@ run() {
     . "$envfile"
     set +a
     collector init-db
-    echo "starting streams, worker, beat, web (:${WEB_PORT:-8000}) and flower (:${FLOWER_PORT:-5555}); Ctrl-C stops them" >&2
+    echo "starting streams, worker-ingest and worker-rest (Celery pools), beat, web (:${WEB_PORT:-8000}) and flower (:${FLOWER_PORT:-5555}); Ctrl-C stops them" >&2
     honcho_start Procfile "$envfile" "$VAR/run.pid"
 }
 

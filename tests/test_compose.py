@@ -27,11 +27,12 @@ import yaml
 
 from collector import cli
 from collector.queue import keys
-from collector.schedule import QUEUES
+from collector.schedule import QUEUE_INGEST, QUEUE_REST, QUEUES
 from collector.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-COLLECTOR_SERVICES = ("streams", "worker", "beat", "web", "flower")
+COLLECTOR_SERVICES = ("streams", "worker-ingest", "worker-rest", "beat", "web", "flower")
+WORKERS = ("worker-ingest", "worker-rest")
 ONE_SHOT_SERVICES = ("init-db",)
 BACKING_SERVICES = ("timescaledb", "redis")
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
@@ -109,12 +110,15 @@ def _check_celery_argv(argv: list[str], where: str) -> None:
     parser.add_argument("-A", "--app", required=True)
     parser.add_argument("subcommand", choices=["worker", "beat", "inspect", "call", "flower"])
     parser.add_argument("-Q", "--queues")
+    parser.add_argument("-n", "--hostname")
     parser.add_argument("--schedule")
     known, _ = parser.parse_known_args(argv[1:])
     assert known.app == "collector", f"{where}: celery app must be 'collector' (collector/celery.py)"
     if known.subcommand == "worker":
         assert known.queues is not None, f"{where}: the worker must name its queues"
-        assert set(known.queues.split(",")) == set(QUEUES), f"{where}: worker queues differ from {QUEUES}"
+        unknown = set(known.queues.split(",")) - set(QUEUES)
+        assert not unknown, f"{where}: worker queues {unknown} are not among {QUEUES}"
+        assert known.hostname, f"{where}: each worker pool needs a node name of its own (-n)"
     if known.subcommand == "beat":
         assert known.schedule, f"{where}: beat needs --schedule (its state file)"
 
@@ -208,7 +212,7 @@ def test_services_wait_for_what_they_use() -> None:
     """init-db waits for a healthy database; what writes to the database waits for init-db."""
     services = _services()
     assert services["init-db"]["depends_on"]["timescaledb"]["condition"] == "service_healthy"
-    for name in ("worker", "beat", "web"):
+    for name in ("worker-ingest", "beat", "web"):
         assert services[name]["depends_on"]["init-db"]["condition"] == "service_completed_successfully"
     for name in COLLECTOR_SERVICES:
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
@@ -227,8 +231,8 @@ def test_named_volumes_are_declared_and_hold_the_data() -> None:
             mounts.setdefault(name, {})[target] = source
     assert "/var/lib/postgresql/data" in mounts["timescaledb"]
     assert "/data" in mounts["redis"]
-    worker_log = Path(_environment(compose["services"]["worker"])["ALERT_LOG"])
-    assert str(worker_log.parent) in mounts["worker"], "alert.log must be on a volume"
+    worker_log = Path(_environment(compose["services"]["worker-ingest"])["ALERT_LOG"])
+    assert str(worker_log.parent) in mounts["worker-ingest"], "alert.log must be on a volume"
     unused = declared - {source for targets in mounts.values() for source in targets.values()}
     assert not unused, f"declared but unused volumes: {unused}"
 
@@ -265,7 +269,7 @@ def test_commands_are_real_cli_commands_and_the_celery_app() -> None:
         argv = _command(services[name])
         assert argv[:2] == ["collector", sub_command], f"{name}: {argv}"
         check_command(argv, f"docker-compose.yml {name}")
-    for name, sub_command in (("worker", "worker"), ("beat", "beat")):
+    for name, sub_command in (("worker-ingest", "worker"), ("worker-rest", "worker"), ("beat", "beat")):
         argv = _command(services[name])
         assert argv[:4] == ["celery", "-A", "collector", sub_command], f"{name}: {argv}"
         check_command(argv, f"docker-compose.yml {name}")
@@ -285,8 +289,11 @@ def test_healthchecks_match_the_commands() -> None:
         published = [str(mapping).rsplit(":", 1)[-1] for mapping in services[name]["ports"]]
         assert port in published, f"{name}: port {port} is not published"
         compile(_healthcheck(services[name])[-1], name, "exec")
-    worker = " ".join(_healthcheck(services["worker"]))
-    assert "celery -A collector inspect ping -d celery@$$HOSTNAME" in worker
+    for name in WORKERS:
+        argv = _command(services[name])
+        node = argv[argv.index("-n") + 1].replace("%h", "$$HOSTNAME")
+        probe = " ".join(_healthcheck(services[name]))
+        assert f"celery -A collector inspect ping -d {node}" in probe, f"{name} pings another node"
     beat_argv = _command(services["beat"])
     pidfile = beat_argv[beat_argv.index("--pidfile") + 1]
     assert pidfile in " ".join(_healthcheck(services["beat"]))
@@ -313,11 +320,11 @@ def test_streams_healthcheck_reports_connected_connections(redis_url: str) -> No
 
 
 def test_stop_grace_periods_leave_time_to_finish() -> None:
-    """Streams get time to flush their buffers and the worker time to finish a drain."""
+    """Streams get time to flush their buffers and the ingest worker time to finish a drain."""
     services = _services()
     assert _seconds(services["streams"]["stop_grace_period"]) >= 20
     drain_run_max_s = Settings.model_fields["drain_run_max_s"].default
-    assert _seconds(services["worker"]["stop_grace_period"]) > drain_run_max_s
+    assert _seconds(services["worker-ingest"]["stop_grace_period"]) > drain_run_max_s
 
 
 def _dockerignore_patterns() -> list[str]:
@@ -394,8 +401,8 @@ def _procfile(name: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     ("procfile", "required"),
     [
-        ("Procfile", {"streams", "worker", "beat", "web", "flower"}),
-        ("Procfile.demo", {"exchange", "streams", "worker", "beat", "web", "flower", "watch"}),
+        ("Procfile", {"streams", *WORKERS, "beat", "web", "flower"}),
+        ("Procfile.demo", {"exchange", "streams", *WORKERS, "beat", "web", "flower", "watch"}),
     ],
 )
 def test_procfile_commands_are_valid_sub_commands(procfile: str, required: set[str]) -> None:
@@ -404,6 +411,38 @@ def test_procfile_commands_are_valid_sub_commands(procfile: str, required: set[s
     assert set(processes) == required
     for name, argv in processes.items():
         check_command(argv, f"{procfile} {name}")
+
+
+def _worker_pools(commands: dict[str, list[str]]) -> dict[str, tuple[set[str], str]]:
+    """Name -> (queues, node name) of each Celery worker among the processes' `commands`."""
+    return {
+        name: (set(argv[argv.index("-Q") + 1].split(",")), argv[argv.index("-n") + 1])
+        for name, argv in commands.items()
+        if argv[:4] == ["celery", "-A", "collector", "worker"]
+    }
+
+
+@pytest.mark.parametrize("where", ["docker-compose.yml", "Procfile", "Procfile.demo"])
+def test_worker_pools_keep_rest_apart_from_the_drains(where: str) -> None:
+    """Each queue is served by exactly one pool, `rest` by a pool of its own, each with its node name."""
+    if where == "docker-compose.yml":
+        commands = {name: _command(service) for name, service in _services().items() if "command" in service}
+    else:
+        commands = _procfile(where)
+    pools = _worker_pools(commands)
+    assert set(pools) == set(WORKERS), f"{where}: worker pools {sorted(pools)}"
+    served = sorted(queue for queues, _ in pools.values() for queue in queues)
+    assert served == sorted(QUEUES), f"{where}: each of {QUEUES} must be served by exactly one pool"
+    assert pools["worker-rest"][0] == {QUEUE_REST}, f"{where}: REST work must never hold a drain's slot"
+    assert QUEUE_INGEST in pools["worker-ingest"][0]
+    assert len({node for _, node in pools.values()}) == len(pools), f"{where}: node names collide"
+
+
+def test_demo_workers_have_node_names_of_their_own() -> None:
+    """The demo's worker nodes are never mistaken for a live run's (Flower, `celery inspect`)."""
+    live = {node for _, node in _worker_pools(_procfile("Procfile")).values()}
+    demo = {node for _, node in _worker_pools(_procfile("Procfile.demo")).values()}
+    assert live and demo and not live & demo
 
 
 def test_demo_points_at_its_fake_exchange() -> None:
