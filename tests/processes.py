@@ -53,7 +53,11 @@ class Process:
 
 
 def celery_worker(
-    env: Mapping[str, str], log_dir: Path, name: str = "worker", concurrency: int = 2
+    env: Mapping[str, str],
+    log_dir: Path,
+    name: str = "worker",
+    concurrency: int = 2,
+    queues: str = "ingest,rest,alerts",
 ) -> Process:
     return Process(
         name,
@@ -63,7 +67,7 @@ def celery_worker(
             "collector",
             "worker",
             "-Q",
-            "ingest,rest,alerts",
+            queues,
             f"--concurrency={concurrency}",
             "--loglevel=INFO",
             "-n",
