@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from kombu import Queue
 
-from collector.errors import ConfigError
+from collector.errors import ConfigError, ServiceUnavailable
+from collector.queue.client import check_redis
 from collector.schedule import QUEUES, TASK_QUEUES
 from collector.schedule import beat_schedule as build_beat_schedule
 from collector.settings import get_settings
@@ -17,6 +19,20 @@ except ConfigError as error:
     # `celery -A collector worker|beat` would show the whole traceback: one line names the variable.
     print(f"collector: {error}", file=sys.stderr)
     raise SystemExit(2) from None
+
+
+def _starting_worker_or_beat() -> bool:
+    """True in `celery ... worker|beat` (not in `collector web`, `collector trigger`, Flower)."""
+    return os.path.basename(sys.argv[0]) == "celery" and bool({"worker", "beat"} & set(sys.argv[1:]))
+
+
+if _starting_worker_or_beat():
+    # Redis is the broker: without it Celery retries forever, a traceback each time. One line, exit 2.
+    try:
+        check_redis(_settings)
+    except ServiceUnavailable as error:
+        print(f"collector: {error} (start Redis, or set REDIS_URL)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 broker_url = _settings.redis_url
 broker_connection_retry_on_startup = True

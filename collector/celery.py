@@ -22,3 +22,20 @@ QUIETED_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 def _quiet_routine_task_lines(**_: Any) -> None:
     for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@signals.beat_init.connect
+def _beat_announces_the_rest_plan(**_: Any) -> None:
+    # The REST plan at start, with its numbers (needed vs available weight, stretched intervals).
+    # With `*_SYMBOLS=ALL` the symbol count is known once the stream process has published it; the
+    # poll tick announces any later change.
+    from collector.queue.client import redis_client
+    from collector.rest.planner import announce, plans_for
+    from collector.settings import get_settings
+
+    settings = get_settings()
+    client = redis_client(settings)
+    try:
+        announce(plans_for(settings, client), client, always=True)
+    finally:
+        client.close()

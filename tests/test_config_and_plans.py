@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,27 @@ def test_celery_with_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, comman
     assert done.returncode == 2
     output = (done.stdout + done.stderr).strip()
     assert output.count("\n") == 0 and "SPOT_SYMBOLS" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("command", ["worker", "beat"])
+def test_celery_with_redis_unreachable_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    """`celery -A collector worker|beat` whose Redis (the broker) is down: one line naming the address
+    and exit 2, instead of retrying forever with a traceback each time."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    celery = str(Path(sys.executable).with_name("celery"))
+    done = subprocess.run(
+        [celery, "-A", "collector", command],
+        env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    output = (done.stdout + done.stderr).strip()
+    assert output.count("\n") == 0 and f"127.0.0.1:{port}" in output and "unreachable" in output
 
 
 def test_trigger_refuses_an_unknown_symbol_with_one_line(tmp_path: Path) -> None:

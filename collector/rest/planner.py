@@ -84,13 +84,13 @@ def plans_for(settings: Settings, client: redis.Redis) -> dict[Market, MarketPla
     return plans
 
 
-def announce(plans: dict[Market, MarketPlan], client: redis.Redis) -> None:
-    """Store each market's plan for /metrics and status; log it when it changed (or is new)."""
+def announce(plans: dict[Market, MarketPlan], client: redis.Redis, always: bool = False) -> None:
+    """Store each market's plan for /metrics and status; log it when it changed, is new, or `always`."""
     stored = client.hgetall(keys.REST_PLAN)
     for market, plan in plans.items():
         record = plan.as_record(now_us())
         previous = stored.get(market.encode())
-        if previous is not None and _same_plan(orjson.loads(previous), record):
+        if not always and previous is not None and _same_plan(orjson.loads(previous), record):
             continue
         client.hset(keys.REST_PLAN, market, orjson.dumps(record))
         (logger.warning if plan.stretch > 1 else logger.info)(plan.describe())
