@@ -260,3 +260,21 @@ def _symbols_queued(client: redis.Redis, table: str) -> list[Any]:
             envelope["symbol"] if table == "open_interest" else (envelope["market"], envelope["symbol"])
         )
     return found
+
+
+def test_status_shows_each_markets_plan_weight_and_pause(settings: Settings, redis_conn: redis.Redis) -> None:
+    """`collector status` names, per market, the weight used this minute, needed vs available, the
+    stretch and intervals, and a running 429/418 pause."""
+    from collector.rest.planner import announce
+    from collector.web.status import render
+
+    announce({"futures": plan_market(settings, "futures", 500)}, redis_conn)
+    RestWeight(redis_conn).acquire("futures", 120, 1560, minute_of(time.time()))
+    RestWeight(redis_conn).extend_pause("futures", int((time.time() + 90) * 1e6))
+    text, _ = render(settings)
+    section = text.split("rest weight (per minute)\n", 1)[1].split("\n\n", 1)[0]
+    futures = next(line for line in section.splitlines() if line.strip().startswith("futures"))
+    assert futures.split()[:7] == ["futures", "500", "120", "2500.0", "1404.0", "2400", "x1.78"]
+    assert "open_interest 1m46s" in futures and "(429/418)" in futures
+    spot = next(line for line in section.splitlines() if line.strip().startswith("spot"))
+    assert spot.split()[1:3] == ["-", "0"]

@@ -31,7 +31,7 @@ import requests
 from collector.binance.rest import Market, RestRequest, depth_request, open_interest_request
 from collector.errors import RateLimited, RestError
 from collector.queue import keys
-from collector.queue.rest_weight import RestWeight, now_us
+from collector.queue.rest_weight import RestWeight, now_us, used_weight
 from collector.queue.symbols import current_symbols
 from collector.rest.budget import MarketPlan, PollPlan, minute_of, plan_market
 from collector.rest.client import RestClient
@@ -96,6 +96,35 @@ def announce(plans: dict[Market, MarketPlan], client: redis.Redis, always: bool 
         (logger.warning if plan.stretch > 1 else logger.info)(plan.describe())
     for gone in {name.decode() if isinstance(name, bytes) else name for name in stored} - set(plans):
         client.hdel(keys.REST_PLAN, gone)
+
+
+@dataclass(frozen=True)
+class MarketRestState:
+    """What an operator needs to see of one market's REST budget right now."""
+
+    market: Market
+    plan: dict[str, object] | None  # the announced plan (`MarketPlan.as_record`), None before any
+    used_1m: int  # weight counted this minute
+    paused_for_s: float  # left of a 429/418 pause
+
+
+def rest_state(client: redis.Redis, now_s: float | None = None) -> list[MarketRestState]:
+    """Every market's announced plan, this minute's weight and any pause, from Redis."""
+    now_s = time.time() if now_s is None else now_s
+    weight = RestWeight(client)
+    plans = client.hgetall(keys.REST_PLAN)
+    states = []
+    for market in MARKETS:
+        raw = plans.get(market.encode())
+        states.append(
+            MarketRestState(
+                market,
+                orjson.loads(raw) if raw is not None else None,
+                used_weight(client, market, minute_of(now_s)),
+                weight.paused_for_s(market),
+            )
+        )
+    return states
 
 
 def _same_plan(before: dict[str, object], after: dict[str, object]) -> bool:

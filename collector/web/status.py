@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from collector.queue.client import redis_client
+from collector.rest.planner import MarketRestState, rest_state
 from collector.settings import Settings
 from collector.web.health import HealthReport, HealthSnapshot, age_s, assess, now_us, snapshot
 
@@ -17,14 +18,17 @@ def render(settings: Settings) -> tuple[str, bool]:
     client = redis_client(settings)
     try:
         snap = snapshot(settings, client)
+        rest = rest_state(client) if snap.redis_up else []
     finally:
         client.close()
     now = now_us()
     report = assess(snap, now, settings)
-    return format_status(snap, report, now), report.healthy
+    return format_status(snap, report, now, rest), report.healthy
 
 
-def format_status(snap: HealthSnapshot, report: HealthReport, now: int) -> str:
+def format_status(
+    snap: HealthSnapshot, report: HealthReport, now: int, rest: Sequence[MarketRestState] = ()
+) -> str:
     """The text of `collector status`. Pure."""
     lines = ["services", *_indent(_services(snap)), ""]
     if snap.redis_up:
@@ -33,6 +37,7 @@ def format_status(snap: HealthSnapshot, report: HealthReport, now: int) -> str:
         lines += ["queues", *_indent(_tables(snap, now)), ""]
         lines += [f"dead letters: {snap.deadletter_length}", ""]
         lines += ["open gaps", *_indent(_open_gaps(snap, now)), ""]
+        lines += ["rest weight (per minute)", *_indent(_rest(rest)), ""]
         lines += ["counters", *_indent(_counters(snap)), ""]
     lines.append("HEALTHY" if report.healthy else "UNHEALTHY: " + "; ".join(report.reasons))
     return "\n".join(lines)
@@ -77,6 +82,36 @@ def _open_gaps(snap: HealthSnapshot, now: int) -> list[str]:
         return ["none"]
     rows = [(g.kind, g.market, g.name, g.cause, _ago(g.since_us, now)) for g in snap.open_gaps]
     return _columns(("KIND", "MARKET", "SYMBOL/STREAM", "CAUSE", "SINCE"), rows)
+
+
+def _rest(states: Sequence[MarketRestState]) -> list[str]:
+    rows = []
+    for state in states:
+        plan = state.plan or {}
+        intervals = plan.get("intervals_s")
+        every = (
+            ", ".join(f"{kind} {format_age(float(s))}" for kind, s in intervals.items())
+            if isinstance(intervals, dict)
+            else "-"
+        )
+        stretch = float(str(plan.get("stretch", 1)))
+        rows.append(
+            (
+                state.market,
+                plan.get("symbols", "-"),
+                state.used_1m,
+                plan.get("needed_1m", "-"),
+                plan.get("available_1m", "-"),
+                plan.get("limit_1m", "-"),
+                f"x{stretch:.2f}" if stretch > 1 else "-",
+                every,
+                f"{format_age(state.paused_for_s)} (429/418)" if state.paused_for_s > 0 else "-",
+            )
+        )
+    if not any(state.plan for state in states):
+        return ["no REST plan announced yet (celery beat / worker-rest not started)"]
+    header = ("MARKET", "SYMBOLS", "USED", "NEEDED", "AVAILABLE", "LIMIT", "STRETCH", "EVERY", "PAUSED")
+    return _columns(header, rows)
 
 
 def _services(snap: HealthSnapshot) -> list[str]:
