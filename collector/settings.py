@@ -51,7 +51,12 @@ _ENV_NAME = {
     "futures_symbols": "FUTURES_SYMBOLS",
     "spot_streams": "SPOT_STREAMS",
     "futures_streams": "FUTURES_STREAMS",
+    "spot_quote_assets": "SPOT_QUOTE_ASSETS",
+    "futures_quote_assets": "FUTURES_QUOTE_ASSETS",
 }
+# `*_SYMBOLS=ALL`: every TRADING symbol of the market's exchangeInfo (collector.binance.exchange_info).
+ALL_SYMBOLS = "ALL"
+ASSET_PATTERN = re.compile(r"^[A-Z0-9]{2,12}$")
 
 
 def _split_comma_list(value: object) -> object:
@@ -87,6 +92,11 @@ class Settings(BaseSettings):
         "markPrice@arr@1s",
         "forceOrder",
     ]
+    # With `*_SYMBOLS=ALL`: keep only symbols quoted in these assets (empty = every quote asset),
+    # and look at exchangeInfo again this often for new listings and delistings.
+    spot_quote_assets: Annotated[list[str], NoDecode] = []
+    futures_quote_assets: Annotated[list[str], NoDecode] = []
+    symbols_refresh_interval_s: float = Field(600, gt=0)
     # Since 2026-06-30 the all-market futures streams also carry COIN-M rows (`st` == 2).
     keep_coin_m_rows: bool = False
 
@@ -169,6 +179,19 @@ class Settings(BaseSettings):
                     raise ValueError(f"{symbol!r} is not a Binance symbol (letters and digits, e.g. BTCUSDT)")
             if not items:
                 raise ValueError("the list is empty")
+            if ALL_SYMBOLS in items and len(items) > 1:
+                raise ValueError(f"{ALL_SYMBOLS} stands alone (every TRADING symbol), not in a list")
+        return items
+
+    @field_validator("spot_quote_assets", "futures_quote_assets", mode="before")
+    @classmethod
+    def _parse_assets(cls, value: object) -> object:
+        items = _split_comma_list(value)
+        if isinstance(items, list):
+            items = [str(item).upper() for item in items]
+            for asset in items:
+                if not ASSET_PATTERN.match(asset):
+                    raise ValueError(f"{asset!r} is not an asset (letters and digits, e.g. USDT)")
         return items
 
     @field_validator("spot_streams", "futures_streams", mode="before")
@@ -178,6 +201,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_streams(self) -> Settings:
+        for market in ("spot", "futures"):
+            if self.quote_assets(market) and not self.symbols_all(market):
+                # A filter that silently did nothing would look like a recording of those symbols.
+                raise ValueError(
+                    f"{market.upper()}_QUOTE_ASSETS: only applies with {market.upper()}_SYMBOLS=ALL "
+                    f"(got {market.upper()}_SYMBOLS={','.join(self.symbols(market))})"
+                )
         for field, allowed in (
             ("spot_streams", SPOT_STREAM_TYPES),
             ("futures_streams", FUTURES_STREAM_TYPES),
@@ -212,7 +242,11 @@ class Settings(BaseSettings):
 
     def symbols_all(self, market: Market) -> bool:
         """True when `market` records every TRADING symbol of exchangeInfo (`*_SYMBOLS=ALL`)."""
-        return self.symbols(market) == ["ALL"]
+        return self.symbols(market) == [ALL_SYMBOLS]
+
+    def quote_assets(self, market: Market) -> list[str]:
+        """The quote-asset filter of an ALL market (`*_QUOTE_ASSETS`); empty = every quote asset."""
+        return self.spot_quote_assets if market == "spot" else self.futures_quote_assets
 
 
 def _describe(error: ValidationError) -> str:
