@@ -90,6 +90,7 @@ class Sink:
         self._written_states: dict[str, bytes] = {}
         self._written_streams: dict[tuple[str, str], int] = {}
         self._written_reconnects: dict[str, int] = {}
+        self._unregistered: set[str] = set()  # closed for good: every flush deletes their record
         self._wake = asyncio.Event()  # set when a flush is due early: buffer full, or stopping
         self._stop_event = asyncio.Event()
         self._stopping = False
@@ -129,6 +130,12 @@ class Sink:
     def register(self, state: ConnectionState) -> None:
         """Mirror `state` (and its per-stream stats) to Redis on every flush where it changed."""
         self._states[state.id] = state
+        self._unregistered.discard(state.id)
+
+    def unregister(self, state: ConnectionState) -> None:
+        """Stop mirroring `state` (its connection was closed for good) and delete its record."""
+        self._states.pop(state.id, None)
+        self._unregistered.add(state.id)
 
     @property
     def buffered(self) -> int:
@@ -269,6 +276,8 @@ class Sink:
         for connection_id, total in batch.reconnects:
             delta = total - self._written_reconnects.get(connection_id, 0)
             counters.incr(pipe, "reconnects", connection_id, amount=delta)
+        if self._unregistered:  # also after a batch built before unregister() wrote the record again
+            pipe.hdel(keys.CONNECTIONS, *self._unregistered)
         if batch.states:
             pipe.hset(keys.CONNECTIONS, mapping=batch.states)
         await pipe.execute()
