@@ -12,6 +12,10 @@ The asyncio shell around `websockets`; what a frame means is the handler's busin
   usual gap between frames (at least WS_SILENCE_MIN_S, at most WS_IDLE_TIMEOUT_S) is closed and
   reopened. Server pings are answered by the library and are not data.
 - No client pings: they count against Binance's 5 messages/s limit (binance.md §7 #3).
+- The streams can change while the connection is open (`change_streams`): the socket is told with
+  SUBSCRIBE/UNSUBSCRIBE, at most one message per CONTROL_MESSAGE_INTERVAL_S, and the streams it
+  keeps are not touched; every later connection opens with the new list.
+- Handshakes keep to Binance's connection attempts per 5 minutes (`collector.streams.limits`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
+from collector.streams.limits import ATTEMPTS_PER_WINDOW, ATTEMPTS_WINDOW_S, ConnectionAttempts
+from collector.streams.placement import Method, subscription_messages
 from collector.streams.state import ConnectionState
 
 logger = logging.getLogger(__name__)
@@ -108,6 +114,7 @@ class _Live:
     """One physical connection: its socket, its receive loop and watchdog, and what it has seen."""
 
     __slots__ = (
+        "changed",
         "control_id",
         "first_frame",
         "frames",
@@ -118,11 +125,13 @@ class _Live:
         "opened_us",
         "receiving",
         "source",
+        "subscribed",
+        "subscriber",
         "watchdog",
         "ws",
     )
 
-    def __init__(self, ws: ClientConnection, source: str) -> None:
+    def __init__(self, ws: ClientConnection, source: str, streams: tuple[str, ...]) -> None:
         self.ws = ws
         self.source = source  # distinguishes the two connections of one plan during a replacement
         self.opened = self.last_frame = time.monotonic()
@@ -134,6 +143,9 @@ class _Live:
         self.watchdog: asyncio.Task[None] | None = None
         self.next_control = 0.0  # monotonic time the next subscription message may be sent
         self.control_id = 0
+        self.subscribed = set(streams)  # what this socket carries: its URL's streams, then SUBSCRIBEs
+        self.changed = asyncio.Event()  # the state's streams changed: bring `subscribed` in line
+        self.subscriber: asyncio.Task[None] | None = None
 
     def silence_limit_s(self, options: ConnectionOptions) -> float:
         if self.frames < SILENCE_WARMUP_FRAMES:
@@ -156,13 +168,16 @@ class StreamConnection:
         options: ConnectionOptions,
         rng: random.Random | None = None,
         events: ConnectionEvents | None = None,
+        attempts: ConnectionAttempts | None = None,
     ) -> None:
         self.state = state
         self._handler_for = handler_for
         self._options = options
         self._rng = rng
         self._events = events
+        self._attempts = attempts  # shared by the process's connections (one budget per IP)
         self._open_sockets: set[ClientConnection] = set()
+        self._lives: set[_Live] = set()
         self._generation = 0
         self._stopping = False
         self._stop_event = asyncio.Event()
@@ -188,6 +203,29 @@ class StreamConnection:
             except TimeoutError:
                 task.cancel()
         self.state.state = "stopped"
+
+    def change_streams(self, streams: tuple[str, ...], url: str) -> None:
+        """Carry `streams` from now on; `url` names them for every later connection.
+
+        The open socket(s) are brought in line by their subscriber task; a stream carried before and
+        after is not touched. A removed stream's counters stay (they are totals of this run), but it is
+        no longer watched for silence.
+        """
+        state = self.state
+        before = state.streams
+        removed = set(before).difference(streams)
+        state.streams, state.url = streams, url
+        for name in set(streams).difference(before):
+            # Counters are totals of this run and stay; a stream back after a delisting starts its
+            # pace afresh, or its old last event would make it look silent since then.
+            stats = state.stats_for(name)
+            stats.last_message_us, stats.gap_us, stats.silenced_at_us = None, 0.0, None
+        for name in removed:
+            gone = state.stream_stats.get(name)
+            if gone is not None:
+                gone.silenced_at_us = None
+        for live in self._lives:
+            live.changed.set()
 
     def request_handover(self) -> None:
         """The server announced its shutdown: open a replacement now, then close this connection."""
@@ -234,6 +272,9 @@ class StreamConnection:
     async def _connect(self) -> _Live | None:
         """Open one physical connection and start receiving on it; None when it could not be opened."""
         state = self.state
+        if not await self._wait_attempt_slot():
+            return None
+        streams = state.streams  # the ones the URL names, read together with it below
         opening = asyncio.create_task(self._open())
         stopping = asyncio.create_task(self._stop_event.wait())
         await asyncio.wait([opening, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -248,13 +289,15 @@ class StreamConnection:
             logger.warning("ws.connect_failed id=%s url=%s error=%s", state.id, state.url, state.last_error)
             return None
         self._generation += 1
-        live = _Live(ws, f"{state.id}#{self._generation}")
+        live = _Live(ws, f"{state.id}#{self._generation}", streams)
         self._open_sockets.add(ws)
+        self._lives.add(live)
         if self._events is not None:
             self._events.source_opened(live.source)
         handler = self._handler_for(live.source, self.request_handover)
         live.receiving = asyncio.create_task(self._receive(live, handler))
         live.watchdog = asyncio.create_task(self._watchdog(live))
+        live.subscriber = asyncio.create_task(self._subscriber(live))
         state.state = "connected"
         state.connected_since_us = time.time_ns() // 1000
         logger.info("ws.connected id=%s url=%s streams=%d", state.id, state.url, len(state.streams))
@@ -335,7 +378,10 @@ class StreamConnection:
     def _forget(self, live: _Live) -> None:
         if live.watchdog is not None:
             live.watchdog.cancel()
+        if live.subscriber is not None:
+            live.subscriber.cancel()
         self._open_sockets.discard(live.ws)
+        self._lives.discard(live)
         if self._events is not None:
             self._events.source_closed(live.source)
 
@@ -345,6 +391,60 @@ class StreamConnection:
         if self._notice.is_set():
             return "server_shutdown"
         return "silence" if self._silence_closed else "disconnect"
+
+    async def _wait_attempt_slot(self) -> bool:
+        """Wait until this handshake fits the attempts per 5 minutes; False when stopped meanwhile."""
+        if self._attempts is None:
+            return True
+        wait_s = self._attempts.reserve(self.state.market, time.monotonic())
+        if wait_s <= 0:
+            return True
+        logger.warning(
+            "ws.attempts_paced id=%s wait_s=%.1f limit=%d per_s=%.0f",
+            self.state.id,
+            wait_s,
+            ATTEMPTS_PER_WINDOW,
+            ATTEMPTS_WINDOW_S,
+        )
+        try:
+            await asyncio.wait_for(self._stop_event.wait(), wait_s)
+        except TimeoutError:
+            return True
+        return False
+
+    async def _subscriber(self, live: _Live) -> None:
+        """Keep what `live` is subscribed to equal to the state's streams, for as long as it is open."""
+        try:
+            while True:
+                live.changed.clear()
+                messages = subscription_messages(live.subscribed, self.state.streams)
+                for method, names in messages:
+                    await self._send_control(live, method, names)
+                    if method == "SUBSCRIBE":
+                        live.subscribed.update(names)
+                    else:
+                        live.subscribed.difference_update(names)
+                if messages:
+                    logger.info(
+                        "ws.subscriptions_synced id=%s source=%s messages=%d streams=%d",
+                        self.state.id,
+                        live.source,
+                        len(messages),
+                        len(live.subscribed),
+                    )
+                await live.changed.wait()
+        except ConnectionClosed:
+            return  # the next connection opens with the state's URL, which names the current streams
+
+    async def _send_control(self, live: _Live, method: Method, names: tuple[str, ...]) -> None:
+        """Send one SUBSCRIBE/UNSUBSCRIBE once the connection's message budget allows it."""
+        while (wait_s := live.next_control - time.monotonic()) > 0:
+            await asyncio.sleep(wait_s)
+        live.next_control = time.monotonic() + CONTROL_MESSAGE_INTERVAL_S  # before the send: no overlap
+        live.control_id += 1
+        await live.ws.send(
+            orjson.dumps({"method": method, "params": list(names), "id": live.control_id}).decode()
+        )
 
     async def _open(self) -> ClientConnection:
         return await connect(
@@ -414,8 +514,10 @@ class StreamConnection:
         liquidation streams silent for minutes, and that is no outage.
         """
         now_us = time.time_ns() // 1000
-        for stream, stats in self.state.stream_stats.items():
-            if stats.silenced_at_us is not None or stats.last_message_us is None:
+        stream_stats = self.state.stream_stats
+        for stream in self.state.streams:  # a stream removed with its symbol is not watched any more
+            stats = stream_stats.get(stream)
+            if stats is None or stats.silenced_at_us is not None or stats.last_message_us is None:
                 continue
             if "@depth" not in stream and "markPrice" not in stream:
                 continue
@@ -436,6 +538,8 @@ class StreamConnection:
             )
             if self._events is not None:
                 self._events.stream_silent(self.state, stream, stats.last_message_us)
+            # Reserved before sending, so the subscriber task waits behind these two messages.
+            live.next_control = time.monotonic() + 2 * CONTROL_MESSAGE_INTERVAL_S
             for method in ("UNSUBSCRIBE", "SUBSCRIBE"):
                 live.control_id += 1
                 message = orjson.dumps({"method": method, "params": [stream], "id": live.control_id})
@@ -443,4 +547,3 @@ class StreamConnection:
                     await live.ws.send(message.decode())
                 except ConnectionClosed:
                     return
-            live.next_control = time.monotonic() + 2 * CONTROL_MESSAGE_INTERVAL_S
