@@ -103,6 +103,13 @@ def table_for_stream(name: str) -> str | None:
     return None
 
 
+def stream_symbol(name: str) -> str | None:
+    """The symbol a per-symbol stream follows (`btcusdt@depth@100ms` -> BTCUSDT); None for `!` streams."""
+    if name.startswith("!") or "@" not in name:
+        return None
+    return name.split("@", 1)[0].upper()
+
+
 def family_for_futures_stream(name: str) -> Family:
     """`/public` carries depth and book tickers; everything else the collector uses is on `/market`."""
     if "@depth" in name or "bookTicker" in name:

@@ -196,10 +196,17 @@ class DepthTracker:
                 decisions.fetch.append((market, symbol))
         return decisions
 
+    def forget(self, market: str, symbol: str) -> list[DepthGap]:
+        """Stop following a symbol (delisted, or listed anew); returns the gaps it left open."""
+        state = self.symbols.pop((market, symbol), None)
+        return [] if state is None else state.open_gaps
+
     def on_snapshot(self, market: str, symbol: str, snapshot_id: int | None, now_us: int) -> Decisions:
         """A resync snapshot was stored (its lastUpdateId), or its fetch failed (None)."""
         decisions = Decisions()
-        state = self.state(market, symbol)
+        state = self.symbols.get((market, symbol))
+        if state is None:
+            return decisions  # forgotten meanwhile: no more snapshots for it
         state.in_flight = False
         if not state.open_gaps:
             return decisions

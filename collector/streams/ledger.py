@@ -11,6 +11,9 @@ The I/O shell around `collector.gaps.depth.DepthTracker`:
 - Open gaps are mirrored to Redis (`keys.OPEN_GAPS`) for /health and `collector gaps`; at a clean
   shutdown the last update id of every symbol and the streams' open outages are saved there too,
   so the next start checks continuity across the restart and closes the outage it began.
+- A stream no longer recorded (its symbol delisted, or dropped from the settings) leaves the ledger:
+  its open outage ends when it is let go, its depth chain is forgotten, and a depth gap still open
+  in it is closed with no resync snapshot (`resync_update_id` null), since none will ever come.
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator
 from typing import Any, Final
 
 import orjson
 import redis.asyncio
 
 from collector.binance.rows import make_envelope
-from collector.binance.streams import table_for_stream
+from collector.binance.streams import stream_symbol, table_for_stream
 from collector.gaps.depth import Decisions, DepthTracker
 from collector.gaps.records import DepthGap, StreamGap
 from collector.queue import counters, keys
@@ -198,8 +201,14 @@ class GapLedger:
                 self._sink.push("stream_gaps", gap.envelope())
         self.tracker.reconnected(state.market, depth_symbols(state))
 
+    def connection_created(self, state: ConnectionState) -> None:
+        """A connection added while running (new listings): its streams were not the crashed run's."""
+        self._crash_recorded.add(state.id)
+
     def connection_lost(self, state: ConnectionState, cause: str) -> None:
         """A connection stopped receiving: each of its streams is out from its last frame until reopened."""
+        if not state.streams:
+            return  # closed after its last stream was let go: nothing is out
         started_us = state.last_message_us or now_us()
         for stream in state.streams:
             self._open_outage(state, stream, started_us, cause)
@@ -237,6 +246,53 @@ class GapLedger:
                 stream,
                 (at_us - gap.started_at_us) / 1e6,
             )
+
+    # --- the symbol universe changed -------------------------------------------------------------
+
+    def streams_added(self, market: str, streams: Iterable[str]) -> None:
+        """Streams about to be subscribed: their depth chains start afresh (a relisted symbol's old
+        chain, or one begun by a straggling event after its delisting, does not link to the new one)."""
+        for symbol in _depth_symbols_of(streams):
+            self._chain_streams.pop((market, symbol), None)
+            self.tracker.forget(market, symbol)
+
+    def streams_removed(self, market: str, streams: Iterable[str]) -> None:
+        """Streams let go (delisted symbols): nothing of them stays open; see the module docstring."""
+        at_us = now_us()
+        names = list(streams)
+        outages = depth_gaps = 0
+        for stream in names:
+            outage = self.open_streams.pop((market, stream), None)
+            if outage is not None:
+                outage.ended_at_us = at_us
+                self._sink.push("stream_gaps", outage.envelope())
+                outages += 1
+        for symbol in _depth_symbols_of(names):
+            self._chain_streams.pop((market, symbol), None)
+            for gap in self.tracker.forget(market, symbol):
+                gap.resynced_at_us = at_us
+                self._sink.push("depth_gaps", gap.envelope())
+                depth_gaps += 1
+        if outages or depth_gaps:
+            logger.info(
+                "gaps.closed_for_removed_streams market=%s stream_outages=%d depth_gaps=%d",
+                market,
+                outages,
+                depth_gaps,
+            )
+
+    def retire_unplanned(self, planned: Collection[tuple[str, str]]) -> None:
+        """At start: what the last run left open for streams this run does not carry is closed."""
+        stale: dict[str, list[str]] = {}
+        for market, stream in self.open_streams:
+            if (market, stream) not in planned:
+                stale.setdefault(market, []).append(stream)
+        followed = {(m, symbol) for m, s in planned for symbol in _depth_symbols_of([s])}
+        for market, symbol in list(self.tracker.symbols):
+            if (market, symbol) not in followed:
+                stale.setdefault(market, []).append(f"{symbol.lower()}@depth")
+        for market, streams in stale.items():
+            self.streams_removed(market, streams)
 
     # --- Redis: monitoring mirror and restart state ----------------------------------------------
 
@@ -320,6 +376,16 @@ class GapLedger:
             )
         if last_u or outages_raw:
             logger.info("gaps.restored symbols=%d stream_outages=%d", len(last_u), len(outages_raw))
+
+
+def _depth_symbols_of(streams: Iterable[str]) -> set[str]:
+    """The symbols whose diff depth these streams carry."""
+    symbols = set()
+    for stream in streams:
+        symbol = stream_symbol(stream)
+        if symbol is not None and table_for_stream(stream) == "depth_updates":
+            symbols.add(symbol)
+    return symbols
 
 
 def _last_update_id(body: bytes) -> int | None:
