@@ -1,0 +1,96 @@
+"""Event-loop lag of the stream process: a task that sleeps a short period and records the overshoot.
+
+Every receive loop, the sink and the gap ledger share one event loop; a callback that runs for long
+delays all of them, and Binance disconnects a client that stops reading (binance.md §7 #6). The
+overshoot of a short sleep is how long the loop was held. The longest of the run is published every
+second (`collector.queue.loop_lag`); a block past LOOP_BLOCK_WARN_MS logs one WARNING (at most one a
+second, counting the others), naming what an operator can look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+import redis
+import redis.asyncio
+
+from collector.queue.loop_lag import LoopLag, publish_loop_lag
+
+logger = logging.getLogger(__name__)
+
+LOOP_SAMPLE_S: Final = 0.02  # short enough to see a 100 ms block whole, cheap at 50 wake-ups a second
+LOOP_BLOCK_WARN_MS: Final = 100.0
+LOOP_PUBLISH_S: Final = 1.0
+LOOP_WARN_EVERY_S: Final = 1.0
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class LagStats:
+    """The blocks seen so far. Pure: the caller measures, this only keeps the record."""
+
+    warn_ms: float = LOOP_BLOCK_WARN_MS
+    max_ms: float = 0.0
+    over: int = 0
+    started_us: int = field(default_factory=now_us)
+
+    def record(self, block_ms: float) -> bool:
+        """Count one measured block; True when it passed the warning threshold."""
+        if block_ms > self.max_ms:
+            self.max_ms = block_ms
+        if block_ms > self.warn_ms:
+            self.over += 1
+            return True
+        return False
+
+    def snapshot(self) -> LoopLag:
+        return LoopLag(self.max_ms, self.over, self.warn_ms, self.started_us, now_us())
+
+
+class LoopLagMonitor:
+    """Measures the loop's blocks for as long as `run()` runs; `stats` is readable at any time."""
+
+    def __init__(self, sample_s: float = LOOP_SAMPLE_S, warn_ms: float = LOOP_BLOCK_WARN_MS) -> None:
+        self.sample_s = sample_s
+        self.stats = LagStats(warn_ms)
+        self._next_warning = 0.0
+        self._unlogged = 0
+
+    async def run(self, client: redis.asyncio.Redis | None = None) -> None:
+        """Sample until cancelled; publish to Redis every LOOP_PUBLISH_S when a client is given."""
+        clock = time.perf_counter
+        publish_at = clock() + LOOP_PUBLISH_S
+        while True:
+            before = clock()
+            await asyncio.sleep(self.sample_s)
+            after = clock()
+            block_ms = max(0.0, (after - before - self.sample_s) * 1000)
+            if self.stats.record(block_ms):
+                self._warn(block_ms, after)
+            if client is not None and after >= publish_at:
+                publish_at = after + LOOP_PUBLISH_S
+                try:
+                    await publish_loop_lag(client, self.stats.snapshot())
+                except (redis.RedisError, OSError, TimeoutError) as error:
+                    logger.debug("streams.loop_lag_not_published error=%s", error)
+
+    def _warn(self, block_ms: float, now: float) -> None:
+        if now < self._next_warning:
+            self._unlogged += 1
+            return
+        logger.warning(
+            "streams.loop_blocked block_ms=%.0f max_ms=%.0f more_since_last=%d hint=%s",
+            block_ms,
+            self.stats.max_ms,
+            self._unlogged,
+            "CPU starved (other processes on this core?) or too many streams for one process",
+        )
+        self._unlogged = 0
+        self._next_warning = now + LOOP_WARN_EVERY_S
