@@ -1,6 +1,9 @@
 """`collector streams`: hold every planned WebSocket connection and fill the Redis queues.
 
-Start-up checks Redis (one line and exit 2 when it is unreachable). SIGTERM or SIGINT closes every
+Start-up checks Redis (one line and exit 2 when it is unreachable) and resolves the symbol lists
+(`collector.streams.symbols`: with `*_SYMBOLS=ALL`, exchangeInfo; one line and exit 2 when it fails
+and no earlier list is known). While running, the lists are refreshed and connections are opened,
+changed and closed to follow them; an event-loop lag monitor runs throughout. SIGTERM or SIGINT closes every
 connection gracefully, flushes what is buffered (retrying Redis for SHUTDOWN_FLUSH_TIMEOUT_S),
 records the connections as stopped and exits 0; 1 if anything could not be flushed or a part of the
 process failed.
@@ -15,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 import redis
 import redis.asyncio
@@ -26,9 +29,13 @@ from collector.rest.resync import snapshot_fetcher
 from collector.settings import Settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
 from collector.streams.handler import FrameHandler
+from collector.streams.lag import LoopLagMonitor
 from collector.streams.ledger import GapLedger
+from collector.streams.limits import ConnectionAttempts
+from collector.streams.placement import Carried, Placement
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
+from collector.streams.symbols import SymbolFollower, exchange_info_fetcher, resolve_symbols, with_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -45,19 +52,75 @@ class StreamProcess:
 
     sink: Sink
     ledger: GapLedger
+    options: ConnectionOptions
     connections: list[StreamConnection] = field(default_factory=list)
+    attempts: ConnectionAttempts = field(default_factory=ConnectionAttempts)
+    follower: SymbolFollower | None = None  # refreshes the symbol lists while serving
+    used_ids: set[str] = field(default_factory=set)  # every connection id this run has used
+    # Connections opened while serving are watched here: one that fails fails the process.
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, plan: ConnectionPlan) -> StreamConnection:
+        """A connection for `plan`, registered with the sink (not started)."""
+        state = ConnectionState.from_plan(plan)
+        self.sink.register(state)
+        handler = partial(_handler, state, self.sink, self.ledger)
+        connection = StreamConnection(
+            state, handler, self.options, events=self.ledger, attempts=self.attempts
+        )
+        self.connections.append(connection)
+        self.used_ids.add(plan.connection_id)
+        return connection
+
+    def carried(self) -> list[Carried]:
+        """What every connection carries now, for `collector.streams.placement`."""
+        return [
+            Carried(c.state.id, c.state.market, c.state.family, c.state.streams) for c in self.connections
+        ]
+
+    def planned_streams(self) -> set[tuple[str, str]]:
+        return {(c.state.market, name) for c in self.connections for name in c.state.streams}
+
+    async def apply_placement(self, placement: Placement) -> None:
+        """Carry out a placement while serving: the ledger learns of every stream added or let go."""
+        by_id = {connection.state.id: connection for connection in self.connections}
+        for change in placement.changes:
+            connection = by_id[change.connection_id]
+            self.ledger.streams_added(connection.state.market, change.added)
+            connection.change_streams(change.streams, change.url)
+            self.ledger.streams_removed(connection.state.market, change.removed)
+        for plan in placement.opened:
+            self.ledger.streams_added(plan.market, plan.streams)
+            connection = self.add(plan)
+            self.ledger.connection_created(connection.state)
+            connection.start().add_done_callback(self._connection_ended)
+        for connection_id in placement.closed:
+            connection = by_id[connection_id]
+            let_go = connection.state.streams
+            connection.change_streams((), connection.state.url)
+            self.ledger.streams_removed(connection.state.market, let_go)
+            await connection.stop()
+            self.connections.remove(connection)
+            self.sink.unregister(connection.state)
+            logger.info("streams.connection_closed id=%s reason=no stream left", connection_id)
+
+    def _connection_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("streams.task_failed task=%s error=%r", task.get_name(), task.exception())
+            self.failed.set()
 
 
 def build(
-    plans: list[ConnectionPlan], sink: Sink, options: ConnectionOptions, ledger: GapLedger
+    plans: list[ConnectionPlan],
+    sink: Sink,
+    options: ConnectionOptions,
+    ledger: GapLedger,
+    follower: SymbolFollower | None = None,
 ) -> StreamProcess:
     """One state, handler and connection per plan, all feeding `sink` and `ledger`."""
-    process = StreamProcess(sink, ledger)
+    process = StreamProcess(sink, ledger, options, follower=follower)
     for plan in plans:
-        state = ConnectionState.from_plan(plan)
-        sink.register(state)
-        connection = StreamConnection(state, partial(_handler, state, sink, ledger), options, events=ledger)
-        process.connections.append(connection)
+        process.add(plan)
     return process
 
 
@@ -73,12 +136,18 @@ async def serve(
 ) -> int:
     """Run until `stop` is set (or a part fails), then shut down cleanly; returns the exit code."""
     await process.ledger.load(client)
+    process.ledger.retire_unplanned(process.planned_streams())
     sink_task = asyncio.create_task(process.sink.run(), name="sink")
     ledger_task = asyncio.create_task(process.ledger.run(client), name="gap-ledger")
-    tasks = [sink_task, ledger_task] + [connection.start() for connection in process.connections]
+    watchers: list[asyncio.Task[Any]] = [asyncio.create_task(process.failed.wait(), name="added-connection")]
+    if process.follower is not None:
+        watchers.append(asyncio.create_task(process.follower.run(process), name="symbols"))
+    tasks = [sink_task, ledger_task, *watchers] + [connection.start() for connection in process.connections]
     stop_task = asyncio.create_task(stop.wait(), name="stop")
     done, _ = await asyncio.wait([stop_task, *tasks], return_when=asyncio.FIRST_COMPLETED)
     failed = [task for task in done if task is not stop_task]
+    for task in watchers:
+        task.cancel()  # the follower must not change connections while they are being stopped
     for task in failed:
         error = task.exception() if not task.cancelled() else None
         logger.error("streams.task_failed task=%s error=%r", task.get_name(), error, exc_info=error)
@@ -111,16 +180,24 @@ async def serve(
 
 async def _main(settings: Settings) -> int:
     client = async_redis_client(settings)
-    sink = Sink(client, SinkOptions.from_settings(settings))
-    ledger = GapLedger(sink, snapshot_fetcher(settings, redis_client(settings)))
-    process = build(connection_plans(settings), sink, ConnectionOptions.from_settings(settings), ledger)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _request_stop, stop, signum)
+    blocking = redis_client(settings)  # for the REST clients and the symbol lists, used in threads
+    # From the first moment, so the start-up (exchangeInfo, opening every connection) is measured too.
+    lag = asyncio.create_task(LoopLagMonitor().run(client), name="loop-lag")
     try:
+        fetch = exchange_info_fetcher(settings, blocking)
+        symbols = await resolve_symbols(settings, fetch, blocking)
+        sink = Sink(client, SinkOptions.from_settings(settings))
+        ledger = GapLedger(sink, snapshot_fetcher(settings, blocking))
+        follower = SymbolFollower(settings, fetch, blocking, symbols)
+        plans = connection_plans(with_symbols(settings, symbols))
+        process = build(plans, sink, ConnectionOptions.from_settings(settings), ledger, follower)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _request_stop, stop, signum)
         return await serve(process, stop, SHUTDOWN_FLUSH_TIMEOUT_S, client)
     finally:
+        lag.cancel()
         await client.aclose()
 
 
@@ -131,7 +208,9 @@ def _request_stop(stop: asyncio.Event, signum: int) -> None:
 
 
 def run(settings: Settings) -> int:
-    """Entry point of `collector streams`; raises `ServiceUnavailable` when Redis is unreachable."""
+    """Entry point of `collector streams`; raises `ServiceUnavailable` when Redis (or, for an ALL
+    market with no list known, exchangeInfo) is unreachable, `ConfigError` for a quote filter that
+    matches nothing."""
     check_redis(settings)
     log_stream_substitutions(settings)
     return asyncio.run(_main(settings))
