@@ -313,7 +313,7 @@ class StreamSession:
             await self._server_close(CLOSE_POLICY_VIOLATION, "Invalid request", "too_many_streams")
             return False
         for name in new:
-            ref = parse_stream(self.family, name, hub.spot_symbols, hub.futures_symbols)
+            ref = parse_stream(self.family, name, hub.listed["spot"], hub.listed["futures"])
             if ref is None:
                 logger.info(
                     "fake.silent_stream id=%d path=%s name=%s", self.connection_id, self.request.path, name
@@ -323,6 +323,23 @@ class StreamSession:
                 self._subs[name] = make_subscription(name, ref, hub.source(ref))
         self._regroup()
         return True
+
+    def refresh_symbols(self) -> None:
+        """Judge every subscribed name again after a listing change: a delisted symbol's streams fall
+        silent (they stay subscribed, as on Binance), a newly listed symbol's start sending."""
+        hub = self.hub
+        changed = False
+        for name, sub in list(self._subs.items()):
+            ref = parse_stream(self.family, name, hub.listed["spot"], hub.listed["futures"])
+            if sub is None and ref is not None:
+                self._subs[name] = make_subscription(name, ref, hub.source(ref))
+                changed = True
+            elif sub is not None and ref is None:
+                release(sub)
+                self._subs[name] = None
+                changed = True
+        if changed:
+            self._regroup()
 
     def _unsubscribe(self, names: list[str]) -> None:
         for name in names:

@@ -1,4 +1,5 @@
-"""The fake exchange's control surface (`/_fake/...`): ledger, faults, pacing, liquidation injection.
+"""The fake exchange's control surface (`/_fake/...`): ledger, faults, pacing, liquidation injection,
+listings and delistings.
 
 `Controls` holds the operations; the HTTP endpoints and `FakeExchange`'s methods both call it on the
 server's event loop, so tests in-process and scripts over HTTP see the same behaviour.
@@ -90,6 +91,20 @@ class Controls:
         self.hub.withhold_depth(checked, symbol, count)
         logger.info("fake.withhold_depth market=%s symbol=%s count=%d", checked, symbol, count)
 
+    def list_symbol(self, market: str, symbol: str) -> bool:
+        """List `symbol` now (TRADING in exchangeInfo, its streams send); False if it already was."""
+        checked, symbol = _market(market), _symbol(symbol)
+        listed = self.hub.list_symbol(checked, symbol)
+        logger.info("fake.list market=%s symbol=%s changed=%s", checked, symbol, listed)
+        return listed
+
+    def delist_symbol(self, market: str, symbol: str) -> bool:
+        """Delist `symbol` now (not TRADING in exchangeInfo, streams silent); False if it was not listed."""
+        checked, symbol = _market(market), _symbol(symbol)
+        delisted = self.hub.delist_symbol(checked, symbol)
+        logger.info("fake.delist market=%s symbol=%s changed=%s", checked, symbol, delisted)
+        return delisted
+
     def silence(self, seconds: float, market: str | None = None) -> list[int]:
         """Make every open connection (of `market`) send no data frames for `seconds`; returns their ids.
 
@@ -153,6 +168,8 @@ class Controls:
             web.post("/_fake/withhold_depth", self._post_withhold_depth),
             web.post("/_fake/silence", self._post_silence),
             web.post("/_fake/server_shutdown", self._post_server_shutdown),
+            web.post("/_fake/list", self._post_list),
+            web.post("/_fake/delist", self._post_delist),
         ]
 
     async def _get_ledger(self, request: web.Request) -> web.Response:
@@ -230,6 +247,25 @@ class Controls:
                 _number(request, "notice_s", float, None), request.query.get("market")
             )
         )
+
+    async def _post_list(self, request: web.Request) -> web.Response:
+        query = request.query
+        return _answer(
+            lambda: {"changed": self.list_symbol(query.get("market", ""), query.get("symbol", ""))}
+        )
+
+    async def _post_delist(self, request: web.Request) -> web.Response:
+        query = request.query
+        return _answer(
+            lambda: {"changed": self.delist_symbol(query.get("market", ""), query.get("symbol", ""))}
+        )
+
+
+def _symbol(symbol: str) -> str:
+    symbol = symbol.strip().upper()
+    if not symbol or not symbol.replace("_", "").isalnum() or not symbol.isascii():
+        raise ControlError(f"bad symbol {symbol!r} (letters and digits, e.g. BTCUSDT)")
+    return symbol
 
 
 def _market(market: str) -> Market:

@@ -35,6 +35,9 @@ TABLE_SIZE = 4096  # length of every pre-drawn random table (a power of two, ind
 _MASK = TABLE_SIZE - 1
 
 KNOWN_PRICES = {"BTC": 60000.0, "ETH": 3000.0, "BNB": 600.0, "SOL": 150.0, "XRP": 0.6}
+# Quote assets of made-up symbols, in turn, so a quote-asset filter has something to choose from.
+SYNTHETIC_QUOTES: dict[Market, tuple[str, ...]] = {"spot": ("USDT", "FDUSD"), "futures": ("USDT", "USDC")}
+SYNTHETIC_MAX = 26**3
 
 
 @dataclass(slots=True)
@@ -57,6 +60,21 @@ class Event:
 def symbol_rng(seed: int, *parts: str) -> random.Random:
     """A random generator that depends only on the seed and the names (stable across runs)."""
     return random.Random(seed * 1_000_003 + zlib.crc32("|".join(parts).encode()))
+
+
+def synthetic_symbols(market: Market, count: int) -> tuple[str, ...]:
+    """`count` made-up symbols for runs with many of them: Z + three letters + a quote asset in turn
+    (spot ZAAAUSDT, ZAABFDUSD, ...; USD-M ZAAAUSDT, ZAABUSDC, ...). No real symbol starts so."""
+    if not 0 <= count <= SYNTHETIC_MAX:
+        raise ValueError(f"between 0 and {SYNTHETIC_MAX} made-up symbols")
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    quotes = SYNTHETIC_QUOTES[market]
+    names = []
+    for index in range(count):
+        first, rest = divmod(index, 26 * 26)
+        second, third = divmod(rest, 26)
+        names.append(f"Z{letters[first]}{letters[second]}{letters[third]}{quotes[index % len(quotes)]}")
+    return tuple(names)
 
 
 def reference_price(symbol: str, rng: random.Random) -> float:
@@ -314,6 +332,7 @@ class MarkPrices:
     ) -> None:
         rng = symbol_rng(seed, "markPrice")
         prices = prices or {}
+        self._seed = seed
         self._marks: dict[str, _Mark] = {}
         for symbol in (*futures_symbols, DELISTED_SYMBOL):
             funded = symbol != DELISTED_SYMBOL
@@ -323,6 +342,12 @@ class MarkPrices:
         for symbol in COIN_M_SYMBOLS:
             rate = f"{rng.uniform(0, 0.0003):.8f}"
             self._marks[symbol] = _Mark(symbol, reference_price(symbol, rng), 2, rate, rng)
+
+    def add(self, symbol: str, price: float) -> None:
+        """A contract listed while running: its rows join `!markPrice@arr`, `<symbol>@markPrice` works."""
+        if symbol not in self._marks:
+            rng = symbol_rng(self._seed, "markPrice", symbol)
+            self._marks[symbol] = _Mark(symbol, price, 1, f"{rng.uniform(-0.0002, 0.0005):.8f}", rng)
 
     def price(self, symbol: str) -> float:
         mark = self._marks.get(symbol)
@@ -364,6 +389,10 @@ class ForceOrders:
         self._slips = [rng.uniform(-0.003, 0.003) for _ in range(TABLE_SIZE)]
         self._last_t: dict[str, int] = {}
         self._i = 0
+
+    def set_symbols(self, futures_symbols: Sequence[str]) -> None:
+        """The USD-M symbols liquidations are drawn from (listings and delistings change them)."""
+        self._symbols = tuple(futures_symbols)
 
     def next_any(self, now_ms: int, paced: bool) -> Event | None:
         """A liquidation on any symbol, or None when every candidate is within its 1000 ms window."""

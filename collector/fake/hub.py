@@ -168,6 +168,8 @@ class Session(Protocol):
 
     def shut_down(self, notice_s: float) -> bool: ...
 
+    def refresh_symbols(self) -> None: ...
+
 
 class Hub:
     """Sources by stream, the symbol universe, the knobs (rate, pause, max events, faults), the ledger."""
@@ -193,6 +195,13 @@ class Hub:
         self.recordings = recordings
         self.spot_symbols = _universe(spot_symbols, recordings.symbols("spot"))
         self.futures_symbols = _universe(futures_symbols, recordings.symbols("futures"))
+        # The same as sets, for the per-name checks of a subscription (thousands of names at once).
+        self.listed: dict[Market, frozenset[str]] = {
+            "spot": frozenset(self.spot_symbols),
+            "futures": frozenset(self.futures_symbols),
+        }
+        # Listed once and delisted since: exchangeInfo keeps them with a non-TRADING status.
+        self.delisted: dict[Market, tuple[str, ...]] = {"spot": (), "futures": ()}
         self._prices: dict[Market, dict[str, float]] = {m: recordings.prices(m) for m in ("spot", "futures")}
         self.marks = MarkPrices(self.futures_symbols, seed, self._prices["futures"])
         self.force_orders = ForceOrders(self.futures_symbols, self.marks, seed)
@@ -248,6 +257,46 @@ class Hub:
             produce = self.force_orders.next_symbol
             return Source(lambda now, paced: produce(symbol, now, paced), FORCE_SYMBOL_PERIOD_MS)
         return Source(self.force_orders.next_any, FORCE_ALL_PERIOD_MS)
+
+    # -- listings --------------------------------------------------------------------------------
+
+    def list_symbol(self, market: Market, symbol: str) -> bool:
+        """Start trading `symbol` now: exchangeInfo shows it TRADING, its streams send; False if it was."""
+        if symbol in self.listed[market]:
+            return False
+        self._set_listed(market, (*self.symbols(market), symbol))
+        self.delisted[market] = tuple(s for s in self.delisted[market] if s != symbol)
+        if market == "futures":
+            self.marks.add(symbol, self.price(market, symbol))
+            self.force_orders.set_symbols(self.futures_symbols)
+        self._refresh_sessions()
+        return True
+
+    def delist_symbol(self, market: Market, symbol: str) -> bool:
+        """Stop trading `symbol` now: its streams fall silent (still subscribed, as on Binance),
+        exchangeInfo shows it BREAK (spot) or SETTLING (futures), REST calls answer -1121."""
+        if symbol not in self.listed[market]:
+            return False
+        self._set_listed(market, tuple(s for s in self.symbols(market) if s != symbol))
+        self.delisted[market] = (*self.delisted[market], symbol)
+        if market == "futures":
+            self.force_orders.set_symbols(self.futures_symbols)
+        self._refresh_sessions()
+        return True
+
+    def symbols(self, market: Market) -> tuple[str, ...]:
+        return self.spot_symbols if market == "spot" else self.futures_symbols
+
+    def _set_listed(self, market: Market, symbols: tuple[str, ...]) -> None:
+        if market == "spot":
+            self.spot_symbols = symbols
+        else:
+            self.futures_symbols = symbols
+        self.listed[market] = frozenset(symbols)
+
+    def _refresh_sessions(self) -> None:
+        for session in self.sessions.values():
+            session.refresh_symbols()
 
     # -- knobs -----------------------------------------------------------------------------------
 

@@ -287,12 +287,18 @@ class RestApi:
 
     def _spot_exchange_info(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         symbols = []
-        for symbol in self.hub.spot_symbols:
+        # Delisted pairs stay in the list as BREAK; `symbolStatus` keeps one status only (binance.md §4.4).
+        listed = [(symbol, "TRADING") for symbol in self.hub.spot_symbols]
+        delisted = [(symbol, "BREAK") for symbol in self.hub.delisted["spot"]]
+        wanted_status = query.get("symbolStatus")
+        for symbol, status in listed + delisted:
+            if wanted_status and status != wanted_status:
+                continue
             base, quote = split_symbol(symbol)
             symbols.append(
                 {
                     "symbol": symbol,
-                    "status": "TRADING",
+                    "status": status,
                     "baseAsset": base,
                     "baseAssetPrecision": 8,
                     "quoteAsset": quote,
@@ -316,7 +322,8 @@ class RestApi:
 
     def _futures_exchange_info(self, query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         symbols = []
-        for symbol in (*self.hub.futures_symbols, DELISTED_SYMBOL):
+        settling = frozenset((*self.hub.delisted["futures"], DELISTED_SYMBOL))
+        for symbol in (*self.hub.futures_symbols, *self.hub.delisted["futures"], DELISTED_SYMBOL):
             base, quote = split_symbol(symbol)
             symbols.append(
                 {
@@ -326,7 +333,7 @@ class RestApi:
                     "deliveryDate": 4133404800000,
                     "onboardDate": 1569398400000,
                     # A delisted contract stays listed, not TRADING (its mark price rows have T:0).
-                    "status": "SETTLING" if symbol == DELISTED_SYMBOL else "TRADING",
+                    "status": "SETTLING" if symbol in settling else "TRADING",
                     "baseAsset": base,
                     "quoteAsset": quote,
                     "marginAsset": quote,

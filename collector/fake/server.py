@@ -27,6 +27,7 @@ from aiohttp import web
 from collector.fake.connection import StreamSession
 from collector.fake.control import Controls
 from collector.fake.faults import MAX_CONNECTION_AGE_S
+from collector.fake.generators import synthetic_symbols
 from collector.fake.hub import Hub
 from collector.fake.names import path_family
 from collector.fake.recordings import Recordings, load_recordings
@@ -331,6 +332,12 @@ class FakeExchange:
     def server_shutdown(self, notice_s: float, market: str | None = None) -> dict[str, list[int]]:
         return self._call(lambda c: c.server_shutdown(notice_s, market))
 
+    def list_symbol(self, market: str, symbol: str) -> bool:
+        return self._call(lambda c: c.list_symbol(market, symbol))
+
+    def delist_symbol(self, market: str, symbol: str) -> bool:
+        return self._call(lambda c: c.delist_symbol(market, symbol))
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector fake-exchange", description=__doc__.splitlines()[0])
@@ -343,6 +350,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--spot-symbols", default=",".join(DEFAULT_SYMBOLS), help="comma separated")
     parser.add_argument("--futures-symbols", default=",".join(DEFAULT_SYMBOLS), help="comma separated")
+    parser.add_argument(
+        "--spot-symbol-count",
+        type=int,
+        default=0,
+        help="also list N made-up spot symbols (ZAAAUSDT, ZAABFDUSD, ...), e.g. 1500",
+    )
+    parser.add_argument(
+        "--futures-symbol-count",
+        type=int,
+        default=0,
+        help="also list N made-up USD-M symbols (ZAAAUSDT, ZAABUSDC, ...), e.g. 500",
+    )
     parser.add_argument(
         "--ping-interval-s", type=float, default=None, help="default: Binance's (20 s / 180 s)"
     )
@@ -382,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         rate=args.rate,
-        spot_symbols=_symbols(args.spot_symbols),
-        futures_symbols=_symbols(args.futures_symbols),
+        spot_symbols=_symbols(args.spot_symbols) + synthetic_symbols("spot", args.spot_symbol_count),
+        futures_symbols=_symbols(args.futures_symbols)
+        + synthetic_symbols("futures", args.futures_symbol_count),
         seed=args.seed,
         max_events=args.max_events,
         recordings=args.recordings,
