@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue.keys import TABLES
-from collector.settings import Settings, get_settings
+from collector.settings import Market, Settings, get_settings
 
 EXIT_CONFIG = 2
 
@@ -89,16 +89,48 @@ def _trigger_call(
 
 
 def _configured_symbol(symbol: str, market: str | None, what: str, settings: Settings) -> str:
-    """`symbol` upper-cased when a market it is asked for is configured with it; else one ConfigError line."""
+    """`symbol` upper-cased when a market it is asked for records it; else one ConfigError line.
+
+    An ALL market records the list the stream process resolved and published; it is read from Redis.
+    """
     wanted = symbol.strip().upper()
-    markets = ["futures"] if what == "open-interest" else [market] if market else ["spot", "futures"]
-    if any(wanted in settings.symbols(m) for m in markets):  # type: ignore[arg-type]
+    markets: list[Market] = ["spot", "futures"]
+    if what == "open-interest":
+        markets = ["futures"]
+    elif market is not None:
+        markets = ["spot" if market == "spot" else "futures"]  # argparse allows only these two
+    recorded = {m: _recorded_symbols(m, settings) for m in markets}
+    if any(wanted in symbols for symbols in recorded.values()):
         return wanted
-    listed = "; ".join(
-        f"{m.upper()}_SYMBOLS: {', '.join(settings.symbols(m))}"  # type: ignore[arg-type]
-        for m in markets
-    )
+    listed = "; ".join(_describe_symbols(m, recorded[m], settings) for m in markets)
     raise ConfigError(f"trigger {what}: {wanted} is not a configured symbol ({listed})")
+
+
+def _recorded_symbols(market: Market, settings: Settings) -> list[str]:
+    if not settings.symbols_all(market):
+        return list(settings.symbols(market))
+    import redis
+
+    from collector.queue.client import redis_client
+    from collector.queue.symbols import current_symbols
+
+    client = redis_client(settings)
+    try:
+        return current_symbols(settings, client, market)
+    except redis.RedisError as error:
+        raise ServiceUnavailable(f"Redis at {settings.redis_url} is unreachable: {error}") from None
+    finally:
+        client.close()
+
+
+def _describe_symbols(market: Market, symbols: list[str], settings: Settings) -> str:
+    name = f"{market.upper()}_SYMBOLS"
+    if not settings.symbols_all(market):
+        return f"{name}: {', '.join(symbols)}"
+    if not symbols:
+        return f"{name}=ALL and `collector streams` has published no list yet"
+    shown = ", ".join(symbols[:10]) + (f", ... ({len(symbols)} in all)" if len(symbols) > 10 else "")
+    return f"{name}=ALL, now: {shown}"
 
 
 def _cmd_fake_exchange(args: argparse.Namespace, settings: Settings) -> int:
