@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kombu import Queue
+from kombu.entity import Queue
 
 from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue.client import check_redis
@@ -44,7 +44,7 @@ broker_transport_options = {
     "socket_connect_timeout": _settings.redis_socket_timeout_s,
 }
 
-task_queues = [Queue(name) for name in QUEUES]
+task_queues = [Queue(name) for name in QUEUES]  # type: ignore[no-untyped-call]  # kombu ships no types
 task_default_queue = "ingest"
 task_routes = {name: {"queue": queue} for name, queue in TASK_QUEUES.items()}
 

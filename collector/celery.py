@@ -18,13 +18,13 @@ app.config_from_object("celeryconfig")
 QUIETED_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 
 
-@signals.after_setup_logger.connect
+@signals.after_setup_logger.connect  # type: ignore[untyped-decorator]  # Celery ships no types
 def _quiet_routine_task_lines(**_: Any) -> None:
     for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-@signals.beat_init.connect
+@signals.beat_init.connect  # type: ignore[untyped-decorator]
 def _beat_announces_the_rest_plan(**_: Any) -> None:
     # The REST plan at start, with its numbers (needed vs available weight, stretched intervals).
     # With `*_SYMBOLS=ALL` the symbol count is known once the stream process has published it; the

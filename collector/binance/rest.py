@@ -197,5 +197,5 @@ def backoff_s(attempt: int, initial_s: float, max_s: float, jitter: float) -> fl
     the delay lies in [half, full] of the capped exponential, so retries from many workers spread out
     without ever retrying immediately.
     """
-    capped = min(max_s, initial_s * (2 ** min(attempt, 32)))
+    capped = min(max_s, initial_s * (2.0 ** min(attempt, 32)))
     return capped / 2 + capped / 2 * min(max(jitter, 0.0), 1.0)

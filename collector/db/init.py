@@ -42,7 +42,7 @@ def init_db(settings: Settings) -> InitResult:
 
 
 def _create_missing(cur: Cursor, table: Table) -> list[str]:
-    dialect = postgresql.dialect()
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]  # untyped in SQLAlchemy
     lines = []
     if not _relation_exists(cur, table.name):
         cur.execute(str(CreateTable(table).compile(dialect=dialect)))

@@ -9,7 +9,7 @@ from the receive time fixed in the envelope), so a replay reproduces them exactl
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 metadata = MetaData()
 
 
-def _ts(name: str, nullable: bool = False) -> Column:
+def _ts(name: str, nullable: bool = False) -> Column[Any]:
     return Column(name, DateTime(timezone=True), nullable=nullable)
 
 

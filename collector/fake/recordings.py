@@ -157,9 +157,9 @@ class DepthReplay:
                     + b'","st":1}'
                 )
             self._templates.append(tpl)
-        self._first = [e["U"] for e in events]
-        self._last = [e["u"] for e in events]
-        self._prev = [e.get("pu", 0) for e in events]
+        self._first: list[int] = [e["U"] for e in events]
+        self._last: list[int] = [e["u"] for e in events]
+        self._prev: list[int] = [e.get("pu", 0) for e in events]
         self._lags = [max(e["E"] - e.get("T", e["E"]), 0) for e in events]
         # Shift per loop: spot chains need the next loop's first U == last u + 1; futures need the
         # next loop's first pu == last u.

@@ -115,7 +115,7 @@ class Penalties:
 
     def ban(self, now_s: float) -> float:
         """Ban the IP (418); returns the ban's length."""
-        length = min(FIRST_BAN_S * 2**self.bans, LONGEST_BAN_S)
+        length = min(FIRST_BAN_S * 2.0**self.bans, LONGEST_BAN_S)
         self.bans += 1
         self.banned_until_s = now_s + length
         return length
