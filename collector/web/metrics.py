@@ -4,20 +4,50 @@ The counters live in Redis (`collector.queue.counters`) because every process ad
 module only reads. `families()` is pure; `SnapshotCollector` is the thin prometheus_client shell that
 takes a fresh snapshot on each scrape. With Redis down only `collector_redis_up 0` and
 `collector_postgres_up` (and `collector_timescaledb_in_use`) are exported, so a scrape never fails.
+
+The REST weight gauges come from two more Redis reads at scrape time (`read_rest_weights`): the
+weight spent this UTC minute per market and the REST planner's plan (`collector:rest:plan`, written
+by `collector.rest.planner`); `rest_families()` turns them into metrics, purely.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
 
+import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from collector.queue import keys
+from collector.queue.connections import CONNECTED
 from collector.queue.counters import COUNTERS
-from collector.web.health import CONNECTED, HealthSnapshot, age_s, now_us
+from collector.web.health import HealthSnapshot, age_s, now_us
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "collector"
+REST_MARKETS: Final = ("spot", "futures")
+# Gauge name -> (field of a market's plan JSON in collector:rest:plan, help text).
+PLAN_GAUGES: Final = {
+    "rest_weight_limit_1m": ("limit_1m", "Binance's request weight limit per minute for the market"),
+    "rest_weight_needed_1m": (
+        "needed_1m",
+        "Request weight per minute the configured REST intervals need (REST planner)",
+    ),
+    "rest_weight_available_1m": (
+        "available_1m",
+        "Request weight per minute the REST planner lets scheduled polls spend",
+    ),
+    "rest_interval_stretch": (
+        "stretch",
+        "Factor the REST planner stretched the configured intervals by to fit the weight (1: none)",
+    ),
+}
 
 
 def families(snap: HealthSnapshot, now: int) -> list[Metric]:
@@ -109,20 +139,115 @@ def _stream_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:
     return [stream_age, connection_up]
 
 
-class SnapshotCollector(Collector):
-    """A prometheus_client collector that takes a fresh snapshot on every scrape."""
+@dataclass(frozen=True)
+class RestWeights:
+    """What the REST weight gauges show, as read from Redis at one scrape."""
 
-    def __init__(self, source: Callable[[], HealthSnapshot], clock: Callable[[], int] = now_us) -> None:
+    used_1m: dict[str, int]  # market -> weight spent in the current UTC minute (0: no key)
+    plans: dict[str, bytes] = field(default_factory=dict)  # market -> the planner's JSON, as stored
+
+
+def read_rest_weights(client: redis.Redis, now_s: float | None = None) -> RestWeights:
+    """This minute's weight counter per market and the planner's plans, in one round trip."""
+    minute = int(time.time() if now_s is None else now_s) // 60
+    pipe = client.pipeline(transaction=False)
+    for market in REST_MARKETS:
+        pipe.get(keys.rest_weight(market, minute))
+    pipe.hgetall(keys.REST_PLAN)
+    *used, plans = pipe.execute()
+    return RestWeights(
+        used_1m={market: int(value or 0) for market, value in zip(REST_MARKETS, used, strict=True)},
+        plans={_text(market): value for market, value in plans.items()},
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_plan(raw: bytes | str) -> dict[str, Any] | None:
+    """A market's plan JSON as a dict, or None when it is not one. Pure."""
+    try:
+        plan = json.loads(raw)
+    except ValueError:
+        return None
+    return plan if isinstance(plan, dict) else None
+
+
+def rest_families(weights: RestWeights) -> list[Metric]:
+    """The REST weight gauges. A market without a (readable) plan has no plan samples; every
+    family is still declared, so a dashboard finds its series as soon as a planner writes. Pure."""
+    used = GaugeMetricFamily(
+        f"{PREFIX}_rest_weight_used_1m",
+        "REST request weight spent on the market in the current UTC minute (shared Redis counter)",
+        labels=["market"],
+    )
+    for market in REST_MARKETS:
+        used.add_metric([market], weights.used_1m.get(market, 0))
+    planned = {
+        name: GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["market"])
+        for name, (_, documentation) in PLAN_GAUGES.items()
+    }
+    for market in REST_MARKETS:
+        raw = weights.plans.get(market)
+        plan = None if raw is None else parse_plan(raw)
+        if plan is None:
+            continue
+        for name, (plan_field, _) in PLAN_GAUGES.items():
+            value = plan.get(plan_field)
+            # bool is an int to Python, never a weight; null (an infinite stretch in orjson) is no sample.
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                planned[name].add_metric([market], float(value))
+    return [used, *planned.values()]
+
+
+class SnapshotCollector(Collector):
+    """A prometheus_client collector that takes a fresh snapshot on every scrape.
+
+    `rest_source` (optional) reads the REST weights; it is asked only while Redis is up.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], HealthSnapshot],
+        clock: Callable[[], int] = now_us,
+        rest_source: Callable[[], RestWeights] | None = None,
+    ) -> None:
         self._source = source
         self._clock = clock
+        self._rest_source = rest_source
+        self._bad_plans: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
         snap = self._source()
-        return families(snap, self._clock())
+        result = families(snap, self._clock())
+        if snap.redis_up and self._rest_source is not None:
+            try:
+                weights = self._rest_source()
+            except redis.RedisError as error:
+                # Redis went away since the snapshot; the next scrape reports collector_redis_up 0.
+                logger.warning("metrics.rest_weights_unread error=%s", error)
+            else:
+                self._report_bad_plans(weights)
+                result.extend(rest_families(weights))
+        return result
+
+    def _report_bad_plans(self, weights: RestWeights) -> None:
+        """One warning when a market's plan becomes unreadable (its gauges vanish), not one per scrape."""
+        bad = {market for market, raw in weights.plans.items() if parse_plan(raw) is None}
+        for market in sorted(bad - self._bad_plans):
+            logger.warning(
+                "metrics.bad_rest_plan market=%s key=%s (not a JSON object; its plan gauges are left out)",
+                market,
+                keys.REST_PLAN,
+            )
+        self._bad_plans = bad
 
 
-def make_registry(source: Callable[[], HealthSnapshot]) -> CollectorRegistry:
+def make_registry(
+    source: Callable[[], HealthSnapshot], rest_source: Callable[[], RestWeights] | None = None
+) -> CollectorRegistry:
     """A registry of its own (not the process-global one) holding only the snapshot collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(source))
+    registry.register(SnapshotCollector(source, rest_source=rest_source))
     return registry

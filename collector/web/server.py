@@ -21,7 +21,7 @@ from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue.client import check_redis, redis_client
 from collector.settings import Settings
 from collector.web.health import assess, now_us, report_redis, snapshot
-from collector.web.metrics import make_registry
+from collector.web.metrics import make_registry, read_rest_weights
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def make_app(settings: Settings) -> web.Application:
     client = redis_client(settings)
     executor = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="collector-web")
     take_snapshot = functools.partial(snapshot, settings, client)
-    registry = make_registry(take_snapshot)
+    registry = make_registry(take_snapshot, functools.partial(read_rest_weights, client))
 
     async def health(request: web.Request) -> web.Response:
         snap = await asyncio.get_running_loop().run_in_executor(executor, take_snapshot)
