@@ -35,9 +35,10 @@ COLLECTOR_SERVICES = ("streams", "worker-ingest", "worker-rest", "beat", "web", 
 WORKERS = ("worker-ingest", "worker-rest")
 ONE_SHOT_SERVICES = ("init-db",)
 BACKING_SERVICES = ("timescaledb", "redis")
+MONITORING_SERVICES = ("prometheus", "grafana")  # profile `monitoring`
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 # Variables of .env.example that only docker-compose.yml reads (interpolation), not the collector.
-COMPOSE_ONLY_VARIABLES = {"POSTGRES_PASSWORD"}
+COMPOSE_ONLY_VARIABLES = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_PORT", "PROMETHEUS_PORT"}
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
@@ -138,9 +139,9 @@ def check_command(argv: list[str], where: str) -> None:
 
 
 def test_required_services_exist() -> None:
-    """The compose file defines TimescaleDB, Redis, init-db and the five collector processes."""
+    """The compose file defines TimescaleDB, Redis, init-db, the collector processes and monitoring."""
     services = _services()
-    for name in (*BACKING_SERVICES, *ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
+    for name in (*BACKING_SERVICES, *ONE_SHOT_SERVICES, *COLLECTOR_SERVICES, *MONITORING_SERVICES):
         assert name in services, f"service {name} is missing"
 
 
@@ -150,6 +151,8 @@ def test_images_and_builds_are_valid() -> None:
     timescale = services["timescaledb"]["image"]
     assert re.fullmatch(r"timescale/timescaledb:(latest|2\.\d+\.\d+)-pg15", timescale), timescale
     assert re.fullmatch(r"redis:7(\.\d+)*", services["redis"]["image"])
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", services["prometheus"]["image"])
+    assert re.fullmatch(r"grafana/grafana:\d+\.\d+\.\d+", services["grafana"]["image"])
     images = set()
     for name in (*ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
         service = services[name]
@@ -327,6 +330,89 @@ def test_stop_grace_periods_leave_time_to_finish() -> None:
     assert _seconds(services["worker-ingest"]["stop_grace_period"]) > drain_run_max_s
 
 
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> source (a named volume, or a path relative to the repository)."""
+    return {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes") or []}
+
+
+def _repo_file(service: dict[str, Any], container_path: str) -> Path:
+    """The repository path mounted at `container_path`, directly or inside a mounted directory."""
+    for target, source in _mounts(service).items():
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            assert source.startswith("./"), f"{container_path} comes from volume {source}, not the repository"
+            path = ROOT / source / Path(container_path).relative_to(target)
+            assert path.exists(), f"{source} (mounted at {target}) has no {path.relative_to(ROOT)}"
+            return path
+    raise AssertionError(f"nothing is mounted at {container_path}")
+
+
+def test_prometheus_scrapes_the_web_service() -> None:
+    """Prometheus loads the repository's config, which scrapes /metrics of `web` on the port it listens on."""
+    services = _services()
+    prometheus = services["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in _command(prometheus))
+    config = yaml.safe_load(_repo_file(prometheus, flags["--config.file"]).read_text())
+    assert not _mounts(prometheus)[flags["--storage.tsdb.path"]].startswith("."), "keep the TSDB on a volume"
+    (job,) = config["scrape_configs"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [target for static in job["static_configs"] for target in static["targets"]]
+    assert targets == [f"web:{_environment(services['web'])['WEB_PORT']}"]
+    assert _command(services["web"])[:2] == ["collector", "web"]
+    # Prometheus rejects a scrape_timeout longer than the scrape_interval.
+    assert _seconds(job["scrape_timeout"]) <= _seconds(config["global"]["scrape_interval"])
+    # No authentication in front of it: reachable from this host only.
+    assert all(str(mapping).startswith("127.0.0.1:") for mapping in prometheus["ports"])
+
+
+def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
+    """Grafana's datasource is the prometheus service; its dashboard provider reads the repository's JSON."""
+    services = _services()
+    grafana = services["grafana"]
+    provisioning = _repo_file(grafana, "/etc/grafana/provisioning")
+    datasources = [
+        source
+        for path in sorted((provisioning / "datasources").glob("*.yml"))
+        for source in yaml.safe_load(path.read_text())["datasources"]
+    ]
+    assert [source["type"] for source in datasources] == ["prometheus"]
+    url = urlsplit(datasources[0]["url"])
+    published = {str(mapping).rsplit(":", 1)[-1] for mapping in services["prometheus"]["ports"]}
+    assert url.hostname == "prometheus" and str(url.port) in published
+    providers = [
+        provider
+        for path in sorted((provisioning / "dashboards").glob("*.yml"))
+        for provider in yaml.safe_load(path.read_text())["providers"]
+    ]
+    assert providers, "no dashboard provider"
+    for provider in providers:
+        assert list(_repo_file(grafana, provider["options"]["path"]).glob("*.json"))
+    home = _environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert _repo_file(grafana, home).is_file()
+    assert not _mounts(grafana)["/var/lib/grafana"].startswith("."), "keep Grafana's database on a volume"
+
+
+def test_grafana_refuses_to_start_without_a_password_of_its_own() -> None:
+    """Grafana's entrypoint stops with one line while GRAFANA_ADMIN_PASSWORD is unset or a known default."""
+    grafana = _services()["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    shell, flag, script = grafana["entrypoint"]
+    script = script.replace("$$", "$")  # compose's escape for a literal `$`
+    assert (shell, flag) == ("/bin/sh", "-c") and script.endswith("exec /run.sh")  # the image's entrypoint
+    guard = script.replace("exec /run.sh", "exit 0")
+    for password, code in (("", 78), ("admin", 78), ("change-me", 78), ("a-password-of-mine", 0)):
+        done = subprocess.run(
+            ["/bin/sh", "-c", guard],
+            env={"GF_SECURITY_ADMIN_PASSWORD": password},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == code, password
+        assert ("GRAFANA_ADMIN_PASSWORD" in done.stderr) == (code != 0)
+    assert "GRAFANA_ADMIN_PASSWORD" in (ROOT / "README.md").read_text()
+    assert "GRAFANA_ADMIN_PASSWORD" in (ROOT / ".env.example").read_text()
+
+
 def _dockerignore_patterns() -> list[str]:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
@@ -379,7 +465,7 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     hidden = SETTING_NAMES | COMPOSE_ONLY_VARIABLES
     env = {key: value for key, value in os.environ.items() if key not in hidden}
     result = subprocess.run(
-        [*compose, "-f", "docker-compose.yml", "config", "--quiet"],
+        [*compose, "-f", "docker-compose.yml", "--profile", "monitoring", "config", "--quiet"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
