@@ -278,3 +278,37 @@ def test_status_shows_each_markets_plan_weight_and_pause(settings: Settings, red
     assert "open_interest 1m46s" in futures and "(429/418)" in futures
     spot = next(line for line in section.splitlines() if line.strip().startswith("spot"))
     assert spot.split()[1:3] == ["-", "0"]
+
+
+def test_ticks_send_what_is_due_and_nothing_while_paused(settings: Settings, redis_conn: redis.Redis) -> None:
+    """In-process ticks against the fake: each symbol once per interval, queued for the drain; under a
+    429 pause a tick sends nothing and returns at once (it never sleeps in a worker slot)."""
+    from collector.rest.planner import run_tick
+
+    with FakeExchange(
+        port=0, spot_symbols=["BTCUSDT"], futures_symbols=["BTCUSDT", "ETHUSDT", "BNBUSDT"]
+    ) as fake:
+        local = settings.model_copy(
+            update={
+                "binance_spot_rest_url": fake.spot_rest_url,
+                "binance_futures_rest_url": fake.futures_rest_url,
+                "futures_symbols": ["BTCUSDT", "ETHUSDT", "BNBUSDT"],
+                "spot_symbols": ["BTCUSDT"],
+                "open_interest_interval_s": 3,
+                "depth_snapshot_interval_s": 30,
+            }
+        )
+        started = time.time()
+        sent: Counter[str] = Counter()
+        while time.time() - started < 5.9:
+            sent.update(run_tick(local, redis_conn).sent)
+            time.sleep(0.25)
+        assert sent["open_interest/futures"] in (6, 7)  # 3 symbols every 3 s, the first at once
+        assert sent["depth_snapshots/futures"] == 1 and sent["depth_snapshots/spot"] == 1
+        assert _symbols_queued(redis_conn, "open_interest").count("ETHUSDT") == 2
+
+        RestWeight(redis_conn).extend_pause("futures", int((time.time() + 120) * 1e6))
+        began = time.monotonic()
+        paused = run_tick(local, redis_conn, now_s=time.time() + 10)
+        assert time.monotonic() - began < 1 and paused.paused == ["futures"] and not paused.sent
+        assert "429" not in _stats(fake)["futures"]["answered"]

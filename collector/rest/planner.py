@@ -74,14 +74,16 @@ class Call:
     request: RestRequest
 
 
-def plans_for(settings: Settings, client: redis.Redis) -> dict[Market, MarketPlan]:
-    """The plan of every market that records symbols, from the symbols it records right now."""
-    plans: dict[Market, MarketPlan] = {}
-    for market in MARKETS:
-        count = len(current_symbols(settings, client, market))
-        if count:
-            plans[market] = plan_market(settings, market, count)
-    return plans
+def symbols_by_market(settings: Settings, client: redis.Redis) -> dict[Market, list[str]]:
+    """The symbols each market records right now (configured, or published for ALL)."""
+    return {market: current_symbols(settings, client, market) for market in MARKETS}
+
+
+def plans_for(settings: Settings, symbols: dict[Market, list[str]]) -> dict[Market, MarketPlan]:
+    """The plan of every market that records symbols."""
+    return {
+        market: plan_market(settings, market, len(listed)) for market, listed in symbols.items() if listed
+    }
 
 
 def announce(plans: dict[Market, MarketPlan], client: redis.Redis, always: bool = False) -> None:
@@ -135,6 +137,7 @@ def _same_plan(before: dict[str, object], after: dict[str, object]) -> bool:
 def claim_due(
     settings: Settings,
     client: redis.Redis,
+    symbols_of: dict[Market, list[str]],
     plans: dict[Market, MarketPlan],
     summary: TickSummary,
     now_s: float,
@@ -143,9 +146,7 @@ def claim_due(
     weight = RestWeight(client)
     calls: list[Call] = []
     for market, plan in plans.items():
-        symbols = current_symbols(settings, client, market)
-        if not symbols:
-            continue
+        symbols = symbols_of[market]
         for poll in plan.polls:
             claim = weight.claim(
                 poll.kind,
@@ -226,9 +227,10 @@ def send(settings: Settings, client: redis.Redis, calls: list[Call], summary: Ti
 def run_tick(settings: Settings, client: redis.Redis, now_s: float | None = None) -> TickSummary:
     """One tick: plan, claim what is due, send it."""
     summary = TickSummary()
-    plans = plans_for(settings, client)
+    symbols = symbols_by_market(settings, client)
+    plans = plans_for(settings, symbols)
     announce(plans, client)
-    calls = claim_due(settings, client, plans, summary, time.time() if now_s is None else now_s)
+    calls = claim_due(settings, client, symbols, plans, summary, time.time() if now_s is None else now_s)
     if calls:
         send(settings, client, calls, summary)
     _report(summary)
