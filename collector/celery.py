@@ -30,12 +30,17 @@ def _beat_announces_the_rest_plan(**_: Any) -> None:
     # With `*_SYMBOLS=ALL` the symbol count is known once the stream process has published it; the
     # poll tick announces any later change.
     from collector.queue.client import redis_client
-    from collector.rest.planner import announce, plans_for, symbols_by_market
+    from collector.rest.planner import announce, plans_for, symbols_by_market, weight_limits
     from collector.settings import get_settings
 
     settings = get_settings()
     client = redis_client(settings)
     try:
-        announce(plans_for(settings, symbols_by_market(settings, client)), client, always=True)
+        symbols = symbols_by_market(settings, client)
+        announce(
+            plans_for(settings, symbols, weight_limits(settings, client, symbols, refresh=False)),
+            client,
+            always=True,
+        )
     finally:
         client.close()

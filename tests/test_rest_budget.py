@@ -312,3 +312,41 @@ def test_ticks_send_what_is_due_and_nothing_while_paused(settings: Settings, red
         paused = run_tick(local, redis_conn, now_s=time.time() + 10)
         assert time.monotonic() - began < 1 and paused.paused == ["futures"] and not paused.sent
         assert "429" not in _stats(fake)["futures"]["answered"]
+
+
+def test_the_exchanges_announced_limit_replaces_the_documented_one(
+    settings: Settings, redis_conn: redis.Redis
+) -> None:
+    """exchangeInfo's REQUEST_WEIGHT per minute is read (hourly) and the plan and gate follow it; an
+    answer without a believable limit keeps Binance's documented one."""
+    from collector.binance.exchange_info import request_weight_limit_1m
+    from collector.queue.rest_weight import announced_limit
+    from collector.rest.planner import plans_for, weight_limits
+
+    limits = [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 1200}]
+    assert request_weight_limit_1m(orjson.dumps({"rateLimits": limits})) == 1200
+    assert request_weight_limit_1m(b'{"rateLimits":[{"rateLimitType":"ORDERS","interval":"MINUTE",'
+                                   b'"intervalNum":1,"limit":1200}]}') is None  # fmt: skip
+    assert request_weight_limit_1m(b'{"rateLimits":[{"rateLimitType":"REQUEST_WEIGHT","interval":"MINUTE",'
+                                   b'"intervalNum":1,"limit":0}]}') is None  # fmt: skip
+    assert request_weight_limit_1m(b"<html>") is None
+
+    with FakeExchange(port=0, spot_symbols=["BTCUSDT"], futures_symbols=["BTCUSDT"]) as fake:
+        local = settings.model_copy(
+            update={
+                "binance_spot_rest_url": fake.spot_rest_url,
+                "binance_futures_rest_url": fake.futures_rest_url,
+                "spot_symbols": ["BTCUSDT"],
+                "futures_symbols": ["BTCUSDT"],
+            }
+        )
+        symbols: dict[Any, list[str]] = {"spot": ["BTCUSDT"], "futures": ["BTCUSDT"]}
+        assert weight_limits(local, redis_conn, symbols) == {"spot": 6000, "futures": 2400}
+        answered = _stats(fake)
+        # Fetched once: the next tick reads what was published.
+        redis_conn.hset(keys.REST_LIMITS, "futures", 1200)
+        assert weight_limits(local, redis_conn, symbols)["futures"] == 1200
+        assert _stats(fake) == answered
+    plan = plans_for(local, symbols, {"spot": None, "futures": 1200})["futures"]
+    assert (plan.limit_1m, plan.scheduled_limit_1m) == (1200, 780)
+    assert announced_limit(redis_conn, "futures") == 1200

@@ -104,3 +104,39 @@ def select_symbols(infos: Iterable[SymbolInfo], quote_assets: Sequence[str] = ()
 def quote_assets_seen(infos: Iterable[SymbolInfo]) -> list[str]:
     """The quote assets of the TRADING symbols, for the error naming what a filter could have matched."""
     return sorted({info.quote_asset for info in infos if info.status == TRADING and info.quote_asset})
+
+
+def rate_limits_request(market: Market, base_url: str, probe_symbol: str) -> RestRequest:
+    """The smallest exchangeInfo that still carries `rateLimits`: spot for one symbol (weight 20
+    either way), USD-M whole (it has no `symbol` parameter; weight 1)."""
+    if market == "spot":
+        url = base_url.rstrip("/") + SPOT_EXCHANGE_INFO_PATH
+        return RestRequest("spot", "exchange_info", url, {"symbol": probe_symbol}, SPOT_EXCHANGE_INFO_WEIGHT)
+    return exchange_info_request("futures", base_url)
+
+
+# Bounds of a believable REQUEST_WEIGHT per minute; anything outside is a broken answer, not a limit.
+WEIGHT_LIMIT_BOUNDS: Final = (100, 1_000_000)
+
+
+def request_weight_limit_1m(body: bytes) -> int | None:
+    """REQUEST_WEIGHT per 1 MINUTE from exchangeInfo's `rateLimits` (binance.md §4.5: "read the
+    rateLimits array"); None when it is missing or unbelievable."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    limits = parsed.get("rateLimits") if isinstance(parsed, dict) else None
+    if not isinstance(limits, list):
+        return None
+    for entry in limits:
+        if (
+            isinstance(entry, dict)
+            and entry.get("rateLimitType") == "REQUEST_WEIGHT"
+            and entry.get("interval") == "MINUTE"
+            and entry.get("intervalNum") == 1
+            and type(entry.get("limit")) is int
+            and WEIGHT_LIMIT_BOUNDS[0] <= entry["limit"] <= WEIGHT_LIMIT_BOUNDS[1]
+        ):
+            return int(entry["limit"])
+    return None

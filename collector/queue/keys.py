@@ -18,6 +18,8 @@
 | `collector:rest:pause_until_us:<market>` | STRING | REST tasks | REST tasks | no REST call to that market before this time (429/418 Retry-After) |
 | `collector:rest:weight:<market>:<minute>` | STRING | REST planner, resync fetcher (weight script) | planner, web `/metrics`, status | request weight spent on `market` in that UTC minute (epoch s // 60), raised to Binance's `X-MBX-USED-WEIGHT-1M` when that is higher |
 | `collector:rest:cursor:<kind>:<market>` | HASH | REST planner (claim script) | REST planner | `next_due_us`, `counter`: the next scheduled poll of that kind and market, spread evenly over its interval |
+| `collector:rest:limit_1m` | HASH | REST planner (from exchangeInfo `rateLimits`) | REST planner, REST client | field `<market>` -> REQUEST_WEIGHT per minute that the exchange announces |
+| `collector:rest:limit_refresh:<market>` | STRING | REST planner (SET NX EX) | REST planner | present while that market's announced limit is fresh; the tick that creates it fetches exchangeInfo |
 | `collector:rest:plan` | HASH | REST planner | web, status | field `<market>` -> JSON of the market's weight plan (needed vs available per minute, stretch) |
 | `collector:symbols:<market>` | STRING | stream process (symbol universe) | REST planner, web, status, trigger | JSON list of the symbols being recorded on `market` (resolved from exchangeInfo when `*_SYMBOLS=ALL`) |
 | `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
@@ -112,6 +114,12 @@ def rest_cursor(kind: str, market: str) -> str:
 
 
 REST_PLAN: Final = f"{PREFIX}:rest:plan"
+REST_LIMITS: Final = f"{PREFIX}:rest:limit_1m"
+
+
+def rest_limits_refresh(market: str) -> str:
+    """Present while `market`'s published weight limit is fresh; whoever creates it refreshes it."""
+    return f"{PREFIX}:rest:limit_refresh:{market}"
 
 
 def symbols(market: str) -> str:

@@ -174,6 +174,16 @@ class RestWeight:
         return max(0.0, (int(raw) - now_us()) / 1e6)
 
 
+def announced_limit(client: redis.Redis, market: str) -> int | None:
+    """The REQUEST_WEIGHT per minute the exchange announced for `market` (None: not fetched yet)."""
+    raw = client.hget(keys.REST_LIMITS, market)
+    return int(raw) if raw is not None else None
+
+
+def announce_limit(client: redis.Redis, market: str, limit_1m: int) -> None:
+    client.hset(keys.REST_LIMITS, market, limit_1m)
+
+
 def used_weight(client: redis.Redis, market: str, minute: int) -> int:
     """The weight counted against `market` in `minute` (0 when nothing was sent)."""
     raw = client.get(keys.rest_weight(market, minute))

@@ -2,8 +2,9 @@
 their intervals must stretch to fit.
 
 Binance counts request weight per IP and per UTC clock minute (binance.md §4.5): spot 6,000, USD-M
-2,400. A 429 answers the first request past it, and going on after a 429 earns a 418 ban of 2 minutes
-to 3 days. Each market's minute is therefore divided up front:
+2,400, or what exchangeInfo's `rateLimits` announces (`collector.rest.planner` fetches it hourly). A
+429 answers the first request past it, and going on after a 429 earns a 418 ban of 2 minutes to 3
+days. Each market's minute is therefore divided up front:
 
     | share | who |
     |---|---|
@@ -76,11 +77,11 @@ class MarketPlan:
 
     @property
     def resync_limit_1m(self) -> int:
-        return gate_limit(self.market, self.margin, "resync")
+        return gate_limit(self.market, self.margin, "resync", self.limit_1m)
 
     @property
     def scheduled_limit_1m(self) -> int:
-        return gate_limit(self.market, self.margin, "scheduled")
+        return gate_limit(self.market, self.margin, "scheduled", self.limit_1m)
 
     @property
     def available_1m(self) -> float:
@@ -146,8 +147,9 @@ def depth_weight(market: Market, limit: int) -> int:
     return spot_depth_weight(limit) if market == "spot" else futures_depth_weight(limit)
 
 
-def plan_market(settings: Settings, market: Market, symbols: int) -> MarketPlan:
-    """The plan of `market`'s scheduled polls for `symbols` symbols at the configured intervals."""
+def plan_market(settings: Settings, market: Market, symbols: int, limit_1m: int | None = None) -> MarketPlan:
+    """The plan of `market`'s scheduled polls for `symbols` symbols at the configured intervals,
+    within `limit_1m` (the exchange's announced limit; Binance's documented one when None)."""
     wanted: list[tuple[PollKind, int, float]] = []
     if market == "futures":
         wanted.append(("open_interest", OPEN_INTEREST_WEIGHT, settings.open_interest_interval_s))
@@ -158,7 +160,7 @@ def plan_market(settings: Settings, market: Market, symbols: int) -> MarketPlan:
             settings.depth_snapshot_interval_s,
         )
     )
-    limit = WEIGHT_PER_MINUTE[market]
+    limit = WEIGHT_PER_MINUTE[market] if limit_1m is None else limit_1m
     unstretched = MarketPlan(
         market,
         limit,
@@ -181,11 +183,12 @@ def plan_market(settings: Settings, market: Market, symbols: int) -> MarketPlan:
     )
 
 
-def gate_limit(market: Market, margin: float, priority: Priority) -> int:
+def gate_limit(market: Market, margin: float, priority: Priority, limit_1m: int | None = None) -> int:
     """The minute's weight a request of `priority` may bring `market` up to: resyncs up to the
-    margin, scheduled polls up to the margin and the resync share."""
+    margin, scheduled polls up to the margin and the resync share. `limit_1m` is the exchange's
+    announced limit (exchangeInfo `rateLimits`); Binance's documented one when None."""
     kept = margin if priority == "resync" else margin + RESYNC_SHARE
-    return math.floor(WEIGHT_PER_MINUTE[market] * (1 - kept))
+    return math.floor((WEIGHT_PER_MINUTE[market] if limit_1m is None else limit_1m) * (1 - kept))
 
 
 def minute_of(now_s: float) -> int:

@@ -28,7 +28,7 @@ from collector.binance.rest import (
 )
 from collector.errors import RateLimited, RestError
 from collector.queue import counters
-from collector.queue.rest_weight import RestWeight
+from collector.queue.rest_weight import RestWeight, announced_limit
 from collector.rest.budget import Priority, gate_limit, minute_of, seconds_to_next_minute
 from collector.settings import Settings
 
@@ -150,7 +150,12 @@ class RestClient:
     def _acquire_weight(self, request: RestRequest) -> None:
         """Count the request's weight against the market's minute, waiting for the next minute
         when this priority's share is spent (or raising `RateLimited` when that is too long)."""
-        limit = gate_limit(request.market, self._settings.rest_weight_margin, self._priority)
+        limit = gate_limit(
+            request.market,
+            self._settings.rest_weight_margin,
+            self._priority,
+            announced_limit(self._redis, request.market),
+        )
         while True:
             now_s = time.time()
             added, used = self._weight.acquire(request.market, request.weight, limit, minute_of(now_s))
@@ -222,7 +227,12 @@ class RestClient:
             return
         minute = minute_of(time.time())
         counted = self._weight.observe(request.market, used, minute)
-        ours = gate_limit(request.market, self._settings.rest_weight_margin, "resync")
+        ours = gate_limit(
+            request.market,
+            self._settings.rest_weight_margin,
+            "resync",
+            announced_limit(self._redis, request.market),
+        )
         if used > ours and self._warned_minute != minute:
             # More than we ever spend: something else uses this IP's weight.
             self._warned_minute = minute

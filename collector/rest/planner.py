@@ -28,10 +28,11 @@ import orjson
 import redis
 import requests
 
+from collector.binance.exchange_info import rate_limits_request, request_weight_limit_1m
 from collector.binance.rest import Market, RestRequest, depth_request, open_interest_request
 from collector.errors import RateLimited, RestError
 from collector.queue import keys
-from collector.queue.rest_weight import RestWeight, now_us, used_weight
+from collector.queue.rest_weight import RestWeight, announce_limit, announced_limit, now_us, used_weight
 from collector.queue.symbols import current_symbols
 from collector.rest.budget import MarketPlan, PollPlan, minute_of, plan_market
 from collector.rest.client import RestClient
@@ -46,6 +47,8 @@ CATCH_UP_S: Final = 10.0
 # At most this many calls per poll kind and market in one tick, so a tick stays short.
 MOST_CLAIMS_PER_TICK: Final = 50
 SUMMARY_EVERY_S: Final = 60.0
+LIMITS_REFRESH_S: Final = 3600.0  # the exchange's announced weight limit is read again this often
+LIMITS_RETRY_S: Final = 300.0
 
 
 @dataclass
@@ -79,11 +82,59 @@ def symbols_by_market(settings: Settings, client: redis.Redis) -> dict[Market, l
     return {market: current_symbols(settings, client, market) for market in MARKETS}
 
 
-def plans_for(settings: Settings, symbols: dict[Market, list[str]]) -> dict[Market, MarketPlan]:
-    """The plan of every market that records symbols."""
+def plans_for(
+    settings: Settings, symbols: dict[Market, list[str]], limits: dict[Market, int | None] | None = None
+) -> dict[Market, MarketPlan]:
+    """The plan of every market that records symbols, within each market's announced limit."""
+    limits = limits or {}
     return {
-        market: plan_market(settings, market, len(listed)) for market, listed in symbols.items() if listed
+        market: plan_market(settings, market, len(listed), limits.get(market))
+        for market, listed in symbols.items()
+        if listed
     }
+
+
+def weight_limits(
+    settings: Settings, client: redis.Redis, symbols: dict[Market, list[str]], refresh: bool = True
+) -> dict[Market, int | None]:
+    """Each market's REQUEST_WEIGHT per minute as the exchange announces it, refreshed hourly.
+
+    binance.md §4.5: USD-M documents no number, "read the rateLimits array from exchangeInfo"; the
+    limit changed before (1,200 -> 2,400, shared with COIN-M since 2026-06-30). The tick that
+    creates the market's refresh key fetches it; other ticks read what was published. Until then,
+    or when the answer carries no believable limit, Binance's documented limit applies.
+    """
+    limits: dict[Market, int | None] = {}
+    for market, listed in symbols.items():
+        if (
+            refresh
+            and listed
+            and client.set(keys.rest_limits_refresh(market), 1, nx=True, ex=int(LIMITS_REFRESH_S))
+        ):
+            _refresh_limit(settings, client, market, listed[0])
+        limits[market] = announced_limit(client, market)
+    return limits
+
+
+def _refresh_limit(settings: Settings, client: redis.Redis, market: Market, probe_symbol: str) -> None:
+    base = settings.binance_spot_rest_url if market == "spot" else settings.binance_futures_rest_url
+    rest = RestClient(settings, client, _session(), max_wait_s=0, max_retries=0)
+    try:
+        body = rest.get(rate_limits_request(market, base, probe_symbol)).body
+    except RestError as error:
+        # Try again in a few minutes, not every second: exchangeInfo costs weight too.
+        client.set(keys.rest_limits_refresh(market), 1, ex=int(LIMITS_RETRY_S))
+        logger.warning("rest.limits_unknown market=%s error=%s (documented limit used)", market, error)
+        return
+    limit = request_weight_limit_1m(body)
+    if limit is None:
+        logger.warning(
+            "rest.limits_missing market=%s (exchangeInfo has no REQUEST_WEIGHT per minute)", market
+        )
+        return
+    if limit != announced_limit(client, market):
+        logger.info("rest.limits market=%s request_weight_1m=%d (exchangeInfo rateLimits)", market, limit)
+        announce_limit(client, market, limit)
 
 
 def announce(plans: dict[Market, MarketPlan], client: redis.Redis, always: bool = False) -> None:
@@ -228,7 +279,7 @@ def run_tick(settings: Settings, client: redis.Redis, now_s: float | None = None
     """One tick: plan, claim what is due, send it."""
     summary = TickSummary()
     symbols = symbols_by_market(settings, client)
-    plans = plans_for(settings, symbols)
+    plans = plans_for(settings, symbols, weight_limits(settings, client, symbols))
     announce(plans, client)
     calls = claim_due(settings, client, symbols, plans, summary, time.time() if now_s is None else now_s)
     if calls:
