@@ -1,9 +1,11 @@
-"""Turn one queued envelope into the rows of its table. Pure: bytes in, tuples out.
+"""Turn one queued envelope into the rows of its table. Pure: bytes in, named tuples out.
 
-Rows follow `collector.db.schema.COPY_COLUMNS` order. Time columns are integer microseconds since
-the epoch (the staging table converts them), numbers stay Binance's decimal strings, and `payload`
-is the event as JSON bytes. Anything that would make PostgreSQL reject the batch is caught here and
-raised as `FrameError`, so one bad event goes to the dead-letter list instead of blocking its queue.
+Each table has a row type (`ROW_TYPES`) whose fields are its `collector.db.schema.COPY_COLUMNS`, in
+that order (tests/test_rows.py holds them equal, so a reordered column cannot shift values silently).
+Time columns are integer microseconds since the epoch (the staging table converts them), numbers
+stay Binance's decimal strings, and `payload` is the event as JSON bytes. Anything that would make
+PostgreSQL reject the batch is caught here and raised as `FrameError`, so one bad event goes to the
+dead-letter list instead of blocking its queue.
 Unknown keys are ignored: Binance adds fields (`nq`, `ap`, `ps`, `st`) without notice.
 """
 
@@ -18,7 +20,113 @@ import orjson
 
 from collector.errors import FrameError
 
-Row = tuple[Any, ...]
+Row = tuple[Any, ...]  # one of the row types below
+
+
+# --- the row of each table: fields are its COPY columns, in order; times in µs since the epoch -----
+
+
+class AggTradeRow(NamedTuple):
+    event_time: int  # E
+    market: str
+    symbol: str  # s
+    aggregate_trade_id: int  # a
+    trade_time: int  # T
+    price: str  # p
+    quantity: str  # q
+    first_trade_id: int | None  # f
+    last_trade_id: int | None  # l
+    is_buyer_maker: bool | None  # m
+    received_at: int
+    payload: bytes
+
+
+class DepthUpdateRow(NamedTuple):
+    event_time: int  # E
+    market: str
+    symbol: str  # s
+    first_update_id: int  # U
+    final_update_id: int  # u
+    previous_final_update_id: int | None  # pu (futures only)
+    transaction_time: int | None  # T (futures only)
+    received_at: int
+    payload: bytes
+
+
+class MarkPriceRow(NamedTuple):
+    event_time: int  # E
+    symbol: str  # s
+    mark_price: str | None  # p
+    index_price: str | None  # i
+    estimated_settle_price: str | None  # P
+    funding_rate: str | None  # r
+    next_funding_time: int | None  # T
+    received_at: int
+    payload: bytes
+
+
+class ForceOrderRow(NamedTuple):
+    event_time: int  # E
+    transaction_time: int  # o.T
+    symbol: str  # o.s
+    side: str  # o.S
+    quantity: str  # o.q
+    price: str  # o.p
+    average_price: str | None  # o.ap
+    order_status: str | None  # o.X
+    filled_quantity: str | None  # o.z
+    received_at: int
+    payload: bytes
+
+
+class OpenInterestRow(NamedTuple):
+    time: int  # the receive time
+    symbol: str  # symbol
+    open_interest: str  # openInterest
+    exchange_time: int | None  # time
+    payload: bytes
+
+
+class DepthSnapshotRow(NamedTuple):
+    time: int  # the receive time
+    symbol: str  # asked for (spot bodies do not name it)
+    market_type: str
+    last_update_id: int  # lastUpdateId
+    event_time: int | None  # E (futures only)
+    transaction_time: int | None  # T (futures only)
+    payload: bytes
+
+
+class DepthGapRow(NamedTuple):
+    detected_at: int
+    market: str
+    symbol: str
+    last_update_id: int | None
+    next_update_id: int | None
+    resynced_at: int | None
+    resync_update_id: int | None
+    cause: str
+
+
+class StreamGapRow(NamedTuple):
+    started_at: int
+    market: str
+    stream: str
+    ended_at: int | None
+    cause: str
+    connection: str | None
+
+
+ROW_TYPES: dict[str, type[tuple[Any, ...]]] = {
+    "agg_trades": AggTradeRow,
+    "depth_updates": DepthUpdateRow,
+    "mark_prices": MarkPriceRow,
+    "force_orders": ForceOrderRow,
+    "open_interest": OpenInterestRow,
+    "depth_snapshots": DepthSnapshotRow,
+    "depth_gaps": DepthGapRow,
+    "stream_gaps": StreamGapRow,
+}
 
 _BIGINT_MAX = 2**63 - 1
 _SYMBOL = re.compile(r"^[A-Za-z0-9_\-]{1,40}$")
@@ -108,7 +216,7 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 def _agg_trade(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
     event = _object(_ws_data(envelope), "aggTrade data")
     maker = event.get("m")
-    row = (
+    row = AggTradeRow(
         _ms_to_us(event, "E"),
         _market(envelope),
         _symbol(event.get("s")),
@@ -129,7 +237,7 @@ def _depth_update(envelope: dict[str, Any], received_at: int, keep_coin_m: bool)
     event = _object(_ws_data(envelope), "depthUpdate data")
     if not isinstance(event.get("b"), list) or not isinstance(event.get("a"), list):
         raise FrameError("depthUpdate has no 'b'/'a' level lists")
-    row = (
+    row = DepthUpdateRow(
         _ms_to_us(event, "E"),
         _market(envelope),
         _symbol(event.get("s")),
@@ -155,7 +263,7 @@ def _mark_prices(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) 
             skipped += 1
             continue
         rows.append(
-            (
+            MarkPriceRow(
                 _ms_to_us(event, "E"),
                 _symbol(event.get("s")),
                 _opt_decimal(event, "p"),
@@ -175,7 +283,7 @@ def _force_order(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) 
     if not keep_coin_m and _is_coin_m(event):
         return ParsedEnvelope([], 1)
     order = _object(event.get("o"), "forceOrder 'o'")
-    row = (
+    row = ForceOrderRow(
         _ms_to_us(event, "E"),
         _ms_to_us(order, "T"),
         _symbol(order.get("s")),
@@ -193,7 +301,7 @@ def _force_order(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) 
 
 def _open_interest(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
     body = _object(envelope.get("frame"), "openInterest body")
-    row = (
+    row = OpenInterestRow(
         received_at,
         _symbol(body.get("symbol", envelope.get("symbol"))),
         _decimal(body, "openInterest"),
@@ -207,7 +315,7 @@ def _depth_snapshot(envelope: dict[str, Any], received_at: int, keep_coin_m: boo
     body = _object(envelope.get("frame"), "depth body")
     if not isinstance(body.get("bids"), list) or not isinstance(body.get("asks"), list):
         raise FrameError("depth snapshot has no 'bids'/'asks'")
-    row = (
+    row = DepthSnapshotRow(
         received_at,
         _symbol(envelope.get("symbol")),
         _market(envelope),
@@ -226,7 +334,7 @@ def _opt_us(record: dict[str, Any], key: str) -> int | None:
 def _depth_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
     """A gap record of the stream process (collector.gaps.records.DepthGap)."""
     record = _object(envelope.get("frame"), "depth gap record")
-    row = (
+    row = DepthGapRow(
         _int(record, "detected_at_us"),
         _market(envelope),
         _symbol(record.get("symbol")),
@@ -246,7 +354,7 @@ def _stream_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -
     if not isinstance(stream, str) or not stream or len(stream) > 200:
         raise FrameError(f"stream gap record has no stream name: {stream!r}")
     connection = record.get("connection")
-    row = (
+    row = StreamGapRow(
         _int(record, "started_at_us"),
         _market(envelope),
         stream,
