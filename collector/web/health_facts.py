@@ -1,0 +1,72 @@
+"""Health facts: what Redis and PostgreSQL said at one moment, as plain data. Pure.
+
+`collector.web.health_gather` reads them, `collector.web.health_judge` judges them,
+`collector.web.health_render` and `collector.web.status` show them, `collector.web.metrics` exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from collector.audit import Loss
+from collector.queue.connections import ConnectionRecord
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Events received on one `<market>:<stream>` and when the last one arrived."""
+
+    market: str
+    stream: str
+    messages: int
+    last_message_us: int | None
+
+
+@dataclass(frozen=True)
+class TableState:
+    """One table's Redis queue, its in-flight batch, and its last committed drain."""
+
+    table: str
+    queue_length: int
+    inflight_length: int
+    last_drain_us: int | None
+
+
+@dataclass(frozen=True)
+class OpenGap:
+    """A gap of the ledger not closed yet: a depth chain awaiting its resync, or a stream outage."""
+
+    kind: str  # "depth" or "stream"
+    market: str
+    name: str  # the symbol (depth) or the stream
+    since_us: int
+    cause: str
+
+
+@dataclass
+class HealthSnapshot:
+    """Everything the monitoring views show, read at one moment. Empty lists when Redis is down."""
+
+    redis_up: bool
+    postgres_up: bool
+    redis_error: str | None = None
+    postgres_error: str | None = None
+    # Which mode the database is in (`collector.db.timescale.describe`): mode, ok, detail.
+    database: dict[str, Any] | None = None
+    # Envelopes lost between the stream process and PostgreSQL in the last LOSS_WINDOW (collector.audit).
+    losses: list[Loss] = field(default_factory=list)
+    connections: list[ConnectionRecord] = field(default_factory=list)
+    streams: list[StreamState] = field(default_factory=list)
+    tables: list[TableState] = field(default_factory=list)
+    deadletter_length: int = 0
+    open_gaps: list[OpenGap] = field(default_factory=list)
+    # counter name -> label values -> value
+    counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
+
+
+def age_s(then_us: int | None, now: int) -> float | None:
+    """Seconds from `then_us` to `now`, never negative (clocks of two processes may differ slightly)."""
+    if then_us is None:
+        return None
+    return max(0.0, (now - then_us) / 1_000_000)
