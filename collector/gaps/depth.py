@@ -1,6 +1,6 @@
 """Diff-depth sequence checks and per-symbol resync bookkeeping. Pure: events in, decisions out.
 
-Binance's rules (binance.md, "How to manage a local order book correctly"):
+Binance's rules (binance.md §5.3, "How to manage a local order book correctly"):
 - spot: each event's `U` is the previous event's `u` + 1;
 - USD-M futures: each event's `pu` is the previous event's `u` (ids may jump between events).
 While one connection replaces another, both carry the stream, and either may be ahead:
