@@ -1,4 +1,4 @@
-"""The collector's error hierarchy, and the one predicate that says what is worth retrying.
+"""The collector's error hierarchy. What is worth retrying is decided in one place: `collector.retry`.
 
 - `CollectorError`: base of everything below.
   - `ConfigError`: a bad setting; fatal at start, printed as one line naming the variable.
@@ -44,10 +44,7 @@ class RateLimited(RestError):
 
 
 def is_retryable(error: BaseException) -> bool:
-    """True when trying the same operation again later may succeed."""
-    if isinstance(error, RateLimited | ServiceUnavailable):
-        return True
-    if isinstance(error, RestError):
-        # 5XX means "status unknown" on Binance (binance.md §4.5); 4XX other than 429/418 will not improve.
-        return error.status is None or error.status >= 500
-    return isinstance(error, ConnectionError | TimeoutError | OSError)
+    """True when trying the same operation again later may succeed: `collector.retry.is_transient`."""
+    from collector.retry import is_transient  # collector.retry imports this module's classes
+
+    return is_transient(error)

@@ -10,7 +10,7 @@ import psycopg2
 import pytest
 import redis
 
-from collector.db.connection import connect
+from collector.db.connection import connect, ensure_database
 from collector.db.init import init_db
 from collector.drain import Drainer
 from collector.localservices import LocalService, start_postgres
@@ -222,3 +222,41 @@ def test_drain_summary_is_one_info_line_a_minute_or_when_notable(caplog: pytest.
         "drain.summary table=test_only_table over_s=2 runs=1 envelopes=5 inserted=4 duplicates=0 "
         "dead_letters=1 remaining=0",
     ]
+
+
+def test_drain_task_waits_out_transient_failures_and_raises_permanent_ones(
+    settings: Settings,
+    redis_conn: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL unreachable (transient): one warning for many runs and the batch kept. A missing table
+    (permanent): the task raises, and once the schema exists the next run stores everything."""
+    from collector.localservices import free_port
+    from collector.settings import get_settings
+    from collector.tasks import ingest
+
+    for name, value in (("_conn", None), ("_redis", None), ("_postgres_states", {}), ("_redis_states", {})):
+        monkeypatch.setattr(ingest, name, value)
+    redis_conn.rpush(keys.queue("agg_trades"), *[factories.agg_trade(i) for i in range(10)])
+    good = settings.database_url
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/collector")
+    get_settings.cache_clear()
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            ingest.drain("agg_trades")
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("collector.tasks.ingest")]
+    assert [line.split(" ")[0] for line in lines] == ["drain.agg_trades.postgres_unreachable"]
+    assert redis_conn.llen(keys.queue("agg_trades")) == 10
+
+    monkeypatch.setenv("DATABASE_URL", good)
+    get_settings.cache_clear()
+    ensure_database(load_settings())  # the database exists, its tables do not (no init-db yet)
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        ingest.drain("agg_trades")
+    assert inflight_length(redis_conn, "agg_trades") == 10  # claimed, not lost: the next drain recovers it
+    init_db(load_settings())
+    ingest.drain("agg_trades")
+    assert _count(connect(load_settings(), autocommit=True), "agg_trades") == 10
+    ingest._forget_connection()
+    get_settings.cache_clear()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import psycopg2
 import redis
 from celery.utils.log import get_task_logger
 
 from collector.alerts.evaluate import evaluate_alerts
 from collector.db.connection import connect
-from collector.errors import ServiceUnavailable
 from collector.logonce import Transitions
 from collector.queue.client import redis_client
 from collector.queue.locks import alerts_lock
+from collector.retry import is_transient
 from collector.settings import get_settings
 from collector.tasks.base import collector_task
 
@@ -49,6 +48,8 @@ def evaluate() -> dict[str, Any] | None:
                 logger.debug("alerts.lock_busy")
                 return None
         except redis.RedisError as error:
+            if not is_transient(error):
+                raise
             _redis.report(up=False, error=error)  # beat runs this every second: one line, not one a second
             return None
         _redis.report(up=True)
@@ -58,11 +59,17 @@ def evaluate() -> dict[str, Any] | None:
                 summary = evaluate_alerts(settings, conn, client)
             finally:
                 conn.close()
-        except (ServiceUnavailable, psycopg2.OperationalError, psycopg2.InterfaceError) as error:
-            # Nothing was decided: the cursor has not moved, the next run starts where this one would.
-            _postgres.report(
-                up=False, error=str(error).strip().splitlines()[0] if str(error).strip() else error
-            )
+        except Exception as error:
+            if not is_transient(error):
+                raise  # a bug or a bad setting: Celery records the failure with its traceback
+            # Nothing is lost: the cursor moves only with what was decided and stored, and alerts
+            # not yet published are published by the next run, which starts where this one stopped.
+            if isinstance(error, redis.RedisError):
+                _redis.report(up=False, error=error)
+            else:
+                _postgres.report(
+                    up=False, error=str(error).strip().splitlines()[0] if str(error).strip() else error
+                )
             return None
         finally:
             lock.release()  # only if still ours: after an expiry another run may hold it

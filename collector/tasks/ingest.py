@@ -9,9 +9,9 @@ from psycopg2.extensions import connection as Connection
 
 from collector.db.connection import connect
 from collector.drain import Drainer
-from collector.errors import ServiceUnavailable
 from collector.logonce import Transitions
 from collector.queue.client import redis_client
+from collector.retry import is_transient
 from collector.settings import get_settings
 from collector.tasks.base import collector_task
 
@@ -64,14 +64,17 @@ def drain(table: str) -> None:
     redis_state = _redis_states.setdefault(table, Transitions(logger, f"drain.{table}.redis"))
     try:
         drainer.drain(table)
-    except (ServiceUnavailable, psycopg2.OperationalError, psycopg2.InterfaceError) as error:
+    except Exception as error:
+        if not isinstance(error, redis.RedisError):
+            _forget_connection()  # a transaction left aborted would fail every later run on it
+        if not is_transient(error):
+            raise  # a bug or a bad setting: Celery records the failure; the batch stays in flight
         # The batch stays in flight and is written by a later run; beat retries every second, so
         # only the change is logged (collector.logonce), not a line a second.
-        _forget_connection()
-        postgres.report(up=False, error=str(error).splitlines()[0])
-        return
-    except redis.RedisError as error:
-        redis_state.report(up=False, error=error)
+        if isinstance(error, redis.RedisError):
+            redis_state.report(up=False, error=error)
+        else:
+            postgres.report(up=False, error=str(error).splitlines()[0] if str(error) else error)
         return
     postgres.report(up=True)
     redis_state.report(up=True)
