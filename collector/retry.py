@@ -67,6 +67,14 @@ _REDIS_TRANSIENT = (
     redis.exceptions.ClusterDownError,
 )
 
+# No answer, or an answer cut off mid-body (a dropped connection); not a malformed URL or request.
+_HTTP_TRANSIENT = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
 
 def is_transient(error: BaseException) -> bool:
     """True when trying the same operation again later may succeed (see the module docstring)."""
@@ -82,7 +90,7 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, redis.exceptions.RedisError):
         return _redis_transient(error)
     if isinstance(error, requests.RequestException):
-        return isinstance(error, requests.ConnectionError | requests.Timeout)
+        return isinstance(error, _HTTP_TRANSIENT)
     if isinstance(error, websockets.exceptions.WebSocketException):
         return _websocket_transient(error)
     return _os_transient(error)

@@ -39,6 +39,7 @@ TRANSIENT = [
     redis.exceptions.OutOfMemoryError("OOM command not allowed"),
     requests.ConnectionError("reset"),
     requests.Timeout("read timeout"),
+    requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead"),
     websockets.exceptions.ConnectionClosedError(None, None),
     _ws_status(503),
     _ws_status(429),
