@@ -32,8 +32,13 @@ class _HashIncr(Protocol):
     def hincrby(self, name: str, key: str, amount: int = 1) -> object: ...
 
 
+def label_field(*labels: str) -> str:
+    """The hash field of one label combination of a counter."""
+    return "|".join(labels)
+
+
 def incr(client: _HashIncr, counter: str, *labels: str, amount: int = 1) -> None:
     """Add `amount` to `counter{labels}`; works on a client or a pipeline (sync or async)."""
     if counter not in COUNTERS:
         raise KeyError(f"unknown counter {counter!r}")
-    client.hincrby(keys.metric(counter), "|".join(labels), amount)
+    client.hincrby(keys.metric(counter), label_field(*labels), amount)

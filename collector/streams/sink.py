@@ -26,6 +26,7 @@ import redis.asyncio
 from collector.binance.rows import make_envelope
 from collector.queue import counters, deadletter, keys
 from collector.queue.deadletter import DeadLetter
+from collector.queue.stream_counts import StreamCounts
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
 from collector.streams.state import ConnectionState
@@ -91,6 +92,7 @@ class Sink:
         self._written_streams: dict[tuple[str, str], int] = {}
         self._written_reconnects: dict[str, int] = {}
         self._unregistered: set[str] = set()  # closed for good: every flush deletes their record
+        self._stream_counts = StreamCounts(client)
         self._wake = asyncio.Event()  # set when a flush is due early: buffer full, or stopping
         self._stop_event = asyncio.Event()
         self._stopping = False
@@ -264,13 +266,13 @@ class Sink:
             pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
         deadletter.push(pipe, self._deadletters[: batch.deadletters])
         last_us: dict[str, int] = {}
+        amounts: dict[tuple[str, str], int] = {}
         for state, stream, messages, last in batch.streams:
             delta = messages - self._written_streams.get((state.id, stream), 0)
-            field = keys.stream_field(state.market, stream)
-            pipe.hincrby(keys.STREAM_MESSAGES, field, delta)
-            counters.incr(pipe, "messages", state.market, stream, amount=delta)
+            amounts[(state.market, stream)] = amounts.get((state.market, stream), 0) + delta
             if last is not None:
-                last_us[field] = last
+                last_us[keys.stream_field(state.market, stream)] = last
+        await self._stream_counts.add(pipe, amounts)  # one script call, not two commands a stream
         if last_us:
             pipe.hset(keys.STREAM_LAST_US, mapping=last_us)
         for connection_id, total in batch.reconnects:
