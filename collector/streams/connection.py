@@ -46,7 +46,12 @@ MAX_QUEUED_FRAMES: Final = 4096
 CLOSE_TIMEOUT_S: Final = 5.0
 # recv() returns queued frames without suspending, so under load one connection could hold the
 # event loop for thousands of frames; yielding this often keeps the sink and other sockets served.
-YIELD_EVERY_FRAMES: Final = 256
+YIELD_EVERY_FRAMES: Final = 64
+# Bytes one socket read takes (asyncio's default is 256 KiB). websockets parses a whole read at once,
+# so after any pause a full read of every connection lands in one loop turn: at ~300 B a frame, 256
+# KiB on each of a dozen connections is ~10,000 frames, a quarter of a second (bench/streams_many.py).
+# The rest waits in the kernel's buffer for the next turn; nothing is lost.
+READ_CHUNK_BYTES: Final = 32 * 1024
 # A connection that stayed up this long counts as healthy: the next failure starts the backoff
 # again from WS_BACKOFF_INITIAL_S. A server that accepts and drops at once keeps backing off, which
 # also keeps us under Binance's 300 connection attempts per 5 minutes per IP (binance.md §2).
@@ -288,6 +293,9 @@ class StreamConnection:
             state.last_error = f"connect: {type(error).__name__}: {error}"
             logger.warning("ws.connect_failed id=%s url=%s error=%s", state.id, state.url, state.last_error)
             return None
+        transport = ws.transport
+        if hasattr(transport, "max_size"):  # asyncio's selector transport reads this much per turn
+            transport.max_size = READ_CHUNK_BYTES
         self._generation += 1
         live = _Live(ws, f"{state.id}#{self._generation}", streams)
         self._open_sockets.add(ws)
