@@ -4,7 +4,9 @@ Every receive loop, the sink and the gap ledger share one event loop; a callback
 delays all of them, and Binance disconnects a client that stops reading (binance.md §7 #6). The
 overshoot of a short sleep is how long the loop was held. The longest of the run is published every
 second (`collector.queue.loop_lag`); a block past LOOP_BLOCK_WARN_MS logs one WARNING (at most one a
-second, counting the others), naming what an operator can look at.
+second, counting the others). The WARNING tells the two causes apart by the CPU time this thread
+used during the block: most of it means our own code held the loop (`cause=busy`), little of it
+means the process was waiting for a core (`cause=starved`: other processes on a busy machine).
 """
 
 from __future__ import annotations
@@ -65,15 +67,15 @@ class LoopLagMonitor:
 
     async def run(self, client: redis.asyncio.Redis | None = None) -> None:
         """Sample until cancelled; publish to Redis every LOOP_PUBLISH_S when a client is given."""
-        clock = time.perf_counter
+        clock, cpu = time.perf_counter, time.thread_time
         publish_at = clock() + LOOP_PUBLISH_S
         while True:
-            before = clock()
+            before, cpu_before = clock(), cpu()
             await asyncio.sleep(self.sample_s)
             after = clock()
             block_ms = max(0.0, (after - before - self.sample_s) * 1000)
             if self.stats.record(block_ms):
-                self._warn(block_ms, after)
+                self._warn(block_ms, (cpu() - cpu_before) * 1000, after)
             if client is not None and after >= publish_at:
                 publish_at = after + LOOP_PUBLISH_S
                 try:
@@ -81,16 +83,21 @@ class LoopLagMonitor:
                 except (redis.RedisError, OSError, TimeoutError) as error:
                     logger.debug("streams.loop_lag_not_published error=%s", error)
 
-    def _warn(self, block_ms: float, now: float) -> None:
+    def _warn(self, block_ms: float, cpu_ms: float, now: float) -> None:
         if now < self._next_warning:
             self._unlogged += 1
             return
+        busy = cpu_ms >= block_ms / 2
         logger.warning(
-            "streams.loop_blocked block_ms=%.0f max_ms=%.0f more_since_last=%d hint=%s",
+            "streams.loop_blocked block_ms=%.0f cpu_ms=%.0f cause=%s max_ms=%.0f more_since_last=%d hint=%s",
             block_ms,
+            cpu_ms,
+            "busy" if busy else "starved",
             self.stats.max_ms,
             self._unlogged,
-            "CPU starved (other processes on this core?) or too many streams for one process",
+            "too much work per loop turn for this process (fewer streams, or split them over two processes)"
+            if busy
+            else "the process waited for a CPU: other processes compete for this machine's cores",
         )
         self._unlogged = 0
         self._next_warning = now + LOOP_WARN_EVERY_S
