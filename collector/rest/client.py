@@ -30,6 +30,7 @@ from collector.errors import RateLimited, RestError
 from collector.queue import counters
 from collector.queue.rest_weight import RestWeight, announced_limit
 from collector.rest.budget import Priority, gate_limit, minute_of, seconds_to_next_minute
+from collector.retry import is_transient
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -202,19 +203,14 @@ class RestClient:
     def _send(self, request: RestRequest) -> tuple[requests.Response | None, Verdict]:
         try:
             response = self._session.get(request.url, params=request.params, timeout=self.timeout)
-        except requests.Timeout:
-            self._record_request(request, "none")
-            return None, classify(None, transport_error="timeout")
-        except (
-            requests.ConnectionError,
-            requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ContentDecodingError,
-        ):
-            self._record_request(request, "none")
-            return None, classify(None, transport_error="connection_error")
         except requests.RequestException as error:
-            # Malformed URL or similar: nothing to retry; the message says what is wrong.
+            # No answer: the house's one classification says whether asking again may help.
             self._record_request(request, "none")
+            if isinstance(error, requests.Timeout):
+                return None, classify(None, transport_error="timeout")
+            if is_transient(error):
+                return None, classify(None, transport_error="connection_error")
+            # Malformed URL or similar: nothing to retry; the message says what is wrong.
             verdict = classify(None, transport_error="invalid_request")
             return None, Verdict(verdict.action, verdict.reason, detail=str(error))
         self._record_request(request, str(response.status_code))
