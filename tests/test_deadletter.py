@@ -152,21 +152,7 @@ def _from_rest(settings: Settings, redis_conn: redis.Redis, monkeypatch: pytest.
     return redis_conn.lindex(keys.DEADLETTER, -1)  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize(
-    "writer",
-    [
-        "streams",
-        "drain",
-        pytest.param(
-            "rest",
-            marks=pytest.mark.xfail(
-                reason="collector/rest/poll.py still writes its own record (issue 8: its owner switches "
-                "it to collector.queue.deadletter.push)",
-                strict=False,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("writer", ["streams", "drain", "rest"])
 def test_every_writer_produces_the_same_record(
     writer: str, settings: Settings, redis_conn: redis.Redis, db, monkeypatch: pytest.MonkeyPatch
 ) -> None:

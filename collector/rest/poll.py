@@ -23,7 +23,8 @@ import requests
 from collector.binance.rest import Market, RestRequest, depth_request, open_interest_request
 from collector.binance.rows import make_envelope
 from collector.errors import RateLimited, RestError
-from collector.queue import counters, keys
+from collector.queue import deadletter, keys
+from collector.queue.deadletter import DeadLetter
 from collector.rest.client import RestClient, RestResponse
 from collector.settings import Settings
 
@@ -125,18 +126,12 @@ def queue_body(client: redis.Redis, table: str, market: str, symbol: str, respon
     """Push the envelope (or a dead letter); returns the failure reason, "" when queued."""
     reason = body_problem(response.body)
     if reason:
-        letter = {
-            "reason": reason,
-            "source": "rest",
-            "market": market,
-            "table": table,
-            "symbol": symbol,
-            "received_at_us": response.received_at_us,
-            "frame": response.body.decode("utf-8", "replace"),
-        }
+        # The house's one record: the body's exact bytes are kept, whatever they are.
+        letter = DeadLetter(
+            reason, "rest", market, table, response.received_at_us, response.body, symbol=symbol
+        )
         pipe = client.pipeline(transaction=True)
-        pipe.rpush(keys.DEADLETTER, orjson.dumps(letter))
-        counters.incr(pipe, "deadletters", "rest")
+        deadletter.push(pipe, [letter])
         pipe.execute()
         logger.error("rest.deadletter table=%s market=%s symbol=%s reason=%s", table, market, symbol, reason)
         return reason
