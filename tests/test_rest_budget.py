@@ -350,3 +350,30 @@ def test_the_exchanges_announced_limit_replaces_the_documented_one(
     plan = plans_for(local, symbols, {"spot": None, "futures": 1200})["futures"]
     assert (plan.limit_1m, plan.scheduled_limit_1m) == (1200, 780)
     assert announced_limit(redis_conn, "futures") == 1200
+
+
+def test_poll_tick_with_redis_down_logs_one_line_not_a_traceback_a_second(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import socket
+
+    from collector.settings import get_settings
+    from collector.tasks import rest as rest_tasks
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setattr(
+        rest_tasks, "_redis_state", rest_tasks.Transitions(rest_tasks.logger, "rest.poll.redis")
+    )
+    get_settings.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO):
+            results = [rest_tasks.poll_due() for _ in range(3)]
+    finally:
+        get_settings.cache_clear()
+    assert results == [None, None, None]
+    lines = [r.getMessage() for r in caplog.records if "rest.poll.redis" in r.getMessage()]
+    assert len(lines) == 1 and "unreachable" in lines[0] and f":{port}" in lines[0]

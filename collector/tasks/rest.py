@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 import requests
 from celery.utils.log import get_task_logger
 
 from collector.binance.rest import Market
 from collector.errors import RestError
+from collector.logonce import Transitions
 from collector.queue.client import redis_client
 from collector.rest.planner import run_tick
 from collector.rest.poll import poll_depth_snapshots, poll_open_interest
+from collector.retry import is_transient
 from collector.settings import SYMBOL_PATTERN, Settings, get_settings
 from collector.tasks.base import collector_task
 
 logger = get_task_logger(__name__)
+_redis_state = Transitions(logger, "rest.poll.redis")
 
 MARKETS: tuple[Market, ...] = ("spot", "futures")
 
@@ -47,7 +51,7 @@ def _markets(settings: Settings, market: str | None, symbol: str | None) -> tupl
 
 
 @collector_task("collector.tasks.rest.poll_due", soft_time_limit_s=30, time_limit_s=45)
-def poll_due() -> dict[str, Any]:
+def poll_due() -> dict[str, Any] | None:
     """Send the scheduled open-interest and depth-snapshot calls that are due now (one tick).
 
     Beat sends one every REST_POLL_TICK_S and the calls are claimed atomically in Redis, so ticks
@@ -57,9 +61,18 @@ def poll_due() -> dict[str, Any]:
     settings = get_settings()
     client = redis_client(settings)
     try:
-        return run_tick(settings, client).as_dict()
+        summary = run_tick(settings, client).as_dict()
+    except redis.RedisError as error:
+        if not is_transient(error):
+            raise
+        # Redis holds the cursors and the weight: no tick can run without it. Beat sends one every
+        # second, so only the change is logged (collector.logonce), not a traceback a second.
+        _redis_state.report(up=False, error=error)
+        return None
     finally:
         client.close()
+    _redis_state.report(up=True)
+    return summary
 
 
 @collector_task("collector.tasks.rest.open_interest")
