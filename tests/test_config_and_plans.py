@@ -231,18 +231,23 @@ def test_init_db_twice_on_plain_postgres(settings: Settings) -> None:
 @pytest.mark.parametrize("command", ["worker", "beat"])
 def test_celery_with_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
     """`celery -A collector worker|beat` with a bad setting prints one line naming it, exit code 2."""
+    code, output = _celery(command, {"SPOT_SYMBOLS": "BTC/USDT"}, tmp_path)
+    assert code == 2
+    assert output.count("\n") == 0 and "SPOT_SYMBOLS" in output and "Traceback" not in output
+
+
+def _celery(command: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run `celery -A collector <command>` with only `env` set: its exit code and output."""
     celery = str(Path(sys.executable).with_name("celery"))
     done = subprocess.run(
         [celery, "-A", "collector", command],
-        env={"SPOT_SYMBOLS": "BTC/USDT", "PATH": "/usr/bin:/bin"},
+        env={**env, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,
+        cwd=cwd,
     )
-    assert done.returncode == 2
-    output = (done.stdout + done.stderr).strip()
-    assert output.count("\n") == 0 and "SPOT_SYMBOLS" in output and "Traceback" not in output
+    return done.returncode, (done.stdout + done.stderr).strip()
 
 
 @pytest.mark.parametrize("command", ["worker", "beat"])
@@ -252,17 +257,8 @@ def test_celery_with_redis_unreachable_is_one_line_and_exit_2(tmp_path: Path, co
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    celery = str(Path(sys.executable).with_name("celery"))
-    done = subprocess.run(
-        [celery, "-A", "collector", command],
-        env={"REDIS_URL": f"redis://127.0.0.1:{port}/0", "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    output = (done.stdout + done.stderr).strip()
+    code, output = _celery(command, {"REDIS_URL": f"redis://127.0.0.1:{port}/0"}, tmp_path)
+    assert code == 2
     assert output.count("\n") == 0 and f"127.0.0.1:{port}" in output and "unreachable" in output
 
 
