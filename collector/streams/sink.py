@@ -26,7 +26,7 @@ import redis.asyncio
 from collector.binance.rows import make_envelope
 from collector.queue import counters, deadletter, keys
 from collector.queue.deadletter import DeadLetter
-from collector.queue.stream_counts import StreamCounts
+from collector.queue.stream_stats import StreamStatsWriter
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
 from collector.streams.state import ConnectionState
@@ -92,7 +92,7 @@ class Sink:
         self._written_streams: dict[tuple[str, str], int] = {}
         self._written_reconnects: dict[str, int] = {}
         self._unregistered: set[str] = set()  # closed for good: every flush deletes their record
-        self._stream_counts = StreamCounts(client)
+        self._stream_stats = StreamStatsWriter(client)
         self._wake = asyncio.Event()  # set when a flush is due early: buffer full, or stopping
         self._stop_event = asyncio.Event()
         self._stopping = False
@@ -265,16 +265,12 @@ class Sink:
         if queued_upto:
             pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
         deadletter.push(pipe, self._deadletters[: batch.deadletters])
-        last_us: dict[str, int] = {}
-        amounts: dict[tuple[str, str], int] = {}
+        updates: dict[tuple[str, str], tuple[int, int | None]] = {}
         for state, stream, messages, last in batch.streams:
             delta = messages - self._written_streams.get((state.id, stream), 0)
-            amounts[(state.market, stream)] = amounts.get((state.market, stream), 0) + delta
-            if last is not None:
-                last_us[keys.stream_field(state.market, stream)] = last
-        await self._stream_counts.add(pipe, amounts)  # one script call, not two commands a stream
-        if last_us:
-            pipe.hset(keys.STREAM_LAST_US, mapping=last_us)
+            key = (state.market, stream)
+            updates[key] = (updates.get(key, (0, None))[0] + delta, last)
+        await self._stream_stats.add(pipe, updates)  # one argument for every stream (queue.stream_stats)
         for connection_id, total in batch.reconnects:
             delta = total - self._written_reconnects.get(connection_id, 0)
             counters.incr(pipe, "reconnects", connection_id, amount=delta)
