@@ -24,7 +24,7 @@
 | `collector:symbols:<market>` | STRING | stream process (symbol universe) | REST planner, web, status, trigger | JSON list of the symbols being recorded on `market` (resolved from exchangeInfo when `*_SYMBOLS=ALL`) |
 | `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
 | `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
-| `collector:streams:loop` | HASH | stream process (every second, `collector.queue.loop_lag`) | bench, web `/metrics`, status | fields `max_block_ms` (longest event-loop block of this run), `blocks_over` (blocks past `block_warn_ms`), `block_warn_ms`, `started_us`, `updated_us` |
+| `collector:streams:loop` | HASH | stream process (every second, `collector.queue.loop_lag`) | bench, web `/metrics`, status | fields `max_block_ms` (longest event-loop block of this run), `max_cpu_ms` (most CPU time its thread used within one block), `blocks_over` (blocks past `block_warn_ms`), `block_warn_ms`, `started_us`, `updated_us` |
 | `collector:streams:alive` | STRING | stream process (every second; deleted at a clean stop) | stream process (start) | time (µs) of its last heartbeat: found at start, the previous run crashed |
 | `collector:audit:queued` | HASH | stream process | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue |
 | `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |

@@ -24,6 +24,7 @@ class LoopLag:
     block_warn_ms: float
     started_us: int
     updated_us: int
+    max_cpu_ms: float = 0.0  # the most CPU time its own thread used within one block: its own work
 
 
 async def publish_loop_lag(client: redis.asyncio.Redis, lag: LoopLag) -> None:
@@ -36,6 +37,7 @@ async def publish_loop_lag(client: redis.asyncio.Redis, lag: LoopLag) -> None:
             "block_warn_ms": f"{lag.block_warn_ms:g}",
             "started_us": lag.started_us,
             "updated_us": lag.updated_us or time.time_ns() // 1000,
+            "max_cpu_ms": f"{lag.max_cpu_ms:.3f}",
         },
     )
 
@@ -53,6 +55,7 @@ def read_loop_lag(client: redis.Redis) -> LoopLag | None:
             float(fields["block_warn_ms"]),
             int(fields["started_us"]),
             int(fields["updated_us"]),
+            float(fields.get("max_cpu_ms", 0.0)),
         )
     except (KeyError, ValueError):
         return None

@@ -40,20 +40,23 @@ class LagStats:
 
     warn_ms: float = LOOP_BLOCK_WARN_MS
     max_ms: float = 0.0
+    max_cpu_ms: float = 0.0  # the most CPU time the loop's thread used within one block
     over: int = 0
     started_us: int = field(default_factory=now_us)
 
-    def record(self, block_ms: float) -> bool:
-        """Count one measured block; True when it passed the warning threshold."""
+    def record(self, block_ms: float, cpu_ms: float = 0.0) -> bool:
+        """Count one measured block (and the thread's CPU time in it); True past the threshold."""
         if block_ms > self.max_ms:
             self.max_ms = block_ms
+        if cpu_ms > self.max_cpu_ms:
+            self.max_cpu_ms = cpu_ms
         if block_ms > self.warn_ms:
             self.over += 1
             return True
         return False
 
     def snapshot(self) -> LoopLag:
-        return LoopLag(self.max_ms, self.over, self.warn_ms, self.started_us, now_us())
+        return LoopLag(self.max_ms, self.over, self.warn_ms, self.started_us, now_us(), self.max_cpu_ms)
 
 
 class LoopLagMonitor:
@@ -74,8 +77,9 @@ class LoopLagMonitor:
             await asyncio.sleep(self.sample_s)
             after = clock()
             block_ms = max(0.0, (after - before - self.sample_s) * 1000)
-            if self.stats.record(block_ms):
-                self._warn(block_ms, (cpu() - cpu_before) * 1000, after)
+            cpu_ms = (cpu() - cpu_before) * 1000
+            if self.stats.record(block_ms, cpu_ms):
+                self._warn(block_ms, cpu_ms, after)
             if client is not None and after >= publish_at:
                 publish_at = after + LOOP_PUBLISH_S
                 try:
