@@ -83,6 +83,7 @@ bench: install ensure-servers ## throughput benchmarks (see bench/)
 	$(BIN)/python bench/stream_throughput.py
 	$(BIN)/python bench/drain_throughput.py
 	$(BIN)/python bench/export_throughput.py
+	$(BIN)/python bench/streams_many.py
 
 compose-tool: install ## best effort: a Docker Compose v2 client in .venv/bin for the offline config check
 	@scripts/compose-tool.sh
