@@ -50,7 +50,8 @@ YIELD_EVERY_FRAMES: Final = 64
 # Bytes one socket read takes (asyncio's default is 256 KiB). websockets parses a whole read at once,
 # so after any pause a full read of every connection lands in one loop turn: at ~300 B a frame, 256
 # KiB on each of a dozen connections is ~10,000 frames, a quarter of a second (bench/streams_many.py).
-# The rest waits in the kernel's buffer for the next turn; nothing is lost.
+# The rest waits in the kernel's buffer for the next turn; nothing is lost. Only plain-socket
+# transports expose this: CPython's TLS transport (wss://) reads into its own 256 KiB buffer.
 READ_CHUNK_BYTES: Final = 32 * 1024
 # A connection that stayed up this long counts as healthy: the next failure starts the backoff
 # again from WS_BACKOFF_INITIAL_S. A server that accepts and drops at once keeps backing off, which
