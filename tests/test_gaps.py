@@ -183,6 +183,39 @@ def test_restart_continues_from_the_saved_update_ids() -> None:
     assert [(g.cause, g.last_update_id, g.next_update_id) for g in decisions.records] == [("startup", 10, 31)]
 
 
+def test_ids_that_go_back_after_a_restart_or_reconnect_are_a_break_not_duplicates() -> None:
+    """An exchange that restarted numbers its events from lower ids again. Across a restart of the
+    collector, or a reconnection, nothing overlaps, so those events are a new chain after a recorded
+    gap (and a resync), never "duplicates" dropped for good; within an overlap they still are."""
+    restarted = DepthTracker({("futures", "BTCUSDT"): 5_000})
+    first = restarted.on_event("futures", "BTCUSDT", 101, 110, 100, T, source="c1")
+    assert not first.duplicate
+    assert [(g.cause, g.last_update_id, g.next_update_id) for g in first.records] == [("startup", 5_000, 101)]
+    assert first.fetch == [("futures", "BTCUSDT")]
+    follow = restarted.on_event("futures", "BTCUSDT", 111, 120, 110, T + 1, source="c1")
+    assert not follow.duplicate and follow.records == []
+    assert restarted.on_snapshot("futures", "BTCUSDT", 115, T + 2).records[0].resync_update_id == 115
+
+    reconnected = DepthTracker()
+    reconnected.source_opened("a")
+    reconnected.on_event("spot", "ETHUSDT", 1, 900, None, T, source="a")
+    reconnected.chain_lost("spot", ["ETHUSDT"])
+    reconnected.source_closed("a", T + 1)
+    reconnected.reconnected("spot", ["ETHUSDT"])
+    reconnected.source_opened("b")
+    back = reconnected.on_event("spot", "ETHUSDT", 1, 10, None, T + 2, source="b")
+    assert not back.duplicate and [g.cause for g in back.records] == ["reconnect"]
+    assert reconnected.on_event("spot", "ETHUSDT", 11, 20, None, T + 3, source="b") is not None
+
+    # A replacement that lags behind the connection it replaces: its old events are repeats.
+    overlap = DepthTracker()
+    overlap.source_opened("old")
+    overlap.on_event("spot", "BNBUSDT", 1, 100, None, T, source="old")
+    overlap.source_opened("new")
+    overlap.reconnected("spot", ["BNBUSDT"])  # the ledger says so for every opening, a handover too
+    assert overlap.on_event("spot", "BNBUSDT", 91, 95, None, T + 1, source="new").duplicate
+
+
 def _rows(settings: Settings, sql: str) -> list[tuple]:
     conn = connect(settings)
     try:

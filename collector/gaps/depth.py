@@ -10,7 +10,8 @@ While one connection replaces another, both carry the stream, and either may be 
   chain is still open starts a *floating* chain: stored, not judged. It joins the main chain when
   the older connection catches up with it, and only if that one closes first is the hole between
   them a gap (cause `rotation`).
-On one connection ids never go back, so there an older id is a break.
+On one connection ids never go back, so there an older id is a break; so is an older id after the
+chain's connection was lost, or across a restart (nothing overlapped: the exchange's ids went back).
 
 A break opens a `DepthGap` (cause `sequence`, or `reconnect` / `startup` when the chain broke across
 a reconnection or a restart) and asks for a snapshot of that symbol only. The gap closes when a
@@ -60,6 +61,9 @@ class SymbolState:
     # Chains of replacement connections not linked to the main one yet: source -> (base, first U, last u).
     floating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     pending_cause: str | None = None  # a reconnect/restart happened since the last event
+    # The chain's connection was lost, or this state is a past run's: nothing overlaps the next
+    # event, so an id that does not advance is a break, not a repeat.
+    repeat_is_break: bool = False
     base: int | None = None  # chain_base of the chain received since the last break
     open_gaps: list[DepthGap] = field(default_factory=list)
     snapshot_id: int | None = None  # a lined-up candidate waiting for the chain to reach it
@@ -92,7 +96,8 @@ class DepthTracker:
         self.after_crash = after_crash
         # From the previous run (Redis): a restart is then checked for continuity like a reconnect.
         self.symbols: dict[tuple[str, str], SymbolState] = {
-            key: SymbolState(last_u=u, pending_cause="startup") for key, u in (last_update_ids or {}).items()
+            key: SymbolState(last_u=u, pending_cause="startup", repeat_is_break=True)
+            for key, u in (last_update_ids or {}).items()
         }
         self.open_sources: set[str] = set()  # physical connections delivering now
 
@@ -102,6 +107,13 @@ class DepthTracker:
         if found is None:
             found = self.symbols[key] = SymbolState()
         return found
+
+    def chain_lost(self, market: str, symbols: list[str]) -> None:
+        """The connection carrying these symbols' depth stopped receiving (not a replacement's handover)."""
+        for symbol in symbols:
+            state = self.symbols.get((market, symbol))
+            if state is not None:
+                state.repeat_is_break = True
 
     def reconnected(self, market: str, symbols: list[str]) -> None:
         """The connection carrying these symbols' depth was lost and opened again."""
@@ -138,14 +150,18 @@ class DepthTracker:
         verdict = check(market, state.last_u, first_u, final_u, previous_u)
         if verdict == "next" and not state.open_gaps and not state.floating:
             state.last_u, state.last_source, state.pending_cause = final_u, source, None
+            state.repeat_is_break = False
             return NOTHING  # the common case: the chain goes on
-        if verdict == "duplicate" and source != state.last_source:
+        # A repeat is only possible while a replacement overlaps the connection it replaces. After
+        # the chain's connection was lost, or across a restart, nothing overlapped: older ids mean the
+        # exchange's ids went back (it restarted), a break to record and resync, never events to drop.
+        if verdict == "duplicate" and source != state.last_source and not state.repeat_is_break:
             return DUPLICATE
         if verdict == "break" and source != state.last_source and state.last_source in self.open_sources:
             state.floating[source] = (chain_base(market, first_u, previous_u), first_u, final_u)
             return NOTHING
         decisions = Decisions()
-        state.last_source = source
+        state.last_source, state.repeat_is_break = source, False
         if verdict != "next":  # a hole, or ids going back on one connection
             gap = DepthGap(market, symbol, now_us, state.last_u, first_u, state.pending_cause or "sequence")
             state.open_gaps.append(gap)

@@ -212,6 +212,7 @@ class GapLedger:
         started_us = state.last_message_us or now_us()
         for stream in state.streams:
             self._open_outage(state, stream, started_us, cause)
+        self.tracker.chain_lost(state.market, depth_symbols(state))
         logger.warning(
             "gaps.streams_out connection=%s cause=%s streams=%d since_us=%d",
             state.id,
