@@ -97,6 +97,24 @@ def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
     return out
 
 
+def split_by_run(items: list[bytes]) -> list[list[bytes]]:
+    """A batch cut where the stream process's run changes (a restart inside one batch). Pure.
+
+    `collector audit` books each batch's rows (stored, duplicate, filtered) to its run; a batch that
+    spans two runs is written as two parts so each run gets exactly its own rows.
+    """
+    parts: list[list[bytes]] = []
+    current: object = object()  # no run matches it
+    for raw in items:
+        tag = tag_of(raw)
+        run = None if tag is None else tag[0]
+        if run != current:
+            parts.append([])
+            current = run
+        parts[-1].append(raw)
+    return parts
+
+
 def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchRows) -> CopyResult:
     """COPY the batch in one transaction; if PostgreSQL rejects a value, isolate the culprits.
 
@@ -244,7 +262,8 @@ class Drainer:
                 batch = recovered.pop(0) if recovered else queue.claim(self._settings.drain_batch_max_rows)
                 if batch is None:
                     break
-                parsed = build_rows(table, batch.items, self._settings.keep_coin_m_rows)
+                keep_coin_m = self._settings.keep_coin_m_rows
+                parsed = [(part, build_rows(table, part, keep_coin_m)) for part in split_by_run(batch.items)]
                 if pending is not None:
                     pending.result()  # the previous batch is committed and acknowledged (or raises)
                 # Still ours? If the lock expired, another drain may be recovering: stop claiming.
@@ -261,23 +280,31 @@ class Drainer:
 
     @staticmethod
     def _write_and_acknowledge(
-        conn: Connection, queue: BatchQueue, batch: Batch, parsed: BatchRows, result: DrainResult
+        conn: Connection,
+        queue: BatchQueue,
+        batch: Batch,
+        parts: list[tuple[list[bytes], BatchRows]],
+        result: DrainResult,
     ) -> None:
-        written = write_batch(conn, queue.table, batch.items, parsed)
+        # Each part commits on its own (normally there is one); the batch leaves Redis after the last.
+        written = [write_batch(conn, queue.table, items, parsed) for items, parsed in parts]
+        dead_letters = [letter for _, parsed in parts for letter in parsed.dead_letters]
+        inserted = sum(w.inserted for w in written)
+        duplicates = sum(w.duplicates for w in written)
         queue.acknowledge(
             batch,
             committed_at_us=time.time_ns() // 1000,
-            dead_letters=parsed.dead_letters,
-            inserted=written.inserted,
-            duplicates=written.duplicates,
-            coin_m_skipped=parsed.coin_m_skipped,
+            dead_letters=dead_letters,
+            inserted=inserted,
+            duplicates=duplicates,
+            coin_m_skipped=sum(parsed.coin_m_skipped for _, parsed in parts),
         )
         result.batches += 1
         result.envelopes += len(batch.items)
-        result.inserted += written.inserted
-        result.duplicates += written.duplicates
-        result.dead_letters += len(parsed.dead_letters)
-        for letter in parsed.dead_letters:
+        result.inserted += inserted
+        result.duplicates += duplicates
+        result.dead_letters += len(dead_letters)
+        for letter in dead_letters:
             logger.warning(
                 "drain.dead_letter table=%s reason=%s run=%s seq=%s frame=%r",
                 queue.table,

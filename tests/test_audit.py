@@ -107,3 +107,42 @@ def test_events_redis_lost_are_reported_with_count_and_interval(settings: Settin
         stored, distinct = cur.fetchone()
     db.close()
     assert stored == distinct > 0
+
+
+def test_a_batch_spanning_two_runs_books_each_runs_rows_to_it(settings: Settings) -> None:
+    """A restart inside one drain batch: each run is credited with exactly its own stored rows."""
+    from collector.audit import drained_balances
+    from collector.binance.rows import split_envelope
+    from collector.db.init import init_db
+    from collector.drain import Drainer, split_by_run
+    from tests.factories import agg_trade
+
+    def tagged(i: int, run: str, seq: int) -> bytes:
+        parts = split_envelope(agg_trade(i))
+        assert parts is not None
+        audit = f',"run":"{run}","seq":{seq}'.encode()
+        return make_envelope("futures", parts.received_at_us, parts.frame, audit=audit)
+
+    first = [tagged(i, "r1", i + 1) for i in range(30)]
+    second = [tagged(100 + i, "r2", i + 1) for i in range(20)]
+    assert split_by_run(first + second) == [first, second]
+    assert split_by_run([agg_trade(1), *first[:2]]) == [[agg_trade(1)], first[:2]]
+
+    init_db(settings)
+    client = redis.Redis.from_url(settings.redis_url)
+    client.rpush(keys.queue("agg_trades"), *first, *second, first[0])  # one repeat of run 1
+    Drainer(settings, client, lambda: connect(settings)).drain("agg_trades")
+    conn = connect(settings)
+    with conn.cursor() as cur:
+        balances = {b.run: b for b in drained_balances(cur, datetime(2000, 1, 1, tzinfo=UTC))}
+    conn.close()
+    assert (balances["r1"].drained, balances["r1"].rows_inserted, balances["r1"].rows_duplicate) == (
+        31,
+        30,
+        1,
+    )
+    assert (balances["r2"].drained, balances["r2"].rows_inserted, balances["r2"].rows_duplicate) == (
+        20,
+        20,
+        0,
+    )
