@@ -213,7 +213,8 @@ class GapLedger:
         for stream in state.streams:
             self._open_outage(state, stream, started_us, cause)
         self.tracker.chain_lost(state.market, depth_symbols(state))
-        logger.warning(
+        # A stop the operator asked for is recorded like any outage, but is no warning.
+        (logger.info if cause == "shutdown" else logger.warning)(
             "gaps.streams_out connection=%s cause=%s streams=%d since_us=%d",
             state.id,
             cause,
