@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import itertools
 import random
 
@@ -14,7 +13,7 @@ from collector.binance.rows import make_envelope, parse_envelope
 from collector.binance.streams import ConnectionPlan
 from collector.streams.backoff import backoff_delays
 from collector.streams.handler import FrameHandler
-from collector.streams.routing import deadletter_record, route
+from collector.streams.routing import route
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
 
@@ -123,27 +122,6 @@ def test_route_recognises_control_and_shutdown_messages() -> None:
     shutdown = b'{"stream":"!serverShutdown","data":{"e":"serverShutdown","E":1}}'
     assert route(shutdown).kind == "shutdown"
     assert route(b'{"e":"serverShutdown","E":1746000000000}').kind == "shutdown"
-
-
-def test_deadletter_record_keeps_text_frames_as_text() -> None:
-    """A UTF-8 frame is stored as text beside its reason, connection, market and receive time."""
-    record = orjson.loads(deadletter_record("frame is not JSON", "spot-0", "spot", 123, b"{broken"))
-    assert record == {
-        "reason": "frame is not JSON",
-        "source": "streams",
-        "connection": "spot-0",
-        "market": "spot",
-        "received_at_us": 123,
-        "frame": "{broken",
-    }
-
-
-def test_deadletter_record_base64_encodes_binary_frames() -> None:
-    """A frame that is not UTF-8 is stored as base64 under `frame_b64`, byte for byte."""
-    raw = b"\xff\xfe\x00\x80binary"
-    record = orjson.loads(deadletter_record("frame is not JSON", "spot-0", "spot", 1, raw))
-    assert "frame" not in record
-    assert base64.b64decode(record["frame_b64"]) == raw
 
 
 def _state(market: str = "futures") -> ConnectionState:

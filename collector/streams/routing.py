@@ -7,7 +7,6 @@ also proves it is JSON, so the envelope can embed it byte for byte) and looks no
 
 from __future__ import annotations
 
-import base64
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
 
@@ -21,7 +20,6 @@ RouteKind = Literal["event", "control", "shutdown", "deadletter"]
 # `!serverShutdown`; the client should reconnect at once (binance.md §2, added 2026-05-08).
 SERVER_SHUTDOWN_STREAM: Final = "!serverShutdown"
 SERVER_SHUTDOWN_EVENT: Final = "serverShutdown"
-DEADLETTER_SOURCE: Final = "streams"
 
 
 class Route(NamedTuple):
@@ -81,21 +79,3 @@ def _route_unwrapped(message: dict[str, object]) -> Route:
     if "error" in message:
         return Route("deadletter", reason=f"server error message: {message['error']!r}"[:300])
     return _NOT_COMBINED
-
-
-def deadletter_record(
-    reason: str, connection_id: str, market: str, received_at_us: int, frame: bytes
-) -> bytes:
-    """The JSON dead-letter entry for a frame; the frame as text, or base64 when it is not UTF-8."""
-    record: dict[str, object] = {
-        "reason": reason,
-        "source": DEADLETTER_SOURCE,
-        "connection": connection_id,
-        "market": market,
-        "received_at_us": received_at_us,
-    }
-    try:
-        record["frame"] = frame.decode("utf-8")
-    except UnicodeDecodeError:
-        record["frame_b64"] = base64.b64encode(frame).decode("ascii")
-    return orjson.dumps(record)

@@ -27,6 +27,7 @@ from collector.binance.rows import make_envelope
 from collector.queue import counters, deadletter, keys
 from collector.queue.deadletter import DeadLetter
 from collector.queue.stream_stats import StreamStatsWriter
+from collector.retry import is_transient
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
 from collector.streams.state import ConnectionState
@@ -221,9 +222,16 @@ class Sink:
         try:
             await asyncio.wait_for(self._write(batch), timeout_s)
         except REDIS_ERRORS as error:
+            # Kept in memory and retried whatever the error: nothing received is dropped. The house's
+            # one classification tells the operator whether waiting will help.
             if self._unavailable_since is None:
                 self._unavailable_since = time.monotonic()
-                logger.error("sink.redis_unavailable error=%s buffered=%d", _one_line(error), self._buffered)
+                logger.error(
+                    "sink.redis_unavailable error=%s buffered=%d%s",
+                    _one_line(error),
+                    self._buffered,
+                    "" if is_transient(error) else " (permanent: it will not pass by itself; fix Redis)",
+                )
             else:
                 logger.debug("sink.redis_retry_failed error=%s buffered=%d", _one_line(error), self._buffered)
             return False
