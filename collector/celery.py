@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from celery import Celery, signals
@@ -22,6 +23,24 @@ QUIETED_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
 def _quiet_routine_task_lines(**_: Any) -> None:
     for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _pool_process_leaves_the_masters_process_group(**_: Any) -> None:
+    """A pool process moves to a process group of its own: only its master signals it.
+
+    honcho (`make stop`, Ctrl-C) signals each process's whole group (`os.killpg`). A pool process
+    still in its master's group took that SIGTERM itself and died mid-task (WorkerLostError, the task
+    redelivered) while the master's warm shutdown was waiting for that very task. Out of the group,
+    the master's warm shutdown alone decides: running tasks finish, then the pool closes. Everything
+    Celery does to a pool process goes to its pid and keeps working: SIGTERM on a hard time limit
+    (billiard then SIGKILLs the pool process's own group), on a cold shutdown or a revoke with
+    terminate; honcho's last-resort SIGKILL of the group kills the master, and with it every pool
+    process (the parent-death signal, SIGKILL, that Celery sets). Ignoring SIGTERM here instead would
+    leave cold shutdowns and revokes waiting for the task. Under Docker only PID 1 (the master) is
+    signalled, and SIGKILL after the grace period ends the container's every process.
+    """
+    os.setpgid(0, 0)
 
 
 @signals.beat_init.connect  # type: ignore[untyped-decorator]
