@@ -15,8 +15,9 @@ app = Celery(
 app.config_from_object("celeryconfig")
 
 # Beat sends a drain per table every second: Celery's "Task … received" and "Task … succeeded" at
-# INFO would be ten lines a second burying the useful ones. Failures are still logged (ERROR).
-QUIETED_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+# INFO (workers) and "Scheduler: Sending due task …" (beat) would be ten lines a second burying the
+# useful ones, such as beat's `rest.plan`. Failures are still logged (WARNING and above).
+QUIETED_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.beat")
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]  # Celery ships no types

@@ -1,0 +1,56 @@
+"""Beat started exactly as the Procfiles start it: it announces the REST plan, and stays quiet otherwise."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from collector.settings import Settings
+from tests.processes import BIN, TIMEOUT_FACTOR, Process, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _beat_argv(procfile: str, schedule: Path) -> list[str]:
+    """The Procfile's beat command, run from this venv with its schedule file under `schedule`."""
+    for line in (ROOT / procfile).read_text().splitlines():
+        match = re.match(r"^beat:\s*(.+)$", line)
+        if match:
+            argv = shlex.split(match.group(1))
+            argv[0] = str(BIN / argv[0])
+            argv[argv.index("--schedule") + 1] = str(schedule)
+            return argv
+    raise AssertionError(f"{procfile} has no beat line")
+
+
+@pytest.mark.parametrize("procfile", ["Procfile", "Procfile.demo"])
+def test_beat_logs_the_rest_plan_and_not_every_task_it_sends(
+    procfile: str, settings: Settings, tmp_path: Path
+) -> None:
+    """The beat line logs `rest.plan` for each market at start, but not Celery's "Sending due task"
+    line for each of the drains it sends every second."""
+    env = {"REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url}
+    beat = Process("beat", _beat_argv(procfile, tmp_path / "celerybeat-schedule"), env, tmp_path)
+    try:
+        wait_until(
+            lambda: all(f"rest.plan market={m}" in beat.log() for m in ("spot", "futures")),
+            30,
+            f"the REST plan announced (beat log: {beat.log_path})",
+        )
+        time.sleep(3 * TIMEOUT_FACTOR)  # three rounds of drains sent
+    finally:
+        beat.stop()
+    log = beat.log()
+    assert "Sending due task" not in log, log
+    assert "Traceback" not in log, log
+
+
+def test_compose_beat_logs_at_info() -> None:
+    """docker-compose.yml runs beat at INFO too, so its `rest.plan` lines reach `docker compose logs`."""
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert "--loglevel=INFO" in services["beat"]["command"]
