@@ -30,6 +30,7 @@ from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.queue.deadletter import DeadLetter
+from collector.queue.drain_summary import DrainSummaries
 from collector.queue.locks import RedisLock, drain_lock
 from collector.settings import Settings
 
@@ -161,49 +162,48 @@ def _record_ranges(conn: Connection, table: str, parsed: BatchRows, result: Copy
             record_ranges(cur, table, contiguous_ranges(parsed.tags), outcome)
 
 
-# A drain runs every second per table: its summary goes out at INFO once a minute (per table and
-# worker process), or at once when something notable happened (dead letters, recovered batches).
+# A drain runs every second per table: its summary goes out at INFO once a minute per table, with
+# the totals of every worker process's drains (summed in Redis), or at once when something notable
+# happened (dead letters, recovered batches).
 SUMMARY_INTERVAL_S = 60.0
 
 
-@dataclass
-class DrainSummary:
-    """What the drains of one table did since the last summary line."""
+def log_summary(summaries: DrainSummaries, result: DrainResult, now_us: int, notable: bool) -> None:
+    """Add one run to its table's shared summary; log the totals at INFO when due or notable.
 
-    since: float
-    runs: int = 0
-    envelopes: int = 0
-    inserted: int = 0
-    duplicates: int = 0
-    dead_letters: int = 0
-
-
-_SUMMARIES: dict[str, DrainSummary] = {}
-
-
-def log_summary(result: DrainResult, now: float, notable: bool) -> None:
-    """Add one run to its table's summary; log it at INFO when due or notable, else at DEBUG."""
-    summary = _SUMMARIES.setdefault(result.table, DrainSummary(now))
-    summary.runs += 1
-    summary.envelopes += result.envelopes
-    summary.inserted += result.inserted
-    summary.duplicates += result.duplicates
-    summary.dead_letters += result.dead_letters
-    due = notable or now - summary.since >= SUMMARY_INTERVAL_S
-    (logger.info if due else logger.debug)(
+    The other runs log only their own numbers, at DEBUG.
+    """
+    run = {
+        "runs": 1,
+        "envelopes": result.envelopes,
+        "inserted": result.inserted,
+        "duplicates": result.duplicates,
+        "dead_letters": result.dead_letters,
+    }
+    totals = summaries.add_run(result.table, run, now_us, SUMMARY_INTERVAL_S, take_now=notable)
+    if totals is None:
+        logger.debug(
+            "drain.run table=%s envelopes=%d inserted=%d duplicates=%d dead_letters=%d remaining=%d",
+            result.table,
+            result.envelopes,
+            result.inserted,
+            result.duplicates,
+            result.dead_letters,
+            result.remaining,
+        )
+        return
+    logger.info(
         "drain.summary table=%s over_s=%.0f runs=%d envelopes=%d inserted=%d duplicates=%d "
-        "dead_letters=%d remaining=%d",
+        "dead_letters=%d remaining=%d (all worker processes)",
         result.table,
-        now - summary.since,
-        summary.runs,
-        summary.envelopes,
-        summary.inserted,
-        summary.duplicates,
-        summary.dead_letters,
+        totals.over_s,
+        totals.runs,
+        totals.envelopes,
+        totals.inserted,
+        totals.duplicates,
+        totals.dead_letters,
         result.remaining,
     )
-    if due:
-        _SUMMARIES[result.table] = DrainSummary(now)
 
 
 class Drainer:
@@ -225,6 +225,7 @@ class Drainer:
         self._redis = client
         self._connect = connect
         self._clock = clock
+        self._summaries = DrainSummaries(client)
 
     def drain(self, table: str) -> DrainResult:
         """Drain `table` once. Idempotence key: the natural key of each row; a duplicate run is a no-op."""
@@ -276,7 +277,8 @@ class Drainer:
                 pending.result()
         result.remaining = queue_length(self._redis, table)
         if result.batches:
-            log_summary(result, self._clock(), notable=bool(result.dead_letters or recovered_count))
+            notable = bool(result.dead_letters or recovered_count)
+            log_summary(self._summaries, result, time.time_ns() // 1000, notable)
 
     @staticmethod
     def _write_and_acknowledge(

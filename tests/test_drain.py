@@ -202,26 +202,40 @@ def test_postgres_down_keeps_batch_until_it_returns(
         server.stop()
 
 
-def test_drain_summary_is_one_info_line_a_minute_or_when_notable(caplog: pytest.LogCaptureFixture) -> None:
-    """A drain a second is one INFO summary a minute per table; dead letters are reported at once."""
+def test_drain_summary_is_one_info_line_a_minute_with_every_process_totals(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs of one table in three worker processes add up to one INFO summary a minute with their totals;
+    dead letters are reported at once."""
     from collector.drain import DrainResult, log_summary
+    from collector.queue.drain_summary import DrainSummaries
+
+    clients = [redis.Redis.from_url(redis_url) for _ in range(3)]  # one per pool process
+    processes = [DrainSummaries(client) for client in clients]
 
     def run(envelopes: int, dead: int = 0) -> DrainResult:
         return DrainResult(
-            "test_only_table", batches=1, envelopes=envelopes, inserted=envelopes - dead, dead_letters=dead
+            "agg_trades", batches=1, envelopes=envelopes, inserted=envelopes - dead, dead_letters=dead
         )
 
-    with caplog.at_level("DEBUG", logger="collector.drain"):
-        for second in range(61):
-            log_summary(run(10), 10_000.0 + second, notable=False)
-        log_summary(run(5, dead=1), 10_061.5, notable=True)
+    start_us = 1_700_000_000_000_000
+    try:
+        with caplog.at_level("DEBUG", logger="collector.drain"):
+            for second in range(61):
+                log_summary(processes[second % 3], run(10), start_us + second * 1_000_000, notable=False)
+            log_summary(processes[1], run(5, dead=1), start_us + 61_500_000, notable=True)
+            log_summary(processes[2], run(7), start_us + 62_000_000, notable=False)
+    finally:
+        for client in clients:
+            client.close()
     infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert infos == [
-        "drain.summary table=test_only_table over_s=60 runs=61 envelopes=610 inserted=610 duplicates=0 "
-        "dead_letters=0 remaining=0",
-        "drain.summary table=test_only_table over_s=2 runs=1 envelopes=5 inserted=4 duplicates=0 "
-        "dead_letters=1 remaining=0",
+        "drain.summary table=agg_trades over_s=60 runs=61 envelopes=610 inserted=610 duplicates=0 "
+        "dead_letters=0 remaining=0 (all worker processes)",
+        "drain.summary table=agg_trades over_s=2 runs=1 envelopes=5 inserted=4 duplicates=0 "
+        "dead_letters=1 remaining=0 (all worker processes)",
     ]
+    assert "drain.run table=agg_trades envelopes=7" in caplog.text  # the next summary's first run
 
 
 def test_drain_task_waits_out_transient_failures_and_raises_permanent_ones(
