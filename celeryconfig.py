@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from kombu.entity import Queue
 
@@ -31,10 +32,21 @@ if _starting_worker_or_beat():
     try:
         check_redis(_settings)
     except ServiceUnavailable as error:
-        print(f"collector: {error} (start Redis, or set REDIS_URL)", file=sys.stderr)
+        print(f"collector: {error}", file=sys.stderr)  # the hint that fits is in the message
         raise SystemExit(2) from None
 
-broker_url = _settings.redis_url
+
+def _broker_url(redis_url: str) -> str:
+    """REDIS_URL as kombu reads it: `unix:///PATH?db=N` is kombu's `redis+socket:///PATH?virtual_host=N`."""
+    if not redis_url.startswith("unix://"):
+        return redis_url  # redis:// and rediss:// read the same in both (Settings refused the rest)
+    parts = urlsplit(redis_url)
+    query = parse_qs(parts.query)
+    query["virtual_host"] = query.pop("db", ["0"])
+    return f"redis+socket://{parts.netloc}{parts.path}?{urlencode(query, doseq=True)}"
+
+
+broker_url = _broker_url(_settings.redis_url)
 broker_connection_retry_on_startup = True
 broker_transport_options = {
     # A task taken by a worker that died is redelivered after this long (kombu's visibility timeout);

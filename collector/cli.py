@@ -111,14 +111,14 @@ def _recorded_symbols(market: Market, settings: Settings) -> list[str]:
         return list(settings.symbols(market))
     import redis
 
-    from collector.queue.client import redis_client
+    from collector.queue.client import redis_client, redis_unavailable
     from collector.queue.symbols import current_symbols
 
     client = redis_client(settings)
     try:
         return current_symbols(settings, client, market)
     except redis.RedisError as error:
-        raise ServiceUnavailable(f"Redis at {settings.redis_url} is unreachable: {error}") from None
+        raise redis_unavailable(settings, error) from None
     finally:
         client.close()
 
@@ -190,7 +190,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from collector.export.plan import parse_time
     from collector.queue import keys
     from collector.queue.batches import inflight_length, queue_length
-    from collector.queue.client import redis_client
+    from collector.queue.client import redis_client, redis_unavailable
 
     since = parse_time(args.since, "--since") if args.since else datetime.now(UTC) - timedelta(hours=24)
     client = redis_client(settings)
@@ -199,7 +199,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
         queued = {_text(k): int(v) for k, v in client.hgetall(keys.AUDIT_QUEUED).items()}
         pending = {t: queue_length(client, t) + inflight_length(client, t) for t in keys.TABLES}
     except redis.RedisError as error:
-        raise ServiceUnavailable(f"Redis at {settings.redis_url} is unreachable: {error}") from None
+        raise redis_unavailable(settings, error) from None
     finally:
         client.close()
     conn = connect(settings)

@@ -11,6 +11,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +58,62 @@ _ENV_NAME = {
 # `*_SYMBOLS=ALL`: every TRADING symbol of the market's exchangeInfo (collector.binance.exchange_info).
 ALL_SYMBOLS = "ALL"
 ASSET_PATTERN = re.compile(r"^[A-Z0-9]{2,12}$")
+
+
+# The schemes redis-py's `from_url` reads; `celeryconfig` spells `unix://` the way kombu reads it.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(url: str) -> None:
+    """`ValueError` with the reason when `url` is not a Redis URL that redis-py and kombu read alike.
+
+    redis-py alone would take `redis://host/abc` as database 0 and kombu refuse it; a scheme or port
+    that either refuses would otherwise surface as a traceback from whichever connects first.
+    """
+    scheme, found, _ = url.partition("://")
+    if not found or scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            "not a Redis URL; expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH?db=DB"
+        )
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if scheme == "unix":
+        if parts.path in ("", "/"):
+            raise ValueError("no socket path; expected unix:///PATH?db=DB")
+        database = query.get("db", ["0"])[-1]
+    else:
+        if not parts.hostname:
+            raise ValueError(f"no host; expected {scheme}://HOST:PORT/DB")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:  # redis-py reads port 0 as "no port" and goes to 6379
+            raise ValueError("the port is not a number from 1 to 65535")
+        if "db" in query:  # redis-py would read it, kombu not: the database goes in the path
+            raise ValueError(f"the database goes in the path ({scheme}://HOST:PORT/DB), not in ?db=")
+        database = parts.path.removeprefix("/") or "0"
+    if not database.isdigit():
+        raise ValueError(f"the database {database!r} is not a number (0, 1, ...)")
+
+
+def check_database_url(url: str) -> None:
+    """`ValueError` with the reason when `url` is not a PostgreSQL URL naming a database."""
+    scheme, found, _ = url.partition("://")
+    # SQLAlchemy-style URLs (`postgresql+psycopg2://`) are accepted too.
+    if not found or scheme.partition("+")[0] not in ("postgresql", "postgres"):
+        raise ValueError("not a PostgreSQL URL; expected postgresql://USER@HOST:PORT/DATABASE")
+    if not urlsplit(url).path.removeprefix("/"):
+        raise ValueError("no database name; expected postgresql://USER@HOST:PORT/DATABASE")
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password, if any, replaced by `***`: fit for a log line or an error message."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
 
 
 def _split_comma_list(value: object) -> object:
@@ -168,6 +225,18 @@ class Settings(BaseSettings):
     flower_password: SecretStr = SecretStr("change-me")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        check_redis_url(value)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        check_database_url(value)
+        return value
+
     @field_validator("spot_symbols", "futures_symbols", mode="before")
     @classmethod
     def _parse_symbols(cls, value: object) -> object:
@@ -255,7 +324,10 @@ def _describe(error: ValidationError) -> str:
     location = [str(part) for part in first.get("loc", ()) if part not in ("__root__",)]
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if location:
-        return f"{location[0].upper()}: {message} (got {first.get('input')!r})"
+        value = first.get("input")
+        if location[0] in ("redis_url", "database_url") and isinstance(value, str):
+            value = redacted_url(value)  # a password is no part of an error message
+        return f"{location[0].upper()}: {message} (got {value!r})"
     return message
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from collector.binance.streams import (
     combined_url,
@@ -22,7 +24,7 @@ from collector.db.init import init_db
 from collector.errors import ConfigError
 from collector.schedule import TASK_QUEUES, beat_schedule
 from collector.settings import Settings, load_settings
-from tests.conftest import plain_postgres
+from tests.conftest import TIMEOUT_FACTOR, plain_postgres
 
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
 
@@ -63,6 +65,18 @@ def test_comma_lists_are_parsed_and_upper_cased(monkeypatch: pytest.MonkeyPatch)
         ("OPEN_INTEREST_INTERVAL_S", "soon", "OPEN_INTEREST_INTERVAL_S: Input should be a valid number"),
         ("DEPTH_SNAPSHOT_LIMIT", "7", "DEPTH_SNAPSHOT_LIMIT: 7 is not a futures depth limit"),
         ("WEB_PORT", "70000", "WEB_PORT: Input should be less than 65536"),
+        (
+            "REDIS_URL",
+            "redis://:secret@h:1/x",
+            "REDIS_URL: the database 'x' is not a number (0, 1, ...) (got 'redis://:***@h:1/x')",
+        ),
+        (
+            "REDIS_URL",
+            "redis://h:6379/1?db=2",
+            "REDIS_URL: the database goes in the path (redis://HOST:PORT/DB), not in ?db=",
+        ),
+        ("REDIS_URL", "unix://", "REDIS_URL: no socket path; expected unix:///PATH?db=DB"),
+        ("DATABASE_URL", "postgresql://h:5432", "DATABASE_URL: no database name; expected postgresql://"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -260,6 +274,105 @@ def test_celery_with_redis_unreachable_is_one_line_and_exit_2(tmp_path: Path, co
     code, output = _celery(command, {"REDIS_URL": f"redis://127.0.0.1:{port}/0"}, tmp_path)
     assert code == 2
     assert output.count("\n") == 0 and f"127.0.0.1:{port}" in output and "unreachable" in output
+    assert output.endswith("(start Redis, or set REDIS_URL)")
+
+
+def _run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
+    """Run a command of the venv (`collector`, `celery`) with only `env` set: exit code, stdout, stderr."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name(argv[0])), *argv[1:]],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        ("REDIS_URL", "redis://127.0.0.1:notaport/0", "the port is not a number from 1 to 65535"),
+        (
+            "REDIS_URL",
+            "http://x",
+            "not a Redis URL; expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///PATH?db=DB",
+        ),
+        ("REDIS_URL", "redis://127.0.0.1:16379/abc", "the database 'abc' is not a number (0, 1, ...)"),
+        (
+            "DATABASE_URL",
+            "mysql://x/y",
+            "not a PostgreSQL URL; expected postgresql://USER@HOST:PORT/DATABASE",
+        ),
+    ],
+)
+def test_a_malformed_service_url_is_one_line_and_exit_2_at_every_entry_point(
+    tmp_path: Path, name: str, value: str, reason: str
+) -> None:
+    """A malformed REDIS_URL or DATABASE_URL is refused by the settings, so `collector status`,
+    `collector trigger`, `celery worker` and `celery beat` print the same line naming it and exit 2
+    (not a traceback from redis-py or kombu, a silent database 0, or an UNHEALTHY status)."""
+    expected = f"collector: configuration error: {name}: {reason} (got {value!r})\n"
+    for argv in (
+        ["collector", "status"],
+        ["collector", "trigger", "alerts"],
+        ["celery", "-A", "collector", "worker"],
+        ["celery", "-A", "collector", "beat"],
+    ):
+        assert _run(argv, {name: value}, tmp_path) == (2, "", expected), argv
+
+
+def test_redis_refusing_the_database_gets_the_hint_that_fits(tmp_path: Path, redis_url: str) -> None:
+    """A REDIS_URL naming a database the server does not have: Redis answered and refused, so the line
+    says so and what to fix, not "start Redis"."""
+    url = redis_url.rsplit("/", 1)[0] + "/99"
+    expected = (
+        f"collector: Redis at {url} refused the connection: DB index is out of range "
+        "(REDIS_URL names a database this server does not have)\n"
+    )
+    for argv in (["celery", "-A", "collector", "worker"], ["collector", "streams"]):
+        assert _run(argv, {"REDIS_URL": url}, tmp_path) == (2, "", expected), argv
+    code, out, err = _run(["collector", "status"], {"REDIS_URL": url}, tmp_path)
+    assert code == 1 and err == ""
+    assert f"  redis       DOWN  Redis at {url} refused the connection: DB index is out of range" in out
+
+
+def test_a_unix_socket_redis_url_is_one_database_for_collector_and_celery(tmp_path: Path) -> None:
+    """REDIS_URL=unix:///PATH?db=2: `collector status` (redis-py) finds Redis up, and `collector trigger`
+    (kombu, through celeryconfig) puts its task in database 2 of that socket's server."""
+    socket_path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(unix_socket_path=str(socket_path), db=2)
+    try:
+        deadline = time.monotonic() + 10 * TIMEOUT_FACTOR
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, "redis-server made no socket"
+            time.sleep(0.02)
+        env = {"REDIS_URL": f"unix://{socket_path}?db=2"}
+        code, out, err = _run(["collector", "trigger", "alerts"], env, tmp_path)
+        assert code == 0 and out.startswith("sent collector.tasks.alerts.evaluate"), err
+        assert client.llen("alerts") == 1
+        assert redis.Redis(unix_socket_path=str(socket_path), db=0).dbsize() == 0
+        assert "  redis       up" in _run(["collector", "status"], env, tmp_path)[1]
+    finally:
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_trigger_refuses_an_unknown_symbol_with_one_line(tmp_path: Path) -> None:

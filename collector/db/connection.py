@@ -8,23 +8,19 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from collector.errors import ConfigError, ServiceUnavailable
+from collector.errors import ServiceUnavailable
 from collector.settings import Settings
 
 
 def _dsn(url: str) -> str:
-    # SQLAlchemy-style URLs (`postgresql+psycopg2://`) are accepted too.
-    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
-    if not scheme.startswith("postgres"):
-        raise ConfigError(f"configuration error: DATABASE_URL: not a PostgreSQL URL (got {url!r})")
-    return "postgresql://" + rest
+    # Settings checked the URL (`check_database_url`); libpq reads `postgresql://` only, so a
+    # SQLAlchemy-style `postgresql+psycopg2://` or a `postgres://` loses its own spelling here.
+    return "postgresql://" + url.partition("://")[2]
 
 
 def database_name(url: str) -> str:
-    name = urlsplit(_dsn(url)).path.lstrip("/")
-    if not name:
-        raise ConfigError("configuration error: DATABASE_URL: no database name in the URL")
-    return name
+    """The database DATABASE_URL names (Settings refused a URL without one)."""
+    return urlsplit(_dsn(url)).path.lstrip("/")
 
 
 def connect(settings: Settings, autocommit: bool = False) -> psycopg2.extensions.connection:

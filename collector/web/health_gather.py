@@ -19,10 +19,11 @@ import redis
 from collector.audit import Loss, find_losses
 from collector.db import timescale
 from collector.db.connection import connect
-from collector.errors import ConfigError, ServiceUnavailable
+from collector.errors import ServiceUnavailable
 from collector.logonce import Transitions
 from collector.queue import keys
 from collector.queue.batches import inflight_length
+from collector.queue.client import describe_redis_error
 from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
 from collector.settings import Settings
@@ -57,7 +58,7 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
         return HealthSnapshot(
             redis_up=False,
             postgres_up=result.postgres_up,
-            redis_error=f"Redis is unreachable: {error}",
+            redis_error=f"Redis {describe_redis_error(error)}",
             postgres_error=postgres_error,
             database=database,
             losses=losses,
@@ -78,7 +79,7 @@ def check_postgres(settings: Settings) -> tuple[str | None, dict[str, Any] | Non
     else (one line why not, None, [])."""
     try:
         conn = connect(settings, autocommit=True)
-    except (ServiceUnavailable, ConfigError) as error:
+    except ServiceUnavailable as error:
         return str(error), None, []
     try:
         with conn.cursor() as cur:

@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from collector.db.connection import database_name
 from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue.client import check_redis, redis_client
 from collector.settings import Settings
@@ -71,7 +70,6 @@ def run(settings: Settings) -> None:
         report_redis(up=True)
     except ServiceUnavailable as error:
         report_redis(up=False, error=error)  # one warning; /health answers 503 until it is back
-    database_name(settings.database_url)  # a malformed DATABASE_URL fails now, not on every probe
     asyncio.run(_serve(settings))
 
 
