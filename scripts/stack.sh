@@ -35,6 +35,25 @@ refuse_if_running() { # refuse_if_running PIDFILE
     fi
 }
 
+# The env file is written under a scratch name and takes its own only once `collector init-db` has
+# accepted the settings: a start that fails (a bad variable, a server down) leaves the last good one.
+STAGED=
+trap '[[ -z "$STAGED" ]] || rm -f "$STAGED"' EXIT
+
+stage_envfile() { # stage_envfile ENVFILE: a scratch file beside it, named in $STAGED
+    STAGED=$(mktemp "$1.XXXXXX")
+}
+
+load_and_check() { # load_and_check ENVFILE: $STAGED's settings into this shell, init-db, then keep it
+    set -a
+    # shellcheck disable=SC1090
+    . "$STAGED"
+    set +a
+    collector init-db
+    mv -f "$STAGED" "$1"
+    STAGED=
+}
+
 honcho_start() { # honcho_start PROCFILE ENVFILE PIDFILE
     echo $$ >"$3"
     # The env file comes after .env, so its values win over .env's in every process.
@@ -50,18 +69,14 @@ run() {
     refuse_if_running "$VAR/run.pid"
     configured REDIS_URL || need+=(redis)
     configured DATABASE_URL || need+=(postgresql)
-    : >"$envfile"
+    stage_envfile "$envfile"
     if ((${#need[@]})); then
         LOCAL_SERVICES=$(
             IFS=,
             echo "${need[*]}"
-        ) collector services up --dir "$VAR" >"$envfile"
+        ) collector services up --dir "$VAR" >"$STAGED"
     fi
-    set -a
-    # shellcheck disable=SC1090
-    . "$envfile"
-    set +a
-    collector init-db
+    load_and_check "$envfile"
     echo "starting streams, worker-ingest and worker-rest (Celery pools), beat, web (:${WEB_PORT:-8000}) and flower (:${FLOWER_PORT:-5555}); Ctrl-C stops them" >&2
     honcho_start Procfile "$envfile" "$VAR/run.pid"
 }
@@ -69,9 +84,10 @@ run() {
 demo() {
     local envfile="$VAR/demo.env"
     refuse_if_running "$VAR/demo.pid"
+    stage_envfile "$envfile"
     LOCAL_SERVICES=redis,postgresql LOCAL_REDIS_DB=1 LOCAL_DATABASE_NAME=collector_demo \
-        collector services up --dir "$VAR" >"$envfile"
-    cat >>"$envfile" <<EOF
+        collector services up --dir "$VAR" >"$STAGED"
+    cat >>"$STAGED" <<EOF
 SPOT_SYMBOLS=BTCUSDT,ETHUSDT
 FUTURES_SYMBOLS=BTCUSDT,ETHUSDT
 BINANCE_SPOT_WS_URL=ws://127.0.0.1:$DEMO_EXCHANGE_PORT/spot
@@ -88,11 +104,7 @@ ALERT_LOG=$VAR/demo-alert.log
 WEB_PORT=8001
 FLOWER_PORT=5556
 EOF
-    set -a
-    # shellcheck disable=SC1090
-    . "$envfile"
-    set +a
-    collector init-db
+    load_and_check "$envfile"
     echo "demo: fake exchange on :$DEMO_EXCHANGE_PORT, web on :8001, flower on :5556, alerts in $VAR/demo-alert.log; Ctrl-C stops it" >&2
     honcho_start Procfile.demo "$envfile" "$VAR/demo.pid"
 }
