@@ -64,17 +64,37 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     from collector.celery import app
+    from collector.schedule import TASK_QUEUES
 
     name, task_args, task_kwargs = _trigger_call(args, settings)
     result = app.send_task(name, args=task_args, kwargs=task_kwargs)
-    print(f"sent {name} args={task_args} kwargs={task_kwargs} id={result.id}")
+    # Every trigger says what went where: the task, its arguments by name, the queue and the id.
+    named = {**({"table": task_args[0]} if task_args else {}), **task_kwargs}
+    shown = "".join(f" {key}={'all' if value is None else value}" for key, value in named.items())
+    print(f"sent {name}{shown} to queue {TASK_QUEUES[name]} (id {result.id})")
     return 0
+
+
+# The options each `collector trigger <what>` reads; any other is refused rather than ignored.
+TRIGGER_OPTIONS = {
+    "drain": ("table",),
+    "open-interest": ("symbol", "market"),  # --market futures only: open interest is a futures figure
+    "depth-snapshot": ("symbol", "market"),
+    "alerts": (),
+}
 
 
 def _trigger_call(
     args: argparse.Namespace, settings: Settings
 ) -> tuple[str, list[object], dict[str, object]]:
     """Map `collector trigger <what>` to a task name and its arguments, refusing what cannot work."""
+    takes = TRIGGER_OPTIONS[args.what]
+    for option in ("table", "symbol", "market"):
+        if getattr(args, option) is not None and option not in takes:
+            allowed = ", ".join(f"--{name}" for name in takes) or "no options"
+            raise ConfigError(f"trigger {args.what}: --{option} does not apply (it takes {allowed})")
+    if args.what == "open-interest" and args.market == "spot":
+        raise ConfigError("trigger open-interest: --market spot does not apply (futures only)")
     if args.symbol is not None:
         args.symbol = _configured_symbol(args.symbol, args.market, args.what, settings)
     if args.what == "drain":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -394,3 +395,61 @@ def test_trigger_refuses_an_unknown_symbol_with_one_line(tmp_path: Path) -> None
         "collector: trigger depth-snapshot: DOGEUSDT is not a configured symbol "
         "(SPOT_SYMBOLS: BTCUSDT, ETHUSDT)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["open-interest", "--market", "spot", "--symbol", "BTCUSDT"],
+            "trigger open-interest: --market spot does not apply (futures only)",
+        ),
+        (["alerts", "--symbol", "BTCUSDT"], "trigger alerts: --symbol does not apply (it takes no options)"),
+        (
+            ["drain", "--table", "agg_trades", "--market", "spot"],
+            "trigger drain: --market does not apply (it takes --table)",
+        ),
+        (
+            ["depth-snapshot", "--table", "agg_trades"],
+            "trigger depth-snapshot: --table does not apply (it takes --symbol, --market)",
+        ),
+    ],
+)
+def test_trigger_refuses_options_that_do_not_apply(
+    tmp_path: Path, redis_url: str, args: list[str], message: str
+) -> None:
+    """`collector trigger` with an option its task would ignore: one line, exit 2, nothing sent."""
+    assert _run(["collector", "trigger", *args], {"REDIS_URL": redis_url}, tmp_path) == (
+        2,
+        "",
+        f"collector: {message}\n",
+    )
+    assert redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "sent", "queue"),
+    [
+        (["drain", "--table", "agg_trades"], "collector.tasks.ingest.drain table=agg_trades", "ingest"),
+        (
+            ["open-interest", "--symbol", "btcusdt"],
+            "collector.tasks.rest.open_interest symbol=BTCUSDT",
+            "rest",
+        ),
+        (
+            ["depth-snapshot", "--market", "spot"],
+            "collector.tasks.rest.depth_snapshot market=spot symbol=all",
+            "rest",
+        ),
+        (["alerts"], "collector.tasks.alerts.evaluate", "alerts"),
+    ],
+)
+def test_trigger_says_what_it_sent(
+    tmp_path: Path, redis_url: str, args: list[str], sent: str, queue: str
+) -> None:
+    """Every trigger, drain included, prints one line naming the task, its arguments and its queue,
+    and the task is in that queue."""
+    code, out, err = _run(["collector", "trigger", *args], {"REDIS_URL": redis_url}, tmp_path)
+    assert code == 0 and err == ""
+    assert re.fullmatch(rf"sent {re.escape(sent)} to queue {queue} \(id [0-9a-f-]{{36}}\)\n", out), out
+    assert redis.Redis.from_url(redis_url).llen(queue) == 1
