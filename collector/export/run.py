@@ -55,19 +55,38 @@ class ExportResult:
 
 
 class CountingSink:
-    """The file psycopg2's COPY writes into. COPY TO hands over one row per `write`, so rows are counted."""
+    """The file psycopg2's COPY writes into. COPY TO hands over one row per `write`, so rows are counted.
 
-    __slots__ = ("_write", "bytes", "rows")
+    With `hold_header`, the header line is written with the first row, or by `release()`: standard
+    output cannot be taken back, and an export refused for having no rows must have written nothing.
+    """
 
-    def __init__(self, file: BinaryIO, header: bool) -> None:
+    __slots__ = ("_held", "_hold", "_write", "bytes", "rows")
+
+    def __init__(self, file: BinaryIO, header: bool, hold_header: bool = False) -> None:
         self._write = file.write
+        self._hold = header and hold_header
+        self._held = b""
         self.rows = -1 if header else 0
         self.bytes = 0
 
     def write(self, data: bytes) -> int:
         self.rows += 1
         self.bytes += len(data)
+        if self._hold:
+            self._hold = False
+            if self.rows == 0:  # the header line
+                self._held = data
+                return len(data)
+        if self._held:
+            self.release()
         return self._write(data)
+
+    def release(self) -> None:
+        """Write the header held back, if it still is."""
+        held, self._held, self._hold = self._held, b"", False
+        if held:
+            self._write(held)
 
 
 class _Worker(threading.Thread):
@@ -362,9 +381,11 @@ def _run(
 def _to_stdout(
     conn: Connection, plan: ExportPlan, statement: str, stdout: BinaryIO, report: Report, started: float
 ) -> ExportResult:
-    sink = CountingSink(stdout, header=True)
+    sink = CountingSink(stdout, header=True, hold_header=True)
     try:
         _export_csv(conn, statement, sink, report, started)
+        _check_symbol(conn, plan, max(sink.rows, 0))  # before the header goes out: a refusal writes nothing
+        sink.release()
         stdout.flush()
     except BrokenPipeError:
         # `collector export … | head`: the reader has what it wanted. Point stdout at /dev/null
@@ -373,7 +394,6 @@ def _to_stdout(
         os.dup2(devnull, stdout.fileno())
         os.close(devnull)
         return ExportResult(max(sink.rows, 0), sink.bytes, time.monotonic() - started, None, True)
-    _check_symbol(conn, plan, max(sink.rows, 0))
     return ExportResult(max(sink.rows, 0), sink.bytes, time.monotonic() - started, None)
 
 
