@@ -5,6 +5,8 @@ futures and 1,500 spot symbols at default intervals without a single 429 or 418.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter, defaultdict
@@ -262,22 +264,35 @@ def _symbols_queued(client: redis.Redis, table: str) -> list[Any]:
     return found
 
 
-def test_status_shows_each_markets_plan_weight_and_pause(settings: Settings, redis_conn: redis.Redis) -> None:
-    """`collector status` names, per market, the weight used this minute, needed vs available, the
-    stretch and intervals, and a running 429/418 pause."""
+def test_status_shows_each_markets_plan_weight_and_pause(
+    settings: Settings, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    """`collector status` names, per market, the weight used this minute, needed vs available (whole
+    numbers), the stretch and intervals (one format: `5s`, `30s`, `1m46s`), and a running 429/418 pause."""
     from collector.rest.planner import announce
-    from collector.web.status import render
 
-    announce({"futures": plan_market(settings, "futures", 500)}, redis_conn)
+    spot_every_5s = settings.model_copy(update={"depth_snapshot_interval_s": 5})
+    announce(
+        {"futures": plan_market(settings, "futures", 500), "spot": plan_market(spot_every_5s, "spot", 2)},
+        redis_conn,
+    )
     RestWeight(redis_conn).acquire("futures", 120, 1560, minute_of(time.time()))
     RestWeight(redis_conn).extend_pause("futures", int((time.time() + 90) * 1e6))
-    text, _ = render(settings)
-    section = text.split("rest weight (per minute)\n", 1)[1].split("\n\n", 1)[0]
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("collector")), "status"],
+        env={"PATH": "/usr/bin:/bin", "REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    section = done.stdout.split("rest weight (per minute)\n", 1)[1].split("\n\n", 1)[0]
     futures = next(line for line in section.splitlines() if line.strip().startswith("futures"))
-    assert futures.split()[:7] == ["futures", "500", "120", "2500.0", "1404.0", "2400", "x1.78"]
+    assert futures.split()[:7] == ["futures", "500", "120", "2500", "1404", "2400", "x1.78"]
     assert "open_interest 1m46s" in futures and "(429/418)" in futures
     spot = next(line for line in section.splitlines() if line.strip().startswith("spot"))
-    assert spot.split()[1:3] == ["-", "0"]
+    assert spot.split()[:7] == ["spot", "2", "0", "1200", "3510", "6000", "-"]
+    assert spot.split()[7:] == ["depth_snapshots", "5s", "-"]
 
 
 def test_ticks_send_what_is_due_and_nothing_while_paused(settings: Settings, redis_conn: redis.Redis) -> None:

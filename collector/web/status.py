@@ -84,13 +84,23 @@ def _open_gaps(snap: HealthSnapshot, now: int) -> list[str]:
     return _columns(("KIND", "MARKET", "SYMBOL/STREAM", "CAUSE", "SINCE"), rows)
 
 
+def format_interval(seconds: float) -> str:
+    """A poll interval: `0.5s`, `5s`, `30s`, `1m46s`, `5m00s`; whole seconds show no decimals."""
+    return f"{seconds:.3g}s" if seconds < 10 else format_age(seconds)
+
+
+def _weight(value: object) -> str:
+    """Request weight as whole numbers (the plan keeps one decimal; the log line shows none)."""
+    return f"{float(value):.0f}" if isinstance(value, int | float) else "-"
+
+
 def _rest(states: Sequence[MarketRestState]) -> list[str]:
     rows = []
     for state in states:
         plan = state.plan or {}
         intervals = plan.get("intervals_s")
         every = (
-            ", ".join(f"{kind} {format_age(float(s))}" for kind, s in intervals.items())
+            ", ".join(f"{kind} {format_interval(float(s))}" for kind, s in intervals.items())
             if isinstance(intervals, dict)
             else "-"
         )
@@ -100,9 +110,9 @@ def _rest(states: Sequence[MarketRestState]) -> list[str]:
                 state.market,
                 plan.get("symbols", "-"),
                 state.used_1m,
-                plan.get("needed_1m", "-"),
-                plan.get("available_1m", "-"),
-                plan.get("limit_1m", "-"),
+                _weight(plan.get("needed_1m")),
+                _weight(plan.get("available_1m")),
+                _weight(plan.get("limit_1m")),
                 f"x{stretch:.2f}" if stretch > 1 else "-",
                 every,
                 f"{format_age(state.paused_for_s)} (429/418)" if state.paused_for_s > 0 else "-",
