@@ -57,7 +57,7 @@ def _cmd_init_db(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from collector.web.status import render
 
-    text, healthy = render(settings)
+    text, healthy = render(settings, args.stack)
     print(text)
     return 0 if healthy else 1
 
@@ -333,33 +333,38 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
 OPERATOR_COMMANDS = frozenset({"status", "trigger", "gaps", "audit", "book", "export"})
 
 
-def _adopt_running_stack(command: str) -> None:
-    """With no REDIS_URL / DATABASE_URL configured, talk to the stack running from ./var, and say so."""
+def _adopt_running_stack(command: str) -> str | None:
+    """With no REDIS_URL / DATABASE_URL configured, talk to the stack running from ./var, and say so.
+
+    Returns which stack that is, `NO_STACK` when none runs (the defaults are used), None when
+    REDIS_URL / DATABASE_URL are configured or `command` is not an operator's.
+    """
     from pathlib import Path
 
     from dotenv import dotenv_values
 
-    from collector.localservices import running_stack
+    from collector.localservices import NO_STACK, running_stack
 
     if command not in OPERATOR_COMMANDS:
-        return
+        return None
     configured = {**dotenv_values(".env"), **os.environ} if Path(".env").exists() else dict(os.environ)
     if "REDIS_URL" in configured or "DATABASE_URL" in configured:
-        return
+        return None
     stack = running_stack(Path("var"))
     if stack is None:
-        return
+        return NO_STACK
     label, env_file = stack
     for name, value in dotenv_values(env_file).items():
         if value is not None:
             os.environ.setdefault(name, value)
     print(f"collector: talking to the running `{label}` stack ({env_file})", file=sys.stderr)
+    return f"the running `{label}` stack ({env_file})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _adopt_running_stack(args.command)
+        args.stack = _adopt_running_stack(args.command)
         settings = get_settings()
         _setup_logging(settings)
         return COMMANDS[args.command](args, settings)

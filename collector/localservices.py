@@ -285,6 +285,8 @@ def running_postgres(root: Path) -> tuple[int, int] | None:
 
 # The stacks `scripts/stack.sh` starts: (what the user typed, the name of its pid and env files).
 STACKS: Final = (("make run", "run"), ("make demo", "demo"))
+# What operator commands say when neither runs and nothing is configured (they use the defaults).
+NO_STACK: Final = "no local stack running (make run / make demo)"
 
 
 def running_stack(root: Path) -> tuple[str, Path] | None:

@@ -233,6 +233,7 @@ def test_operator_commands_find_the_running_stack(
         status.stderr.splitlines()[0] == "collector: talking to the running `make demo` stack (var/demo.env)"
     )
     assert "redis       up" in status.stdout
+    assert "  stack       the running `make demo` stack (var/demo.env)\n" in status.stdout
     sent = run("trigger", "drain", "--table", "agg_trades")
     assert sent.returncode == 0, sent.stderr
     assert redis.Redis.from_url(redis_url).llen("ingest") == 1  # the stack's broker got the task
@@ -240,6 +241,35 @@ def test_operator_commands_find_the_running_stack(
     (var / "demo.pid").write_text("999999999\n")  # the stack stopped
     stopped = run("status")
     assert "talking to" not in stopped.stderr
+
+
+def test_status_with_no_stack_running_says_so(tmp_path: Path) -> None:
+    """After `make stop`, with nothing configured: `collector status` tries the defaults and its text
+    says no stack runs and which Redis is down, with no log line on stderr."""
+    import os
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 6379)) == 0:
+            pytest.skip("a Redis answers on the default 127.0.0.1:6379")
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "demo.env").write_text("REDIS_URL=redis://127.0.0.1:1/1\n")  # left by a stopped demo
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("collector")), "status"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr == ""
+    lines = done.stdout.splitlines()
+    no_stack = (
+        "no local stack running (make run / make demo); "
+        "Redis at redis://127.0.0.1:6379/0 is unreachable: Error 111 connecting to 127.0.0.1:6379."
+    )
+    assert lines[0] == "services" and lines[1].startswith(f"  redis       DOWN  {no_stack}")
+    assert lines[-1].startswith(f"UNHEALTHY: {no_stack}")
 
 
 def test_services_env_prints_the_running_stacks_urls(

@@ -40,8 +40,12 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
-    """Read Redis (one pipeline) and check PostgreSQL; unreachable services become error strings."""
+def snapshot(settings: Settings, redis_client: redis.Redis, log_changes: bool = True) -> HealthSnapshot:
+    """Read Redis (one pipeline) and check PostgreSQL; unreachable services become error strings.
+
+    `log_changes`: log Redis going away and coming back (a long-running server); a one-shot command
+    shows the error in its own output instead.
+    """
     postgres_error, database, losses = check_postgres(settings)
     result = HealthSnapshot(
         redis_up=True,
@@ -52,9 +56,11 @@ def snapshot(settings: Settings, redis_client: redis.Redis) -> HealthSnapshot:
     )
     try:
         _read_redis(redis_client, result)
-        _redis_state.report(up=True)
+        if log_changes:
+            _redis_state.report(up=True)
     except redis.RedisError as error:
-        _redis_state.report(up=False, error=error)
+        if log_changes:
+            _redis_state.report(up=False, error=error)
         return HealthSnapshot(
             redis_up=False,
             postgres_up=result.postgres_up,

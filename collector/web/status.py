@@ -3,34 +3,51 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
+from collector.localservices import NO_STACK
 from collector.queue.client import redis_client
 from collector.rest.planner import MarketRestState, rest_state
-from collector.settings import Settings
+from collector.settings import Settings, redacted_url
 from collector.web.health import HealthReport, HealthSnapshot, age_s, assess, now_us, snapshot
 
 COUNTER_ENTRIES_SHOWN = 6  # per counter, the largest label sets; the rest are summed up as "+N more"
 ERROR_CHARS_SHOWN = 80
 
 
-def render(settings: Settings) -> tuple[str, bool]:
-    """Take a snapshot and describe it; returns the text and whether the collector is healthy."""
+def render(settings: Settings, stack: str | None = None) -> tuple[str, bool]:
+    """Take a snapshot and describe it; returns the text and whether the collector is healthy.
+
+    `stack`: the local stack the CLI found to talk to, `NO_STACK` when none runs and the defaults
+    were used, None when REDIS_URL / DATABASE_URL were configured.
+    """
     client = redis_client(settings)
     try:
-        snap = snapshot(settings, client)
+        # A one-shot command: Redis down is in the text, not also in a log line.
+        snap = snapshot(settings, client, log_changes=False)
         rest = rest_state(client) if snap.redis_up else []
     finally:
         client.close()
+    if not snap.redis_up and snap.redis_error:
+        error = f"Redis at {redacted_url(settings.redis_url)} {snap.redis_error.removeprefix('Redis ')}"
+        if stack == NO_STACK:
+            # The defaults were only tried because nothing runs: lead with that, in the Redis line.
+            error, stack = f"{NO_STACK}; {error}", None
+        snap = replace(snap, redis_error=error)
     now = now_us()
     report = assess(snap, now, settings)
-    return format_status(snap, report, now, rest), report.healthy
+    return format_status(snap, report, now, rest, stack), report.healthy
 
 
 def format_status(
-    snap: HealthSnapshot, report: HealthReport, now: int, rest: Sequence[MarketRestState] = ()
+    snap: HealthSnapshot,
+    report: HealthReport,
+    now: int,
+    rest: Sequence[MarketRestState] = (),
+    stack: str | None = None,
 ) -> str:
     """The text of `collector status`. Pure."""
-    lines = ["services", *_indent(_services(snap)), ""]
+    lines = ["services", *_indent(([f"stack       {stack}"] if stack else []) + _services(snap)), ""]
     if snap.redis_up:
         lines += ["connections", *_indent(_connections(snap, now)), ""]
         lines += ["streams", *_indent(_streams(snap, now)), ""]
