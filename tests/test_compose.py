@@ -134,6 +134,8 @@ def check_command(argv: list[str], where: str) -> None:
         script = ROOT / argv[1]
         assert script.is_file(), f"{where}: {argv[1]} does not exist"
         compile(script.read_text(), str(script), "exec")
+        if "--" in argv:  # a script that runs a command (scripts/wait_for_port.py): check that too
+            check_command(argv[argv.index("--") + 1 :], where)
     else:
         raise AssertionError(f"{where}: unexpected program {argv[0]!r}")
 
@@ -539,6 +541,8 @@ def test_demo_points_at_its_fake_exchange() -> None:
     assert f"DEMO_EXCHANGE_PORT={port}" in script
     for variable in ("SPOT_WS", "FUTURES_WS", "SPOT_REST", "FUTURES_REST"):
         assert f"BINANCE_{variable}_URL=" in script
+    streams = _procfile("Procfile.demo")["streams"]
+    assert streams[:3] == ["python", "scripts/wait_for_port.py", port], "streams must wait for the fake"
     schedules = set()
     for name in ("Procfile", "Procfile.demo"):
         beat = _procfile(name)["beat"]
