@@ -519,3 +519,32 @@ def test_flower_cli_basic_auth(settings: Settings, tmp_path: Path) -> None:
 
 def get_auth(url: str, auth: tuple[str, str]) -> requests.Response:
     return requests.get(url, auth=auth, timeout=(5, DEADLINE_S))
+
+
+def test_the_stream_loop_lag_is_exported_and_shown(settings: Settings, redis_conn: redis.Redis) -> None:
+    """The stream process's longest event-loop block reaches /metrics and `collector status`."""
+    from prometheus_client.exposition import generate_latest
+
+    from collector.web.health import assess, snapshot
+    from collector.web.metrics import make_registry
+    from collector.web.status import format_status
+
+    redis_conn.hset(
+        keys.STREAMS_LOOP,
+        mapping={
+            "max_block_ms": "87.5",
+            "blocks_over": 2,
+            "block_warn_ms": "100",
+            "started_us": 1,
+            "updated_us": 2,
+            "max_cpu_ms": "31.0",
+        },
+    )
+    snap = snapshot(settings, redis_conn)
+    text = generate_latest(make_registry(lambda: snap)).decode()
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples["collector_stream_loop_block_max_seconds"] == pytest.approx(0.0875)
+    assert samples["collector_stream_loop_blocks_over_threshold"] == 2
+    now = time.time_ns() // 1000
+    status = format_status(snap, assess(snap, now, settings), now)
+    assert "event loop: longest block 88 ms (own work 31 ms), 2 over 100 ms this run" in status

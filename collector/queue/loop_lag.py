@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -44,7 +45,11 @@ async def publish_loop_lag(client: redis.asyncio.Redis, lag: LoopLag) -> None:
 
 def read_loop_lag(client: redis.Redis) -> LoopLag | None:
     """The published lag of the running (or last) stream process; None when none was published."""
-    raw = client.hgetall(keys.STREAMS_LOOP)
+    return parse_loop_lag(client.hgetall(keys.STREAMS_LOOP))
+
+
+def parse_loop_lag(raw: dict[Any, Any]) -> LoopLag | None:
+    """The record from the hash's fields as Redis returns them; None when empty or malformed."""
     if not raw:
         return None
     fields = {_text(k): _text(v) for k, v in raw.items()}

@@ -11,6 +11,7 @@ from typing import Any
 
 from collector.audit import Loss
 from collector.queue.connections import ConnectionRecord
+from collector.queue.loop_lag import LoopLag
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class HealthSnapshot:
     open_gaps: list[OpenGap] = field(default_factory=list)
     # counter name -> label values -> value
     counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
+    # The stream process's longest event-loop block (collector.streams.lag); None before it ran.
+    loop_lag: LoopLag | None = None
 
 
 def age_s(then_us: int | None, now: int) -> float | None:

@@ -136,7 +136,19 @@ def _stream_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:
     )
     for conn in snap.connections:
         connection_up.add_metric([conn.connection_id], 1 if conn.state == CONNECTED else 0)
-    return [stream_age, connection_up]
+    # The stream process's event loop (collector.streams.lag), for the run that published last.
+    block = GaugeMetricFamily(
+        f"{PREFIX}_stream_loop_block_max_seconds",
+        "Longest event-loop block of the stream process in its current run",
+    )
+    over = GaugeMetricFamily(
+        f"{PREFIX}_stream_loop_blocks_over_threshold",
+        "Event-loop blocks of the stream process's current run longer than its warning threshold (100 ms)",
+    )
+    if snap.loop_lag is not None:
+        block.add_metric([], snap.loop_lag.max_block_ms / 1000)
+        over.add_metric([], snap.loop_lag.blocks_over)
+    return [stream_age, connection_up, block, over]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from collector.localservices import NO_STACK
 from collector.queue.client import redis_client
+from collector.queue.loop_lag import LoopLag
 from collector.rest.planner import MarketRestState, rest_state
 from collector.settings import Settings, redacted_url
 from collector.web.health import HealthReport, HealthSnapshot, age_s, assess, now_us, snapshot
@@ -190,10 +191,19 @@ def _connections(snap: HealthSnapshot, now: int) -> list[str]:
 
 
 def _streams(snap: HealthSnapshot, now: int) -> list[str]:
+    loop = [] if snap.loop_lag is None else [_loop_line(snap.loop_lag)]
     if not snap.streams:
-        return ["(no message received yet)"]
+        return [*loop, "(no message received yet)"]
     rows = [(s.market, s.stream, s.messages, _ago(s.last_message_us, now)) for s in snap.streams]
-    return _columns(("MARKET", "STREAM", "MESSAGES", "LAST MESSAGE"), rows)
+    return [*loop, *_columns(("MARKET", "STREAM", "MESSAGES", "LAST MESSAGE"), rows)]
+
+
+def _loop_line(lag: LoopLag) -> str:
+    """The stream process's event loop in one line: its longest block, and how much was its own work."""
+    return (
+        f"event loop: longest block {lag.max_block_ms:.0f} ms (own work {lag.max_cpu_ms:.0f} ms), "
+        f"{lag.blocks_over} over {lag.block_warn_ms:g} ms this run"
+    )
 
 
 def _tables(snap: HealthSnapshot, now: int) -> list[str]:
