@@ -8,28 +8,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg2
 import pytest
+import redis
 
+from collector.db.init import init_db
+from collector.queue import keys
+from collector.queue.batches import inflight_length
 from collector.settings import Settings
+from tests import factories
+from tests.processes import BIN, TIMEOUT_FACTOR, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 
 
-def _stack(where: Path, mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run `scripts/stack.sh mode` copied into `where` (its var/ and Procfiles are `where`'s)."""
+def _stack_command(where: Path, mode: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """`scripts/stack.sh mode` copied into `where` (its var/ and Procfiles are `where`'s), and its env."""
     (where / "scripts").mkdir(exist_ok=True)
     shutil.copy(ROOT / "scripts" / "stack.sh", where / "scripts" / "stack.sh")
     hidden = {"REDIS_URL", "DATABASE_URL", "SPOT_SYMBOLS", "FUTURES_SYMBOLS"}
     base = {key: value for key, value in os.environ.items() if key not in hidden}
-    return subprocess.run(
-        ["bash", str(where / "scripts" / "stack.sh"), mode],
-        cwd=where,
-        env={**base, "VENV": str(VENV), **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return ["bash", str(where / "scripts" / "stack.sh"), mode], {**base, "VENV": str(VENV), **env}
+
+
+def _stored(settings: Settings) -> int:
+    conn = psycopg2.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM agg_trades")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _stack(where: Path, mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run `scripts/stack.sh mode` in `where` to its end."""
+    argv, full_env = _stack_command(where, mode, env)
+    return subprocess.run(argv, cwd=where, env=full_env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("mode", ["run", "demo"])
@@ -69,3 +85,56 @@ def test_a_good_start_writes_the_env_file_then_starts_the_procfile(
     assert "probe DEMO_VALUE=from-dotenv" in done.stdout
     assert env_file.read_text() == ""  # nothing to add: the servers are the configured ones
     assert sorted(path.name for path in env_file.parent.iterdir()) == ["run.env", "run.pid"]
+
+
+def test_make_stop_lets_the_running_drain_finish(
+    settings: Settings, redis_conn: redis.Redis, tmp_path: Path
+) -> None:
+    """`make run` then `make stop` (honcho signals each process's whole group): worker-ingest, started
+    from the Procfile's own line, finishes its running drain and stops with no error."""
+    init_db(settings)
+    worker_line = next(
+        line for line in (ROOT / "Procfile").read_text().splitlines() if line.startswith("worker-ingest:")
+    )
+    (tmp_path / "Procfile").write_text(worker_line + "\n")
+    total = 200_000
+    events = [factories.agg_trade(i) for i in range(total)]
+    for start in range(0, total, 10_000):
+        redis_conn.rpush(keys.queue("agg_trades"), *events[start : start + 10_000])
+    env = {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "DRAIN_BATCH_MAX_ROWS": "1000",
+        "DRAIN_RUN_MAX_S": str(4 * TIMEOUT_FACTOR),  # still running when make stop comes
+    }
+    argv, full_env = _stack_command(tmp_path, "run", env)
+    output = tmp_path / "stack.log"
+    with output.open("wb") as sink:
+        stack = subprocess.Popen(argv, cwd=tmp_path, env=full_env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: " ready." in output.read_text(), 60, f"the worker ready ({output})")
+        collector = str(BIN / "collector")
+        subprocess.run(
+            [collector, "trigger", "drain", "--table", "agg_trades"],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        wait_until(lambda: _stored(settings) > 0, 60, f"the first rows ({output})")
+        at_stop = _stored(settings)
+        stop_argv, stop_env = _stack_command(tmp_path, "stop", env)
+        stop = subprocess.Popen(stop_argv, cwd=tmp_path, env=stop_env, stderr=subprocess.PIPE, text=True)
+        code = stack.wait(timeout=60)  # reaped here, as make reaps it: `stop` polls until it is gone
+        _, stop_err = stop.communicate(timeout=60)
+        assert stop.returncode == 0, stop_err
+    finally:
+        if stack.poll() is None:
+            stack.kill()
+            stack.wait()
+    log = output.read_text()
+    assert code in (0, 143), log  # 143: honcho ended by SIGTERM, which make treats as a clean stop
+    for bad in ("WorkerLostError", "ERROR", "Traceback", "exited with 'signal", "Restoring"):
+        assert bad not in log, f"{bad!r} in the stack's output:\n{log}"
+    assert _stored(settings) > at_stop, "the drain stopped at make stop instead of finishing its run"
+    assert inflight_length(redis_conn, "agg_trades") == 0
