@@ -594,8 +594,8 @@ def test_readme_reproduces_the_redis_key_layout() -> None:
     assert layout, "collector/queue/keys.py lost its key table"
     assert _key_patterns(readme) == layout
     matchers = [_key_matcher(pattern) for pattern in layout]
-    section = readme.split("### Looking into Redis with redis-cli", 1)[1]
-    block = section.split("```sh", 1)[1].split("```", 1)[0]
+    section = readme.split("### Looking into Redis with redis-cli", 1)[1].split("\n## ", 1)[0]
+    block = "".join(part.split("```", 1)[0] for part in section.split("```sh")[1:])
     used = re.findall(r"\b(collector:[\w:<>]+)", block)
     assert len(used) >= 10
     for key in used:
