@@ -392,3 +392,27 @@ def test_poll_tick_with_redis_down_logs_one_line_not_a_traceback_a_second(
     assert results == [None, None, None]
     lines = [r.getMessage() for r in caplog.records if "rest.poll.redis" in r.getMessage()]
     assert len(lines) == 1 and "unreachable" in lines[0] and f":{port}" in lines[0]
+
+
+def test_the_minute_summary_adds_up_every_worker_process(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ticks run in whichever rest pool process takes them: the summary line sums all of them."""
+    import logging
+
+    from collector.rest import planner
+
+    monkeypatch.setattr(planner, "SUMMARY_EVERY_S", 0.5)
+    first, second = (redis.Redis.from_url(settings.redis_url) for _ in range(2))  # two processes
+    one = planner.TickSummary(sent=Counter({"open_interest/futures": 3}), failed={"x/futures/A": "boom"})
+    other = planner.TickSummary(sent=Counter({"open_interest/futures": 2, "depth_snapshots/spot": 1}))
+    with caplog.at_level(logging.INFO, logger="collector.rest.planner"):
+        planner._report(first, one)
+        planner._report(second, other)
+        assert not [r for r in caplog.records if "rest.polls" in r.getMessage()]
+        time.sleep(0.6)
+        planner._report(first, planner.TickSummary())
+    lines = [r.getMessage() for r in caplog.records if "rest.polls" in r.getMessage()]
+    assert len(lines) == 1
+    assert "depth_snapshots/spot=1 open_interest/futures=5 failed=1" in lines[0]
+    assert lines[0].endswith("(all worker processes)")

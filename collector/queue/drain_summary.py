@@ -1,10 +1,7 @@
 """The drains' summary per table, shared by every worker process (`keys.drain_summary`).
 
-A table is drained by whichever pool process takes the next run, so a summary kept in one process
-counts only that process's runs. Every run adds its numbers to the table's hash in Redis instead,
-and the run that finds the summary due (or has something notable to report) takes the totals and
-starts the next summary in the same script: each run is counted in exactly one summary, and two
-processes never report the same interval.
+A table is drained by whichever pool process takes the next run: every run adds its numbers to the
+table's shared summary (`collector.queue.summary`), and the run that finds it due logs the totals.
 """
 
 from __future__ import annotations
@@ -16,33 +13,10 @@ from typing import Final
 import redis
 
 from collector.queue import keys
+from collector.queue.summary import SharedSummary
 
 # What a run adds to the summary, in the order of `DrainTotals`' counts.
 FIELDS: Final = ("runs", "envelopes", "inserted", "duplicates", "dead_letters")
-
-# KEYS[1] = the table's summary hash
-# ARGV[1] = now (µs), ARGV[2] = summary interval (µs), ARGV[3] = "1" to take the totals now,
-# ARGV[4..] = field, amount pairs of this run
-# Returns false while the summary is not due; else the totals as a flat field/value list, `since_us`
-# (when the summary began) included, and the hash starts the next summary at ARGV[1].
-ADD_RUN_SCRIPT: Final = """
-local now = tonumber(ARGV[1])
-local since = tonumber(redis.call('HGET', KEYS[1], 'since_us'))
-if not since then
-  since = now
-  redis.call('HSET', KEYS[1], 'since_us', ARGV[1])
-end
-for i = 4, #ARGV, 2 do
-  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-if ARGV[3] ~= '1' and now - since < tonumber(ARGV[2]) then
-  return false
-end
-local totals = redis.call('HGETALL', KEYS[1])
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'since_us', ARGV[1])
-return totals
-"""
 
 
 @dataclass(frozen=True)
@@ -61,7 +35,7 @@ class DrainSummaries:
     """Adds drain runs to their table's shared summary, and hands out the totals when one is due."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._add_run = client.register_script(ADD_RUN_SCRIPT)
+        self._summary = SharedSummary(client)
 
     def add_run(
         self, table: str, run: Mapping[str, int], now_us: int, interval_s: float, take_now: bool = False
@@ -71,17 +45,14 @@ class DrainSummaries:
         Returns the totals, this run included, when `interval_s` has passed since the summary began
         or `take_now`; then the next summary begins at `now_us`. Otherwise None.
         """
-        args: list[int | str] = [now_us, int(interval_s * 1_000_000), "1" if take_now else "0"]
-        for name in FIELDS:
-            args += [name, int(run.get(name, 0))]
-        flat = self._add_run(keys=[keys.drain_summary(table)], args=args)
-        if not flat:
-            return None
-        totals = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return DrainTotals(
-            (now_us - totals.pop("since_us")) / 1_000_000, *(totals.get(name, 0) for name in FIELDS)
+        taken = self._summary.add(
+            keys.drain_summary(table),
+            {name: int(run.get(name, 0)) for name in FIELDS},
+            now_us,
+            interval_s,
+            take_now,
         )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        if taken is None:
+            return None
+        over_s, totals = taken
+        return DrainTotals(over_s, *(totals.get(name, 0) for name in FIELDS))

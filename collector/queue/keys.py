@@ -21,6 +21,7 @@
 | `collector:rest:cursor:<kind>:<market>` | HASH | REST planner (claim script) | REST planner | `next_due_us`, `counter`: the next scheduled poll of that kind and market, spread evenly over its interval |
 | `collector:rest:limit_1m` | HASH | REST planner (from exchangeInfo `rateLimits`) | REST planner, REST client | field `<market>` -> REQUEST_WEIGHT per minute that the exchange announces |
 | `collector:rest:limit_refresh:<market>` | STRING | REST planner (SET NX EX) | REST planner | present while that market's announced limit is fresh; the tick that creates it fetches exchangeInfo |
+| `collector:rest:summary` | HASH | REST poll tick (`collector.queue.summary`, every worker process) | REST poll tick | `since_us` and the calls sent, failed and deferred since then: the next `rest.polls` log line, summed over every process |
 | `collector:rest:plan` | HASH | REST planner | web, status | field `<market>` -> JSON of the market's weight plan (needed vs available per minute, stretch) |
 | `collector:symbols:<market>` | STRING | stream process (symbol universe) | REST planner, web, status, trigger | JSON list of the symbols being recorded on `market` (resolved from exchangeInfo when `*_SYMBOLS=ALL`) |
 | `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
@@ -121,6 +122,7 @@ def rest_cursor(kind: str, market: str) -> str:
 
 REST_PLAN: Final = f"{PREFIX}:rest:plan"
 REST_LIMITS: Final = f"{PREFIX}:rest:limit_1m"
+REST_SUMMARY: Final = f"{PREFIX}:rest:summary"
 
 
 def rest_limits_refresh(market: str) -> str:

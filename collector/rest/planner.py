@@ -33,6 +33,7 @@ from collector.binance.rest import Market, RestRequest, depth_request, open_inte
 from collector.errors import RateLimited, RestError
 from collector.queue import keys
 from collector.queue.rest_weight import RestWeight, announce_limit, announced_limit, now_us, used_weight
+from collector.queue.summary import SharedSummary
 from collector.queue.symbols import current_symbols
 from collector.rest.budget import MarketPlan, PollPlan, minute_of, plan_market
 from collector.rest.client import RestClient
@@ -284,37 +285,34 @@ def run_tick(settings: Settings, client: redis.Redis, now_s: float | None = None
     calls = claim_due(settings, client, symbols, plans, summary, time.time() if now_s is None else now_s)
     if calls:
         send(settings, client, calls, summary)
-    _report(summary)
+    _report(client, summary)
     return summary
 
 
-class _Totals:
-    """Per worker process: what the ticks did since the last summary line."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sent: Counter[str] = Counter()
-        self.failed = 0
-        self.deferred: Counter[str] = Counter()
-        self.since_s = time.monotonic()
-
-
-_totals = _Totals()
-
-
-def _report(summary: TickSummary) -> None:
-    """A WARNING for calls given up (one per tick); an INFO summary once a minute; else DEBUG."""
+def _report(client: redis.Redis, summary: TickSummary) -> None:
+    """A WARNING for calls given up (one per tick); once a minute an INFO line with the totals of
+    every worker process (`collector.queue.summary`); the tick itself at DEBUG."""
     if summary.failed:
         symbol, reason = next(iter(summary.failed.items()))
         logger.warning("rest.gave_up calls=%d e.g. %s: %s", len(summary.failed), symbol, reason)
     logger.debug("rest.tick %s", summary.as_dict())
-    _totals.sent.update(summary.sent)
-    _totals.failed += len(summary.failed)
-    _totals.deferred.update(summary.deferred)
-    if time.monotonic() - _totals.since_s >= SUMMARY_EVERY_S and (_totals.sent or _totals.failed):
-        sent = " ".join(f"{key}={count}" for key, count in sorted(_totals.sent.items()))
-        deferred = " ".join(f"{key}={count}" for key, count in sorted(_totals.deferred.items()))
-        logger.info("rest.polls_last_minute %s failed=%d deferred_ticks=[%s]", sent, _totals.failed, deferred)
-        _totals.reset()
+    amounts = {f"sent {key}": count for key, count in summary.sent.items()}
+    amounts |= {f"deferred {key}": 1 for key in summary.deferred}
+    amounts["failed"] = len(summary.failed)
+    taken = SharedSummary(client).add(keys.REST_SUMMARY, amounts, now_us(), SUMMARY_EVERY_S)
+    if taken is None:
+        return
+    over_s, totals = taken
+    if not any(totals.values()):
+        return  # nothing polled, nothing failed: an idle minute is no news
+    sent = " ".join(f"{k.split(' ', 1)[1]}={v}" for k, v in sorted(totals.items()) if k.startswith("sent "))
+    deferred = " ".join(
+        f"{k.split(' ', 1)[1]}={v}" for k, v in sorted(totals.items()) if k.startswith("deferred ")
+    )
+    logger.info(
+        "rest.polls over_s=%.0f %s failed=%d deferred_ticks=[%s] (all worker processes)",
+        over_s,
+        sent or "sent=0",
+        totals.get("failed", 0),
+        deferred,
+    )
