@@ -23,12 +23,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import redis
 import redis.asyncio
+from procstat import cpu_percent, cpu_sample  # bench/procstat.py, beside this script
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
@@ -39,23 +39,6 @@ from collector.settings import load_settings
 FLOOR_EVENTS_PER_S = 30_000
 TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders")
 BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class CpuSample:
-    wall: float
-    cpu_s: float
-
-
-def cpu_sample(pid: int) -> CpuSample:
-    """utime+stime of a process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return CpuSample(time.monotonic(), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-
-
-def cpu_percent(first: CpuSample, second: CpuSample) -> float:
-    return 100.0 * (second.cpu_s - first.cpu_s) / (second.wall - first.wall)
 
 
 def queued(client: redis.Redis) -> dict[str, int]:

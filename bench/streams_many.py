@@ -37,10 +37,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from procstat import cpu_percent, cpu_sample, peak_rss_mb  # bench/procstat.py, beside this script
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
@@ -57,33 +57,8 @@ BLOCK_TARGET_MS = 100.0
 SPOT_SYMBOLS, FUTURES_SYMBOLS = 1500, 500
 CHURN = 10  # spot symbols delisted and listed halfway through
 BIN = Path(sys.executable).parent
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # What `collector streams` imports before it opens a socket: the bare interpreter's share of its RSS.
 IMPORTS = "import collector.cli, collector.streams.runner"
-
-
-@dataclass
-class CpuSample:
-    wall: float
-    cpu_s: float
-
-
-def cpu_sample(pid: int) -> CpuSample:
-    """utime+stime of a process, in seconds (fields 14 and 15 of /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return CpuSample(time.monotonic(), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS)
-
-
-def cpu_percent(first: CpuSample, second: CpuSample) -> float:
-    return 100.0 * (second.cpu_s - first.cpu_s) / (second.wall - first.wall)
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """VmHWM (the peak resident set) of a process, in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/<pid>/status")
 
 
 def bare_interpreter_rss_mb() -> float:
