@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import orjson
+import psycopg2
+import redis
 
 from collector.binance.rows import make_envelope
+from collector.queue import keys
 
 BASE_MS = 1_764_000_000_000
 
@@ -138,3 +141,21 @@ AGG_TRADES_BULK_SQL = """
     FROM generate_series(1, %(rows)s) AS i,
         LATERAL (SELECT to_timestamp(%(base_ms)s / 1000.0) + i * interval '1 ms' AS t) AS x
 """
+
+
+def queue_agg_trades(client: redis.Redis, total: int) -> None:
+    """Queue `total` aggregate trades for the drain, in pushes of 10,000."""
+    events = [agg_trade(i) for i in range(total)]
+    for start in range(0, total, 10_000):
+        client.rpush(keys.queue("agg_trades"), *events[start : start + 10_000])
+
+
+def stored_agg_trades(database_url: str) -> int:
+    """Rows in agg_trades now."""
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM agg_trades")
+            return int(cur.fetchone()[0])
+    finally:
+        conn.close()

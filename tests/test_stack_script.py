@@ -8,12 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg2
 import pytest
 import redis
 
 from collector.db.init import init_db
-from collector.queue import keys
 from collector.queue.batches import inflight_length
 from collector.settings import Settings
 from tests import factories
@@ -30,16 +28,6 @@ def _stack_command(where: Path, mode: str, env: dict[str, str]) -> tuple[list[st
     hidden = {"REDIS_URL", "DATABASE_URL", "SPOT_SYMBOLS", "FUTURES_SYMBOLS"}
     base = {key: value for key, value in os.environ.items() if key not in hidden}
     return ["bash", str(where / "scripts" / "stack.sh"), mode], {**base, "VENV": str(VENV), **env}
-
-
-def _stored(settings: Settings) -> int:
-    conn = psycopg2.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM agg_trades")
-            return int(cur.fetchone()[0])
-    finally:
-        conn.close()
 
 
 def _stack(where: Path, mode: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -98,9 +86,7 @@ def test_make_stop_lets_the_running_drain_finish(
     )
     (tmp_path / "Procfile").write_text(worker_line + "\n")
     total = 200_000
-    events = [factories.agg_trade(i) for i in range(total)]
-    for start in range(0, total, 10_000):
-        redis_conn.rpush(keys.queue("agg_trades"), *events[start : start + 10_000])
+    factories.queue_agg_trades(redis_conn, total)
     env = {
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,
@@ -121,8 +107,10 @@ def test_make_stop_lets_the_running_drain_finish(
             capture_output=True,
             timeout=60,
         )
-        wait_until(lambda: _stored(settings) > 0, 60, f"the first rows ({output})")
-        at_stop = _stored(settings)
+        wait_until(
+            lambda: factories.stored_agg_trades(settings.database_url) > 0, 60, f"the first rows ({output})"
+        )
+        at_stop = factories.stored_agg_trades(settings.database_url)
         stop_argv, stop_env = _stack_command(tmp_path, "stop", env)
         stop = subprocess.Popen(stop_argv, cwd=tmp_path, env=stop_env, stderr=subprocess.PIPE, text=True)
         code = stack.wait(timeout=60)  # reaped here, as make reaps it: `stop` polls until it is gone
@@ -136,5 +124,7 @@ def test_make_stop_lets_the_running_drain_finish(
     assert code in (0, 143), log  # 143: honcho ended by SIGTERM, which make treats as a clean stop
     for bad in ("WorkerLostError", "ERROR", "Traceback", "exited with 'signal", "Restoring"):
         assert bad not in log, f"{bad!r} in the stack's output:\n{log}"
-    assert _stored(settings) > at_stop, "the drain stopped at make stop instead of finishing its run"
+    assert factories.stored_agg_trades(settings.database_url) > at_stop, (
+        "the drain stopped at make stop instead of finishing its run"
+    )
     assert inflight_length(redis_conn, "agg_trades") == 0

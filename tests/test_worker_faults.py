@@ -42,9 +42,7 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
     """SIGKILL of the worker while it drains leaves batches in flight; a new worker writes them once."""
     init_db(settings)
     total = 150_000
-    events = [factories.agg_trade(i) for i in range(total)]
-    for start in range(0, total, 10_000):
-        redis_conn.rpush(keys.queue("agg_trades"), *events[start : start + 10_000])
+    factories.queue_agg_trades(redis_conn, total)
     env = {
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,

@@ -20,16 +20,6 @@ from tests import factories
 from tests.processes import TIMEOUT_FACTOR, celery_worker, wait_until
 
 
-def _stored(settings: Settings) -> int:
-    conn = psycopg2.connect(settings.database_url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM agg_trades")
-            return int(cur.fetchone()[0])
-    finally:
-        conn.close()
-
-
 def _send_drain(env: dict[str, str], **options: float) -> None:
     """Send one drain of agg_trades, with Celery `options` (time limits), as `collector trigger` does."""
     code = (
@@ -49,9 +39,7 @@ def test_sigterm_to_the_process_group_is_a_warm_shutdown(
     exit 0, no lost worker, no error, the batch acknowledged and nothing left in flight."""
     init_db(settings)
     total = 200_000
-    events = [factories.agg_trade(i) for i in range(total)]
-    for start in range(0, total, 10_000):
-        redis_conn.rpush(keys.queue("agg_trades"), *events[start : start + 10_000])
+    factories.queue_agg_trades(redis_conn, total)
     env = {
         "REDIS_URL": settings.redis_url,
         "DATABASE_URL": settings.database_url,
@@ -61,8 +49,12 @@ def test_sigterm_to_the_process_group_is_a_warm_shutdown(
     worker = celery_worker(env, tmp_path, name="stopping", concurrency=3)
     try:
         _send_drain(env)
-        wait_until(lambda: _stored(settings) > 0, 60, f"the first rows (worker log: {worker.log_path})")
-        at_signal = _stored(settings)
+        wait_until(
+            lambda: factories.stored_agg_trades(settings.database_url) > 0,
+            60,
+            f"the first rows (worker log: {worker.log_path})",
+        )
+        at_signal = factories.stored_agg_trades(settings.database_url)
         worker.signal_group(signal.SIGTERM)
         code = worker.popen.wait(timeout=60 * TIMEOUT_FACTOR)
     finally:
@@ -71,7 +63,7 @@ def test_sigterm_to_the_process_group_is_a_warm_shutdown(
     assert code == 0, log
     for bad in ("WorkerLostError", "ERROR", "Traceback", "exited with 'signal", "Restoring"):
         assert bad not in log, f"{bad!r} in the worker's log:\n{log}"
-    stored = _stored(settings)
+    stored = factories.stored_agg_trades(settings.database_url)
     assert stored > at_signal, "the drain stopped at the signal instead of finishing its run"
     assert inflight_length(redis_conn, "agg_trades") == 0  # every claimed batch committed and acknowledged
     assert stored + redis_conn.llen(keys.queue("agg_trades")) == total
@@ -102,7 +94,7 @@ def test_hard_time_limit_still_kills_a_stuck_task(
         def drained() -> bool:
             _send_drain(env)  # the killed drain's lock expires after 3 s
             time.sleep(1)
-            return _stored(settings) == 100
+            return factories.stored_agg_trades(settings.database_url) == 100
 
         wait_until(drained, 60, "the batch left in flight, written by a later drain", interval_s=0.5)
     finally:
