@@ -21,7 +21,6 @@ import argparse
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any
 
 import orjson
 import redis
+from processes import stop  # bench/processes.py, beside this script
 
 from collector.fake.server import FakeExchange
 from collector.localservices import start_redis
@@ -46,15 +46,6 @@ def start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(
             argv, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def polls_seen(client: redis.Redis) -> dict[tuple[str, str, str], list[float]]:

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from typing import cast
 
 import redis
 import redis.asyncio
-from procstat import cpu_percent, cpu_sample  # bench/procstat.py, beside this script
+from processes import cpu_percent, cpu_sample, stop  # bench/processes.py, beside this script
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
@@ -107,17 +106,6 @@ def start_fake(port: int, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_for_port(port)
     return process
-
-
-def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    return process.returncode
 
 
 def main() -> int:

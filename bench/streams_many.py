@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import urllib.request
 from pathlib import Path
 
 import redis
-from procstat import cpu_percent, cpu_sample, peak_rss_mb  # bench/procstat.py, beside this script
+from processes import cpu_percent, cpu_sample, peak_rss_mb, stop  # bench/processes.py, beside this script
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
@@ -148,17 +147,6 @@ def start_fake(port: int, rate: float, log: Path) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_for_port(port)
     return process
-
-
-def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    return process.returncode
 
 
 def committed(client: redis.Redis) -> int:

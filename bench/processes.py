@@ -1,8 +1,11 @@
-"""What the benchmarks read of a process from /proc: its CPU time and its peak resident set."""
+"""What the benchmarks do with the processes they run: read their CPU time and peak resident set from
+/proc, and stop them."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,3 +35,19 @@ def peak_rss_mb(pid: int | str = "self") -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 30) -> int:
+    """SIGTERM, then SIGKILL (to its whole group when it leads one: a Celery worker's pool) if it
+    has not exited within `timeout_s`; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # not a group leader
+                process.kill()
+            process.wait(10)
+    return process.returncode
