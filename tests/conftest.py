@@ -17,11 +17,13 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
 import redis
 
+from collector.fake.server import FakeExchange
 from collector.localservices import LocalService, start_postgres, start_redis, timescaledb_installed
 from collector.settings import Settings, load_settings
 
@@ -133,6 +135,24 @@ def settings_each_mode(
         pytest.skip(_NOT_INSTALLED)
     monkeypatch.setenv("TIMESCALE", request.param)
     return settings.model_copy(update={"timescale": request.param})
+
+
+FakeFactory = Callable[..., FakeExchange]
+
+
+@pytest.fixture
+def make_fake() -> Iterator[FakeFactory]:
+    """Start fake exchanges with any options; every one started is stopped after the test."""
+    started: list[FakeExchange] = []
+
+    def make(**kwargs: Any) -> FakeExchange:
+        fake = FakeExchange(**kwargs).start()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -22,30 +22,15 @@ import websockets
 from collector.fake.generators import ForceOrders, MarkPrices
 from collector.fake.names import PathFamily, parse_stream
 from collector.fake.server import FakeExchange
+from tests.conftest import FakeFactory
 
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
 SILENCE_S = 2.0  # how long a silent stream must stay silent
 QUIET_S = 1.0  # no frame for this long = the fake has stopped sending
 
-FakeFactory = Callable[..., FakeExchange]
-
 
 def deadline(seconds: float) -> float:
     return seconds * TIMEOUT_FACTOR
-
-
-@pytest.fixture
-def make_fake() -> Iterator[FakeFactory]:
-    started: list[FakeExchange] = []
-
-    def make(**kwargs: Any) -> FakeExchange:
-        fake = FakeExchange(**kwargs).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        fake.stop()
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], Any]:

@@ -8,17 +8,15 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 import websockets
 
 from collector.fake.server import FakeExchange
+from tests.conftest import FakeFactory
 from tests.test_fake_exchange import (
     TIMEOUT_FACTOR,
-    FakeFactory,
     check_chain,
     deadline,
     http,
@@ -27,20 +25,6 @@ from tests.test_fake_exchange import (
 )
 
 Frames = list[dict[str, Any]]
-
-
-@pytest.fixture
-def make_fake() -> Iterator[FakeFactory]:
-    started: list[FakeExchange] = []
-
-    def make(**kwargs: Any) -> FakeExchange:
-        fake = FakeExchange(**kwargs).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        fake.stop()
 
 
 def connection_ids(fake: FakeExchange) -> dict[str, int]:
