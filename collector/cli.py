@@ -205,14 +205,15 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     import redis
 
-    from collector.audit import drained_balances, find_losses, format_audit
+    from collector.audit import drained_balances, find_losses, format_audit, read_horizon
     from collector.db.connection import connect
     from collector.export.plan import parse_time
     from collector.queue import keys
     from collector.queue.batches import inflight_length, queue_length
     from collector.queue.client import redis_client, redis_unavailable
 
-    since = parse_time(args.since, "--since") if args.since else datetime.now(UTC) - timedelta(hours=24)
+    now = datetime.now(UTC)
+    since = parse_time(args.since, "--since") if args.since else now - timedelta(hours=24)
     client = redis_client(settings)
     try:
         # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
@@ -225,7 +226,8 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     conn = connect(settings)
     try:
         with conn.cursor() as cur:
-            text = format_audit(drained_balances(cur, since), find_losses(cur, since), queued, pending)
+            balances, losses = drained_balances(cur, since), find_losses(cur, since)
+            text = format_audit(balances, losses, queued, pending, read_horizon(cur, since, now))
     finally:
         conn.close()
     print(text)
