@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg2
 import redis
 
-from collector.audit import Horizon, RunBalance, format_horizon, horizon, read_horizon, verdict
+from collector.audit import Horizon, RunBalance, format_audit, format_horizon, horizon, read_horizon, verdict
 from collector.db import timescale
 from collector.db.init import init_db
 from collector.db.timescale import PRUNE_BODY, PruneJobState, plan_prune_job
@@ -54,6 +54,10 @@ def test_horizon_only_when_the_period_reaches_past_a_tables_retention() -> None:
         "retention: rows older than 7 days (mark_prices), 30 days (agg_trades) are dropped with their "
         "ranges, so nothing received before 2026-11-30T12:00:00+00:00 can be accounted for "
         "(asked from 2026-10-28T12:00:00+00:00)"
+    )
+    assert (
+        format_audit([], [], {}, {}, found)
+        == f"{format_horizon(found)}\nno audited events drained in this period"
     )
     same = horizon({"agg_trades": 30 * DAY}, tables, NOW - 40 * DAY, NOW)
     assert same is not None and format_horizon(same).startswith("retention: rows older than 30 days are")
