@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from collector.binance.streams import ConnectionPlan
 from collector.streams.silence import (
     SILENCE_EWMA_WEIGHT,
     Pace,
     SilencePolicy,
     clock_driven,
     judge_connection,
+    restart_watch,
     silent_streams,
 )
-from collector.streams.state import StreamStats
+from collector.streams.state import ConnectionState, StreamStats
 
 POLICY = SilencePolicy(min_s=5.0, idle_s=300.0)
 DEPTH = "btcusdt@depth@100ms"
@@ -115,3 +117,19 @@ def test_streams_not_judged() -> None:
     }
     carried = ["a@depth", "b@depth", "c@depth", "d@aggTrade", "e@depth", "unknown@depth"]
     assert silent_streams(POLICY, carried, table, later_us, 0) == ["e@depth"]  # f@depth is not carried
+
+
+def test_restart_watch_forgets_the_pace_of_added_streams_and_reports_of_removed_ones() -> None:
+    """A stream back after a delisting is not judged on its old last event; a removed stream is no
+    longer reported silent; counters stay, as totals of the run."""
+    plan = ConnectionPlan("spot-0", "spot", "spot", "ws://x/stream?streams=a@depth", ("a@depth", "b@depth"))
+    state = ConnectionState.from_plan(plan)
+    state.stream_stats["a@depth"] = StreamStats(500, 1_000_000, 100_000.0, silenced_at_us=2_000_000)
+    state.stream_stats["c@depth"] = StreamStats(300, 1_000_000, 100_000.0, silenced_at_us=3_000_000)
+    kept = state.stream_stats["b@depth"] = StreamStats(200, 5_000_000, 50_000.0, silenced_at_us=6_000_000)
+    restart_watch(state, ("b@depth", "c@depth"))
+    assert state.stream_stats["c@depth"] == StreamStats(300, None, 0.0, None)  # back: pace afresh
+    assert state.stream_stats["a@depth"] == StreamStats(500, 1_000_000, 100_000.0, None)  # removed
+    assert state.stream_stats["b@depth"] == StreamStats(200, 5_000_000, 50_000.0, 6_000_000) == kept
+    restart_watch(state, ("b@depth", "c@depth", "d@depth"))
+    assert state.stream_stats["d@depth"] == StreamStats()  # never seen before: created

@@ -33,8 +33,8 @@ from websockets.exceptions import WebSocketException
 from collector.settings import Settings
 from collector.streams.backoff import Reconnects
 from collector.streams.limits import ATTEMPTS_PER_WINDOW, ATTEMPTS_WINDOW_S, ConnectionAttempts
-from collector.streams.live import LiveSocket, ReceiveHandler, open_socket
-from collector.streams.silence import SilencePolicy, Verdict
+from collector.streams.live import Closed, LiveSocket, ReceiveHandler, open_socket
+from collector.streams.silence import SilencePolicy, restart_watch
 from collector.streams.state import ConnectionState
 
 logger = logging.getLogger(__name__)
@@ -95,17 +95,6 @@ class ConnectionOptions:
         return SilencePolicy(self.silence_min_s, self.idle_timeout_s)
 
 
-@dataclass(frozen=True)
-class Closed:
-    """How a connection ended by itself: its close frame, uptime and cause (the gap ledger's words)."""
-
-    code: int
-    reason: str
-    up_s: float
-    cause: str
-    silence: Verdict | None  # what the watchdog saw, when it closed the connection for silence
-
-
 class StreamConnection:
     """Keeps the connection described by `state` open and feeds its frames to a handler.
 
@@ -163,19 +152,8 @@ class StreamConnection:
         after is not touched. A removed stream's counters stay (they are totals of this run), but it is
         no longer watched for silence.
         """
-        state = self.state
-        before = state.streams
-        removed = set(before).difference(streams)
-        state.streams, state.url = streams, url
-        for name in set(streams).difference(before):
-            # Counters are totals of this run and stay; a stream back after a delisting starts its
-            # pace afresh, or its old last event would make it look silent since then.
-            stats = state.stats_for(name)
-            stats.last_message_us, stats.gap_us, stats.silenced_at_us = None, 0.0, None
-        for name in removed:
-            gone = state.stream_stats.get(name)
-            if gone is not None:
-                gone.silenced_at_us = None
+        restart_watch(self.state, streams)
+        self.state.streams, self.state.url = streams, url
         for live in self._lives:
             live.subscriptions.changed.set()
 
@@ -198,7 +176,11 @@ class StreamConnection:
                     attempt, delay = reconnects.next()
                     logger.warning(
                         "ws.connect_failed id=%s url=%s error=%s attempt=%d delay_s=%.2f",
-                        *(self.state.id, self.state.url, opened, attempt, delay),
+                        self.state.id,
+                        self.state.url,
+                        opened,
+                        attempt,
+                        delay,
                     )
                     await self._pause(delay)
                 continue
@@ -230,7 +212,13 @@ class StreamConnection:
         logger.log(
             logging.WARNING if ended.silence is not None else logging.INFO,
             "ws.disconnected id=%s cause=%s code=%s reason=%s after_s=%.1f%s%s",
-            *(self.state.id, ended.cause, ended.code, ended.reason or "-", ended.up_s, silence, retry),
+            self.state.id,
+            ended.cause,
+            ended.code,
+            ended.reason or "-",
+            ended.up_s,
+            silence,
+            retry,
         )
 
     async def _pause(self, delay: float) -> None:
@@ -306,7 +294,10 @@ class StreamConnection:
                 if replacement is not None:  # the old connection still delivers: no outage yet
                     logger.warning(
                         "ws.replacement_failed id=%s url=%s error=%s retry_in_s=%.1f",
-                        *(self.state.id, self.state.url, replacement, REPLACEMENT_RETRY_S),
+                        self.state.id,
+                        self.state.url,
+                        replacement,
+                        REPLACEMENT_RETRY_S,
                     )
                 rotate_at = time.monotonic() + REPLACEMENT_RETRY_S
                 continue
@@ -327,7 +318,10 @@ class StreamConnection:
         first.cancel()
         logger.info(
             "ws.replaced id=%s reason=%s old_up_s=%.1f new_delivering=%s",
-            *(self.state.id, reason, time.monotonic() - old.opened, new.first_frame.is_set()),
+            self.state.id,
+            reason,
+            time.monotonic() - old.opened,
+            new.first_frame.is_set(),
         )
         await old.ws.close(1000, "replaced")
         try:
@@ -339,15 +333,12 @@ class StreamConnection:
     def _closed(self, live: LiveSocket) -> Closed:
         """Bookkeeping for a connection that ended by itself (server, network, silence or stop())."""
         self._forget(live)
-        state, ws = self.state, live.ws
-        cause = self._loss_cause(live)
+        ended = live.ended(self._loss_cause(live))
         if self._events is not None and not self._lives:
-            self._events.connection_lost(state, cause)
-        code = ws.close_code if ws.close_code is not None else 1006
-        reason = ws.close_reason or ""
+            self._events.connection_lost(self.state, ended.cause)
         if not self._stopping:
-            state.last_error = f"closed: code={code} reason={reason}"
-        return Closed(code, reason, time.monotonic() - live.opened, cause, live.silence)
+            self.state.last_error = f"closed: code={ended.code} reason={ended.reason}"
+        return ended
 
     def _forget(self, live: LiveSocket) -> None:
         live.forget()
@@ -371,6 +362,9 @@ class StreamConnection:
             return True
         logger.warning(
             "ws.attempts_paced id=%s wait_s=%.1f limit=%d per_s=%.0f",
-            *(self.state.id, wait_s, ATTEMPTS_PER_WINDOW, ATTEMPTS_WINDOW_S),
+            self.state.id,
+            wait_s,
+            ATTEMPTS_PER_WINDOW,
+            ATTEMPTS_WINDOW_S,
         )
         return not await self._sleep(wait_s)

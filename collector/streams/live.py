@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -46,6 +47,17 @@ READ_CHUNK_BYTES: Final = 32 * 1024
 ReceiveHandler = Callable[[bytes, int], None]
 # Told when one stream is judged silent: (stream, its last event in µs).
 StreamSilent = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class Closed:
+    """How a socket ended by itself: its close frame, uptime and cause (the gap ledger's words)."""
+
+    code: int
+    reason: str
+    up_s: float
+    cause: str
+    silence: Verdict | None  # what the watchdog saw, when it closed the socket for silence
 
 
 async def open_socket(url: str, open_timeout_s: float, close_timeout_s: float) -> ClientConnection:
@@ -116,6 +128,11 @@ class LiveSocket:
         self.subscriber = asyncio.create_task(self._subscriber())
         return self.receiving
 
+    def ended(self, cause: str) -> Closed:
+        """How this socket ended, once its receive loop has (1006: closed without a close frame)."""
+        code = self.ws.close_code if self.ws.close_code is not None else 1006
+        return Closed(code, self.ws.close_reason or "", time.monotonic() - self.opened, cause, self.silence)
+
     def forget(self) -> None:
         """Stop watching and subscribing (the socket is closed, or about to be)."""
         for task in (self.watchdog, self.subscriber):
@@ -175,7 +192,10 @@ class LiveSocket:
         stats.silenced_at_us = now_us
         logger.warning(
             "ws.stream_silent id=%s stream=%s silent_s=%.1f usual_gap_s=%.3f action=resubscribe",
-            *(state.id, stream, (now_us - last_us) / 1e6, stats.gap_us / 1e6),
+            state.id,
+            stream,
+            (now_us - last_us) / 1e6,
+            stats.gap_us / 1e6,
         )
         if self._on_stream_silent is not None:
             self._on_stream_silent(stream, last_us)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from collector.streams.state import StreamStats
+from collector.streams.state import ConnectionState, StreamStats
 
 # A connection is silent after this many of its usual gaps between frames.
 SILENCE_FACTOR: Final = 50.0
@@ -95,6 +95,20 @@ def judge_connection(policy: SilencePolicy, pace: Pace, now_s: float) -> Verdict
     silent_s = now_s - pace.last_s
     recheck_s = min(limit_s - silent_s, max(policy.min_s / 2, MIN_CHECK_INTERVAL_S))
     return Verdict(silent_s >= limit_s, silent_s, limit_s, pace.gap_s, recheck_s)
+
+
+def restart_watch(state: ConnectionState, streams: tuple[str, ...]) -> None:
+    """Before `state` carries `streams` instead of its current ones: an added stream's pace starts
+    afresh (one back after a delisting would otherwise look silent since its old last event), and a
+    removed one is no longer reported silent. Counters stay: they are totals of this run."""
+    before = state.streams
+    for name in set(streams).difference(before):
+        stats = state.stats_for(name)
+        stats.last_message_us, stats.gap_us, stats.silenced_at_us = None, 0.0, None
+    for name in set(before).difference(streams):
+        gone = state.stream_stats.get(name)
+        if gone is not None:
+            gone.silenced_at_us = None
 
 
 def clock_driven(stream: str) -> bool:
