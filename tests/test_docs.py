@@ -16,12 +16,16 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
 from pydantic import SecretStr
 
 from collector import cli
+from collector.binance.rest import open_interest_request
 from collector.export.plan import RELATIONS
 from collector.fake.control import Controls
 from collector.localservices import services_config
+from collector.rest import planner
+from collector.rest.poll import MANUAL_MAX_WAIT_S
 from collector.settings import Settings
 from tests.conftest import FakeFactory
 from tests.markdown import (
@@ -302,3 +306,36 @@ def test_every_collector_command_in_the_docs_parses() -> None:
             cli._parser().parse_args(argv[1:])
         except SystemExit:
             raise AssertionError(f"{name}: the collector CLI rejects {shlex.join(argv)}") from None
+
+
+def _setting_row(name: str) -> str:
+    """The meaning cell of `name`'s row in docs/configuration.md's Settings table."""
+    rows = table_rows(section(CONFIGURATION_MD, "Settings"))
+    return next(row[2] for row in rows if row[0] == f"`{name}`")
+
+
+def test_the_documented_retries_of_a_scheduled_poll_are_the_code_s(
+    settings: Settings, redis_conn: redis.Redis, make_fake: FakeFactory
+) -> None:
+    """REST_MAX_RETRIES' row says how many attempts a scheduled poll makes; a real tick makes that many."""
+    stated = re.search(r"scheduled poll retries once \((\d+) attempts\)", _setting_row("REST_MAX_RETRIES"))
+    assert stated, "docs/configuration.md: REST_MAX_RETRIES must say what a scheduled poll does"
+    fake = make_fake()
+    fake.fail_rest(500, 10, retry_after_s=0)
+    aimed = settings.model_copy(
+        update={"binance_futures_rest_url": fake.futures_rest_url, "rest_backoff_initial_s": 0.01}
+    )
+    call = planner.Call("open_interest", open_interest_request(fake.futures_rest_url, "BTCUSDT"))
+    summary = planner.TickSummary()
+    planner.send(aimed, redis_conn, [call], summary)
+    with urllib.request.urlopen(f"{fake.control_url}/rest_stats", timeout=10) as response:
+        answered = json.loads(response.read())["futures"]["answered"]
+    assert answered == {"500": int(stated.group(1))}
+    assert summary.failed["open_interest/futures/BTCUSDT"].endswith(f"after {stated.group(1)} attempts")
+
+
+def test_the_documented_wait_of_a_poll_asked_for_by_hand_is_the_code_s() -> None:
+    """REST_BACKOFF_MAX_S' row states how long a poll asked for by hand waits for a pause or weight."""
+    row = _setting_row("REST_BACKOFF_MAX_S")
+    stated = re.search(r"asked for by hand or a resync waits up to (\d+) s", row)
+    assert stated and float(stated.group(1)) == MANUAL_MAX_WAIT_S
