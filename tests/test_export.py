@@ -287,6 +287,23 @@ def test_depth_snapshots_filter_on_market_type(source: Settings, tmp_path: Path)
     assert [row[header.index("market_type")] for row in rows] == ["futures"]
 
 
+def test_stream_gaps_filter_on_the_symbol_of_the_stream_name(source: Settings, tmp_path: Path) -> None:
+    """stream_gaps has no symbol column: --symbol picks the streams named after it, not market-wide ones."""
+    for k, stream in enumerate(
+        ["btcusdt@depth@100ms", "ethusdt@aggTrade", "btcusdt@aggTrade", "!markPrice@arr"]
+    ):
+        _execute(
+            source,
+            "INSERT INTO stream_gaps (started_at, market, stream, ended_at, cause, connection)"
+            " VALUES (%(t)s, 'futures', %(s)s, %(t)s, 'disconnect', 'futures-0')",
+            {"t": SOL_TIME.replace(second=k), "s": stream},
+        )
+    done = _export(source, tmp_path, "stream_gaps", "--symbol", "btcusdt")
+    _ok(done)
+    header, rows = _csv_rows(done.stdout)
+    assert [row[header.index("stream")] for row in rows] == ["btcusdt@depth@100ms", "btcusdt@aggTrade"]
+
+
 def test_csv_keeps_null_apart_from_empty_text(source: Settings, tmp_path: Path) -> None:
     """NULL is an empty field, an empty string is `""`, and commas, quotes and newlines survive."""
     done = _export(source, tmp_path, "force_orders", "--symbol", "ETHUSDT")
