@@ -7,6 +7,7 @@ consistent with its diff chain by construction.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -135,7 +136,13 @@ def cli(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProces
         text=True,
         timeout=60 * TIMEOUT_FACTOR,
         cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "DATABASE_URL": settings.database_url,
+            "REDIS_URL": settings.redis_url,
+            # A git worktree sharing another checkout's environment imports its own code this way.
+            **{name: os.environ[name] for name in ("PYTHONPATH",) if name in os.environ},
+        },
     )
 
 

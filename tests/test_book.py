@@ -180,10 +180,11 @@ def test_time_before_any_snapshot_exits_2(db: Settings, tmp_path: Path) -> None:
     recording = generate("spot", "BTCUSDT", 20, snapshots_after=(4,))
     store_rows(db, *recording.envelopes())
     first_time = recording.snapshots[0][0]
-    done = cli(db, tmp_path, "spot", "btcusdt", "--at", str(first_time - 1))
+    before = recording.diffs[4][0] - 1  # before diff 4 too, which pins the snapshot earlier than its time
+    done = cli(db, tmp_path, "spot", "btcusdt", "--at", str(before))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [
-        f"collector: {iso(to_time(first_time - 1))} is before any snapshot: the first spot BTCUSDT depth "
+        f"collector: {iso(to_time(before))} is before any snapshot: the first spot BTCUSDT depth "
         f"snapshot is at {iso(to_time(first_time))}"
     ]
     done = cli(db, tmp_path, "futures", "BTCUSDT", "--at", str(first_time))
@@ -192,7 +193,7 @@ def test_time_before_any_snapshot_exits_2(db: Settings, tmp_path: Path) -> None:
         done.stderr == "collector: no futures BTCUSDT depth snapshot is stored, so no book can be rebuilt\n"
     )
     with pytest.raises(BeforeFirstSnapshot):
-        rebuild(db, "spot", "BTCUSDT", to_time(first_time - 1))
+        rebuild(db, "spot", "BTCUSDT", to_time(before))
 
 
 @pytest.mark.parametrize("market", ["spot", "futures"])
@@ -288,29 +289,39 @@ def test_duplicate_diff_from_two_connections_is_skipped(db: Settings) -> None:
 
 
 def test_cli_prints_table_and_json(db: Settings, tmp_path: Path) -> None:
-    """Text: a headline and a two-sided ladder; --json: bids, asks, last_update_id, in Binance's strings."""
+    """Text: a headline and a two-sided ladder; --json: the same facts, levels in Binance's strings."""
     recording = generate("futures", "XRPUSDT", 50, snapshots_after=(4, 30, 49))
     store_rows(db, *recording.envelopes())
+    first_time, first_id = recording.snapshots[0][:2]
     later_time, later_id, bids, asks = recording.snapshots[1]
-    final_bids, final_asks = recording.snapshots[2][2:]
+    as_of = iso(to_time(recording.diffs[30][0]))  # the last diff at or before the time
     at = str(later_time - 1)
     done = cli(db, tmp_path, "futures", "XRPUSDT", "--at", at, "--json", "--depth", "5")
     assert done.returncode == 0 and done.stderr == ""
-    assert json.loads(done.stdout) == {"bids": bids[:5], "asks": asks[:5], "last_update_id": later_id}
+    assert (
+        json.loads(done.stdout)
+        == {
+            "market": "futures",
+            "symbol": "XRPUSDT",
+            "at": iso(to_time(later_time - 1)),
+            "as_of": as_of,
+            "last_update_id": later_id,
+            "snapshot": {"last_update_id": first_id, "time": iso(to_time(first_time))},
+            "diffs_applied": 27,  # diffs 4 to 30: USD-M applies the one ending at lastUpdateId
+            "diffs_skipped": {"stale": 0, "duplicate": 0},
+            "bids": bids[:5],
+            "asks": asks[:5],
+        }
+    )
     done = cli(db, tmp_path, "futures", "XRPUSDT", "--at", at)
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 12
-    assert lines[0].startswith(
-        f"futures XRPUSDT at {iso(to_time(later_time - 1))}: last_update_id={later_id} ("
+    assert lines[0] == (
+        f"futures XRPUSDT at {iso(to_time(later_time - 1))}: last_update_id={later_id} as of {as_of},"
+        f" from snapshot {first_id} at {iso(to_time(first_time))} + 27 diffs (skipped 0 stale, 0 duplicate)"
     )
     assert lines[1].split() == ["bid", "qty", "bid", "|", "ask", "ask", "qty"]
     assert lines[2].split() == [bids[0][1], bids[0][0], "|", asks[0][0], asks[0][1]]
-    # After the last stored diff: the book, and a note that nothing confirms it.
-    done = cli(
-        db, tmp_path, "futures", "XRPUSDT", "--at", str(recording.diffs[-1][0] + 60_000), "--depth", "0"
-    )
-    assert done.returncode == 0 and len(done.stdout.splitlines()) == 2 + max(len(final_bids), len(final_asks))
-    assert done.stderr.startswith("note: no diff is stored after ")
 
 
 def test_large_range_streams_through_a_named_cursor(db: Settings) -> None:
