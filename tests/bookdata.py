@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,13 @@ from collector.book.replay import from_ms
 from collector.db.connection import connect
 from collector.drain import Drainer
 from collector.fake.generators import DepthGen
+from collector.fake.recordings import (
+    DEFAULT_RECORDINGS_DIR,
+    HTTP_FILES,
+    WS_FILES,
+    parse_http_lines,
+    parse_ws_lines,
+)
 from collector.queue import keys
 from collector.settings import Settings
 from tests.conftest import TIMEOUT_FACTOR
@@ -103,6 +111,17 @@ def generate(
             last, bids, asks = gen.snapshot(1000)  # 200 levels a side on the grid: the full book
             recording.snapshots.append((now + lag_ms, last, bids, asks))
     return recording
+
+
+def recorded_depth(market: Market) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """(symbol, REST snapshot body, every recorded diff of the symbol) from the cryptofeed files."""
+    frames = parse_ws_lines((DEFAULT_RECORDINGS_DIR / WS_FILES[market]).read_text().splitlines())
+    bodies = parse_http_lines((DEFAULT_RECORDINGS_DIR / HTTP_FILES[market]).read_text().splitlines())
+    for symbol, body in sorted(bodies.items()):
+        events = [
+            f["data"] for f in frames if f["data"].get("e") == "depthUpdate" and f["data"]["s"] == symbol
+        ]
+        yield symbol, body, events
 
 
 def store_rows(settings: Settings, diffs: list[bytes], snapshots: list[bytes]) -> None:

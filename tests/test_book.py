@@ -11,7 +11,6 @@ import json
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -22,13 +21,8 @@ from collector.book.replay import iso
 from collector.db.connection import connect
 from collector.db.init import init_db
 from collector.fake.recordings import (
-    DEFAULT_RECORDINGS_DIR,
-    HTTP_FILES,
-    WS_FILES,
     DepthReplay,
     load_recordings,
-    parse_http_lines,
-    parse_ws_lines,
 )
 from collector.settings import Settings
 from tests.bookdata import (
@@ -37,6 +31,7 @@ from tests.bookdata import (
     diff_envelope,
     generate,
     rebuild,
+    recorded_depth,
     snapshot_envelope,
     store_rows,
     to_time,
@@ -52,17 +47,6 @@ def db(settings: Settings) -> Iterator[Settings]:
 # --- the engine on the recorded real sequences ------------------------------------------------------
 
 
-def _recorded(market: Market) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-    """(symbol, REST snapshot body, every recorded diff of the symbol) from the cryptofeed files."""
-    frames = parse_ws_lines((DEFAULT_RECORDINGS_DIR / WS_FILES[market]).read_text().splitlines())
-    bodies = parse_http_lines((DEFAULT_RECORDINGS_DIR / HTTP_FILES[market]).read_text().splitlines())
-    for symbol, body in sorted(bodies.items()):
-        events = [
-            f["data"] for f in frames if f["data"].get("e") == "depthUpdate" and f["data"]["s"] == symbol
-        ]
-        yield symbol, body, events
-
-
 def _replay_book(market: Market, symbol: str, events: int) -> tuple[int, list[list[str]], list[list[str]]]:
     """The fake's own book for a recorded symbol after `events` of its diffs, all levels."""
     replay = DepthReplay(load_recordings().books[(market, symbol)])
@@ -74,7 +58,7 @@ def _replay_book(market: Market, symbol: str, events: int) -> tuple[int, list[li
 @pytest.mark.parametrize("market", ["spot", "futures"])
 def test_engine_syncs_recorded_real_sequences(market: Market) -> None:
     """Recorded snapshot + every recorded diff: 1-5 stale ones dropped, then all apply without a gap."""
-    for symbol, body, events in _recorded(market):
+    for symbol, body, events in recorded_depth(market):
         book = LocalBook.from_snapshot(market, body)
         outcomes = [book.apply(Diff.from_event(event)) for event in events]
         start = outcomes.index(Outcome.APPLIED)
@@ -88,7 +72,7 @@ def test_engine_syncs_recorded_real_sequences(market: Market) -> None:
 def test_engine_applies_futures_diff_ending_at_last_update_id() -> None:
     """USD-M: 3 of 4 recorded first diffs have u == lastUpdateId: applied, where spot's rule drops them."""
     exact = []
-    for symbol, body, events in _recorded("futures"):
+    for symbol, body, events in recorded_depth("futures"):
         book = LocalBook.from_snapshot("futures", body)
         first = next(e for e in events if book.apply(Diff.from_event(e)) is Outcome.APPLIED)
         if first["u"] == body["lastUpdateId"]:
@@ -145,7 +129,7 @@ def test_rebuild_of_recorded_real_data_equals_next_snapshot(
 ) -> None:
     """Real snapshot + real diffs (stale ones too) equal the snapshot the fake serves at the same id."""
     recorded = load_recordings().books[(market, symbol)]
-    _, body, events = next(r for r in _recorded(market) if r[0] == symbol)
+    _, body, events = next(r for r in recorded_depth(market) if r[0] == symbol)
     stale = events[: len(events) - len(recorded.events)]
     replay = DepthReplay(recorded)
     k = 120  # diffs applied before the next snapshot is served

@@ -11,14 +11,26 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from collector.book import AfterRecording, BeforeFirstSnapshot, Diff, InsideGap, LocalBook, SnapshotRef
 from collector.book.engine import Market
 from collector.book.replay import Replay, Verdict, from_ms, iso
 from collector.db.init import init_db
+from collector.fake.recordings import DepthReplay, load_recordings
 from collector.settings import Settings
-from tests.bookdata import cli, generate, levels, rebuild, store_rows, to_time
+from tests.bookdata import (
+    cli,
+    diff_envelope,
+    generate,
+    levels,
+    rebuild,
+    recorded_depth,
+    snapshot_envelope,
+    store_rows,
+    to_time,
+)
 
 
 @pytest.fixture
@@ -146,3 +158,49 @@ def test_replay_verdicts_at_the_boundaries() -> None:
     pins = [(100, 100, 900), (101, 101, 1000)]  # spot: u == lastUpdateId is stale yet shows the book
     assert _verdict(2000, 950, pins) == (Verdict.BOOK, 900)
     assert _verdict(2000, 899, pins) == (Verdict.UNPINNED, None)
+
+
+@pytest.mark.parametrize(("market", "symbol"), [("spot", "NKNUSDT"), ("futures", "SUSHIUSDT")])
+def test_recorded_real_data_either_side_of_a_gap(db: Settings, market: Market, symbol: str) -> None:
+    """Real diffs, one lost: exact at the diff before it, refused 1 ms on, whole at the resync's diff."""
+    recorded = load_recordings().books[(market, symbol)]
+    body, events = next((b, e) for s, b, e in recorded_depth(market) if s == symbol)
+    stale = events[: len(events) - len(recorded.events)]
+    replay = DepthReplay(recorded)
+    lost, resync_after = 60, 99  # the resync snapshot holds the book after event 99, stored 300 ms later
+    diffs = [diff_envelope(market, symbol, orjson.dumps(e), e["E"] + 5) for e in stale]
+    for i, event in enumerate(recorded.events):
+        data = replay.next(event["E"]).data
+        if i == lost - 1:
+            before_id, before_bids, before_asks = replay.snapshot(1000)
+        if i == resync_after:
+            resync_id, resync_bids, resync_asks = replay.snapshot(1000)
+        if i != lost:
+            diffs.append(diff_envelope(market, symbol, data, event["E"] + 5))
+    e_before, e_resync = recorded.events[lost - 1]["E"], recorded.events[resync_after]["E"]
+    e_first = recorded.events[resync_after + 1]["E"]  # the first diff after the resync's state
+    assert e_first < e_resync + 300  # older than the snapshot's stored time, as when a REST reply is slow
+    store_rows(
+        db,
+        diffs,
+        [
+            snapshot_envelope(
+                market, symbol, body["lastUpdateId"], body["bids"], body["asks"], stale[0]["E"]
+            ),
+            snapshot_envelope(market, symbol, resync_id, resync_bids, resync_asks, e_resync + 300),
+        ],
+    )
+    for e, book_id, bids, asks in (
+        (e_before, before_id, before_bids, before_asks),
+        (e_resync, resync_id, resync_bids, resync_asks),
+    ):
+        result = rebuild(db, market, symbol, to_time(e))
+        assert (result.last_update_id, result.as_of) == (book_id, to_time(e))
+        top_bids, top_asks = result.top(1000)
+        assert (top_bids[: len(bids)], top_asks[: len(asks)]) == (levels(bids), levels(asks))
+    assert (
+        rebuild(db, market, symbol, to_time(e_first)).last_update_id == recorded.events[resync_after + 1]["u"]
+    )
+    for refused in (e_before + 1, e_resync - 1):
+        with pytest.raises(InsideGap):
+            rebuild(db, market, symbol, to_time(refused))
