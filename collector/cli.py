@@ -300,8 +300,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Rebuild the order book at TIME from the last stored depth snapshot at or before it "
         "and the stored diffs after it, with Binance's sync rules for the market, and print the top "
         "levels. TIME is exchange time: a diff counts from its event time E, a snapshot from its E "
-        "(futures) or else its receive time (spot). Exit 2 with one line when TIME is before any "
-        "snapshot or falls inside a gap in the stored diffs.",
+        "(futures) or else its receive time (spot). Exit 2 with one line when the stored rows do not "
+        "pin the book at TIME: before any snapshot, inside a gap in the stored diffs, or after the "
+        "last recorded event.",
     )
     book.add_argument("market", choices=["spot", "futures"], metavar="MARKET", help="spot or futures")
     book.add_argument("symbol", metavar="SYMBOL", help="e.g. BTCUSDT")
@@ -310,7 +311,8 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument(
         "--json",
         action="store_true",
-        help='print {"bids": [[price, qty], ...], "asks": ..., "last_update_id": ...}',
+        help="print JSON: market, symbol, at, as_of, last_update_id, snapshot {last_update_id, time}, "
+        "diffs_applied, diffs_skipped, bids and asks ([[price, qty], ...])",
     )
     return parser
 

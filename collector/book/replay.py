@@ -1,14 +1,27 @@
-"""Pure part of rebuilding a book at a time: the replay loop, its result, and why a book cannot be had.
+"""Pure part of rebuilding a book at a time: the replay loop, its verdict, and why a book cannot be had.
 
 - `BookUnavailable` (a `CollectorError`): no trustworthy book exists at the requested time.
   - `BeforeFirstSnapshot`: no depth snapshot is stored at or before it.
   - `InsideGap`: the stored diffs between the snapshot and the time have a hole; carries a `GapReport`.
+  - `AfterRecording`: the time is after the last stored event that pins the book.
+
+When is a book exact at a time T (all at Binance's millisecond)? When the stored rows show the
+book's state at some instant S <= T and show that no update came in (S, T]. A diff pins the state
+at its `E`; a snapshot at its stored time (by convention: see `book_at`). "No update in (S, T]" is
+proved by the next diff in the chain having `E > T`, or by S == T: a symbol's diff events at the
+speeds recorded (@100ms, @250ms, @500ms, @1000ms) never share a millisecond, so whatever follows a
+diff, a hole included, has a later `E`. Several diffs of one symbol in one millisecond would break
+that: a hole right after the diff at T could then hide an update of that same millisecond.
+A snapshot does not pin the instant of its stored time against a hole after it: its state was
+taken before it was received (or sent), and the updates lost right after that state may be older
+than the stored time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import Final
 
 from collector.book.engine import Diff, Level, LocalBook, Market, Outcome
@@ -103,13 +116,47 @@ class InsideGap(BookUnavailable):
         super().__init__(gap.message())
 
 
+class AfterRecording(BookUnavailable):
+    """The time is after the last stored event that pins the book (`as_of`), and no later diff follows.
+
+    `next_snapshot`: a stored snapshot after the time, when the recording goes on with one (its diffs
+    up to it were not stored); None when `as_of` is the last recorded event.
+    """
+
+    def __init__(
+        self,
+        market: Market,
+        symbol: str,
+        at: datetime,
+        as_of: datetime,
+        last_update_id: int,
+        next_snapshot: SnapshotRef | None,
+    ) -> None:
+        self.market, self.symbol, self.at, self.as_of = market, symbol, at, as_of
+        self.last_update_id, self.next_snapshot = last_update_id, next_snapshot
+        if next_snapshot is None:
+            text = (
+                f"{iso(at)} is after the recording: the last stored {market} {symbol} depth event "
+                f"is at {iso(as_of)} (u={last_update_id})"
+            )
+        else:
+            text = (
+                f"{iso(at)} is after the last stored {market} {symbol} depth event, at {iso(as_of)} "
+                f"(u={last_update_id}), and before the next snapshot, at {iso(next_snapshot.time)} "
+                f"(id {next_snapshot.last_update_id}): no stored row says what the book was"
+            )
+        super().__init__(text)
+
+
 @dataclass(frozen=True)
 class BookAt:
     """The book as it stood at `at`: every stored diff with `E <= at` applied to `snapshot`.
 
-    `followed` is True when a stored diff after `at` chains onto the book, which proves no update
-    between the last applied diff and `at` is missing. When False the recording ends (or the symbol
-    went quiet) before any later diff: the book is as of `last_event_time`.
+    `as_of` is the last instant the stored rows pin the book at (the `E` of the last diff it took, or
+    the snapshot's time): the book is the same from `as_of` to `at`. `followed` is True when a stored
+    diff after `at` chains onto the book, which proves no update between `as_of` and `at` is missing;
+    otherwise `as_of == at` (to the millisecond) and either the stored diffs break right after it
+    (`gap_follows`) or none is stored after it.
     """
 
     market: Market
@@ -122,6 +169,8 @@ class BookAt:
     duplicates: int
     last_event_time: datetime | None  # E of the last applied diff; None: the snapshot alone
     followed: bool
+    as_of: datetime
+    gap_follows: bool = False
 
     @property
     def last_update_id(self) -> int:
@@ -132,29 +181,44 @@ class BookAt:
         return self.book.top(depth)
 
 
+class Verdict(Enum):
+    """What a finished replay says about the book at its time."""
+
+    BOOK = "book"  # exact at the time
+    GAP = "gap"  # a hole in the stored diffs may hide updates at or before the time
+    AFTER = "after"  # nothing stored after `as_of`, which is before the time
+    UNPINNED = "unpinned"  # the snapshot is later than the time and no diff pins it by then
+
+
 class Replay:
     """Feeds stored diffs, in `u` order, to a book until the first one after `until_ms`.
 
     `feed` returns False when the replay is over: either a diff past `until_ms` chains onto the book
-    (`followed`) or a diff does not chain (`gap`). A gap found just after `until_ms` still counts:
-    the missing updates lie between the last good diff and that one, and may be before `until_ms`.
+    (`followed`) or a diff does not chain (`gap`). Whether the book is exact at `until_ms` is then
+    `verdict()`; a gap found after `until_ms` may still hide updates before it.
+
+    The snapshot may be later than `until_ms` (a resync snapshot whose first diffs are older than
+    its stored time): the book is then exact only from the first diff that pins it, one with
+    `u >= lastUpdateId` (spot's `u == lastUpdateId`, stale as it is, shows the book equals the snapshot).
     """
 
-    def __init__(self, book: LocalBook, until_ms: int, start_time: datetime) -> None:
+    def __init__(self, book: LocalBook, until_ms: int, snapshot: SnapshotRef) -> None:
         self.book = book
         self.until_ms = until_ms
         self.applied = 0
         self.stale = 0
         self.duplicates = 0
         self.last_event_ms: int | None = None
+        self.pinned_ms: int | None = None  # E of the last diff (<= until_ms) that shows the book's state
         self.followed = False
         self.gap: ChainBreak | None = None
-        self._start_time = start_time
+        self._snapshot = snapshot
+        self._snapshot_ms = to_ms(snapshot.time)
 
     def feed(self, diff: Diff) -> bool:
         outcome = self.book.classify(diff)
         if outcome is Outcome.GAP:
-            last = self._start_time if self.last_event_ms is None else from_ms(self.last_event_ms)
+            last = self._snapshot.time if self.last_event_ms is None else from_ms(self.last_event_ms)
             self.gap = ChainBreak(self.book.update_id, last, diff)
             return False
         if outcome is Outcome.APPLIED:
@@ -163,9 +227,11 @@ class Replay:
                 return False
             self.book.apply(diff)
             self.applied += 1
-            self.last_event_ms = diff.E
+            self.last_event_ms = self.pinned_ms = diff.E
         elif outcome is Outcome.STALE:
             self.stale += 1
+            if diff.u == self.book.update_id and diff.E <= self.until_ms:
+                self.pinned_ms = diff.E  # spot's diff ending at lastUpdateId: the book is the snapshot
         else:
             self.duplicates += 1
         return True
@@ -174,22 +240,46 @@ class Replay:
     def done(self) -> bool:
         return self.followed or self.gap is not None
 
-    def result(self, symbol: str, at: datetime, snapshot: SnapshotRef) -> BookAt:
-        """The book at `at`; call only when there is no gap."""
+    @property
+    def as_of_ms(self) -> int | None:
+        """The last instant <= `until_ms` the stored rows pin the book at; None: none yet."""
+        times = [t for t in (self.pinned_ms, self._snapshot_ms) if t is not None and t <= self.until_ms]
+        return max(times) if times else None
+
+    @property
+    def gap_follows(self) -> bool:
+        """A hole starts right after a diff at `until_ms` itself: the book is exact at that instant."""
+        return self.gap is not None and self.gap.next.E > self.until_ms and self.pinned_ms == self.until_ms
+
+    def verdict(self) -> Verdict:
+        """Whether the book is exact at `until_ms` (see the module docstring for the rule)."""
         if self.gap is not None:
-            raise RuntimeError("a replay that hit a gap has no book")
+            return Verdict.BOOK if self.gap_follows else Verdict.GAP
+        if self.as_of_ms is None:
+            return Verdict.UNPINNED
+        if self.followed or self.as_of_ms == self.until_ms:
+            return Verdict.BOOK
+        return Verdict.AFTER
+
+    def result(self, symbol: str, at: datetime) -> BookAt:
+        """The book at `at`; call only when `verdict()` is `BOOK`."""
+        as_of = self.as_of_ms
+        if self.verdict() is not Verdict.BOOK or as_of is None:
+            raise RuntimeError("the replay has no exact book at its time")
         last = None if self.last_event_ms is None else from_ms(self.last_event_ms)
         return BookAt(
             self.book.market,
             symbol,
             at,
             self.book,
-            snapshot,
+            self._snapshot,
             self.applied,
             self.stale,
             self.duplicates,
             last,
             self.followed,
+            from_ms(as_of),
+            self.gap_follows,
         )
 
 

@@ -15,7 +15,7 @@ from psycopg2.extensions import STATUS_READY
 from psycopg2.extensions import connection as Connection
 
 from collector.book.engine import Diff, Market
-from collector.book.replay import SnapshotRef
+from collector.book.replay import SnapshotRef, from_ms, to_ms
 from collector.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -32,12 +32,24 @@ DIFF_LOOKAHEAD: Final = timedelta(minutes=1)
 LEDGER_SLACK: Final = timedelta(minutes=1)
 
 # The snapshot with the highest lastUpdateId among those taken at or before the time. Its time is
-# the exchange's `E` when Binance sent one (USD-M), else the receive time (spot sends no time).
-_SNAPSHOT_SQL = """
-    SELECT last_update_id, coalesce(event_time, time), (payload->'bids')::text, (payload->'asks')::text
-    FROM depth_snapshots
-    WHERE market_type = %(market)s AND symbol = %(symbol)s AND coalesce(event_time, time) <= %(at)s
+# the exchange's `E` when Binance sent one (USD-M), else the receive time (spot sends no time), which
+# has microseconds: `before` is the millisecond after the time's, so a snapshot counts from its
+# millisecond, the precision of `E`, of `--at` and of the times the messages print.
+_SNAPSHOT_COLUMNS = """
+    last_update_id, coalesce(event_time, time), (payload->'bids')::text, (payload->'asks')::text
+"""
+_SNAPSHOT_SQL = f"""
+    SELECT {_SNAPSHOT_COLUMNS} FROM depth_snapshots
+    WHERE market_type = %(market)s AND symbol = %(symbol)s AND coalesce(event_time, time) < %(before)s
     ORDER BY last_update_id DESC, time DESC
+    LIMIT 1
+"""
+# The first snapshot after the time (by lastUpdateId) that is at least `floor`.
+_LATER_SNAPSHOT_SQL = f"""
+    SELECT {_SNAPSHOT_COLUMNS} FROM depth_snapshots
+    WHERE market_type = %(market)s AND symbol = %(symbol)s AND coalesce(event_time, time) >= %(before)s
+        AND last_update_id >= %(floor)s
+    ORDER BY last_update_id, time
     LIMIT 1
 """
 _FIRST_SNAPSHOT_SQL = """
@@ -120,9 +132,30 @@ def read_transaction(conn: Connection) -> Iterator[None]:
 def find_snapshot(
     conn: Connection, market: Market, symbol: str, at: datetime
 ) -> tuple[SnapshotRef, dict[str, Any]] | None:
-    """The last snapshot at or before `at` and its body (`lastUpdateId`, `bids`, `asks`), or None."""
+    """The last snapshot at or before `at` (to the millisecond) and its body, or None.
+
+    The body is what a book starts from: `lastUpdateId`, `bids`, `asks`.
+    """
+    return _snapshot(conn, _SNAPSHOT_SQL, {"market": market, "symbol": symbol, "before": _next_ms(at)})
+
+
+def later_snapshot(
+    conn: Connection, market: Market, symbol: str, at: datetime, floor: int
+) -> tuple[SnapshotRef, dict[str, Any]] | None:
+    """The snapshot after `at` (to the millisecond) with the least `lastUpdateId >= floor`, or None."""
+    params = {"market": market, "symbol": symbol, "before": _next_ms(at), "floor": floor}
+    return _snapshot(conn, _LATER_SNAPSHOT_SQL, params)
+
+
+def _next_ms(at: datetime) -> datetime:
+    return from_ms(to_ms(at) + 1)
+
+
+def _snapshot(
+    conn: Connection, sql: str, params: dict[str, Any]
+) -> tuple[SnapshotRef, dict[str, Any]] | None:
     with conn.cursor() as cur:
-        cur.execute(_SNAPSHOT_SQL, {"market": market, "symbol": symbol, "at": at})
+        cur.execute(sql, params)
         row = cur.fetchone()
     if row is None:
         return None
