@@ -6,8 +6,8 @@ import orjson
 import psycopg2
 import redis
 
-from collector.binance.rows import make_envelope
 from collector.queue import keys
+from collector.queue.envelope import make_envelope
 
 BASE_MS = 1_764_000_000_000
 

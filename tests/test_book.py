@@ -21,7 +21,6 @@ import orjson
 import pytest
 import redis
 
-from collector.binance.rows import make_envelope
 from collector.book import BeforeFirstSnapshot, Diff, InsideGap, LocalBook, Outcome, book_at, store
 from collector.book.engine import Market, is_stale
 from collector.book.replay import from_ms, iso
@@ -39,6 +38,7 @@ from collector.fake.recordings import (
     parse_ws_lines,
 )
 from collector.queue import keys
+from collector.queue.envelope import make_envelope
 from collector.settings import Settings
 from tests.conftest import TIMEOUT_FACTOR
 

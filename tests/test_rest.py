@@ -22,10 +22,10 @@ from collector.binance.rest import (
     spot_depth_weight,
     used_weight,
 )
-from collector.binance.rows import parse_envelope
 from collector.errors import RateLimited, RestError
 from collector.fake.server import FakeExchange
 from collector.queue import keys
+from collector.queue.envelope import parse_envelope
 from collector.rest.client import RestClient
 from collector.rest.poll import body_problem, poll_depth_snapshots, poll_open_interest
 from collector.retry import is_transient
