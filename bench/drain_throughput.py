@@ -26,7 +26,7 @@ from collector.db.connection import connect
 from collector.db.copy import copy_text
 from collector.db.init import init_db
 from collector.drain import Drainer, build_rows
-from collector.localservices import start_postgres, start_redis
+from collector.local.servers import start_postgres, start_redis
 from collector.queue import keys
 from collector.settings import load_settings
 from tests.factories import agg_trade

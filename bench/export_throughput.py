@@ -30,7 +30,7 @@ from collector.db.connection import connect
 from collector.db.init import init_db
 from collector.export.plan import plan_export, select_statement
 from collector.export.run import prepare_session, read_columns
-from collector.localservices import pg_bin, start_postgres
+from collector.local.servers import pg_bin, start_postgres
 from collector.settings import Settings, load_settings
 from tests.factories import AGG_TRADES_BULK_SQL
 

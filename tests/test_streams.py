@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from collector.binance.streams import connection_plans, table_for_stream
 from collector.fake.server import FakeExchange
-from collector.localservices import LocalService, free_port, start_redis
+from collector.local.servers import LocalService, free_port, start_redis
 from collector.queue import keys
 from collector.queue.client import async_redis_client, redis_client
 from collector.queue.envelope import make_envelope, parse_envelope
