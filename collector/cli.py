@@ -160,7 +160,7 @@ def _cmd_fake_exchange(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
-    from collector.localservices import services_command
+    from collector.local.services import services_command
 
     return services_command(args.action, args.dir)
 
@@ -347,7 +347,7 @@ def _adopt_running_stack(command: str) -> str | None:
 
     from dotenv import dotenv_values
 
-    from collector.localservices import NO_STACK, running_stack
+    from collector.local.stack import NO_STACK, running_stack
 
     if command not in OPERATOR_COMMANDS:
         return None

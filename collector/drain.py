@@ -24,13 +24,14 @@ import redis
 from psycopg2.extensions import connection as Connection
 
 from collector.audit import BatchOutcome, contiguous_ranges, record_ranges, tag_of
-from collector.binance.rows import Row, parse_envelope, split_envelope
+from collector.binance.rows import Row
 from collector.db.copy import CopyResult, copy_rows, copy_text
 from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.queue.deadletter import DeadLetter
 from collector.queue.drain_summary import DrainSummaries
+from collector.queue.envelope import parse_envelope, split_envelope
 from collector.queue.locks import RedisLock, drain_lock
 from collector.settings import Settings
 

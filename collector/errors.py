@@ -41,10 +41,3 @@ class RateLimited(RestError):
     def __init__(self, message: str, status: int, retry_after_s: float) -> None:
         super().__init__(message, status)
         self.retry_after_s = retry_after_s
-
-
-def is_retryable(error: BaseException) -> bool:
-    """True when trying the same operation again later may succeed: `collector.retry.is_transient`."""
-    from collector.retry import is_transient  # collector.retry imports this module's classes
-
-    return is_transient(error)

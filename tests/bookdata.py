@@ -19,7 +19,6 @@ from typing import Any
 import orjson
 import redis
 
-from collector.binance.rows import make_envelope
 from collector.book import book_at
 from collector.book.engine import Market
 from collector.book.replay import from_ms
@@ -34,6 +33,7 @@ from collector.fake.recordings import (
     parse_ws_lines,
 )
 from collector.queue import keys
+from collector.queue.envelope import make_envelope
 from collector.settings import Settings
 from tests.conftest import TIMEOUT_FACTOR
 

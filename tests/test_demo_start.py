@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from collector.fake.server import FakeExchange, base_urls
-from collector.localservices import free_port
+from collector.local.servers import free_port
 from collector.settings import Settings
 from tests.processes import BIN, TIMEOUT_FACTOR, Process, wait_until
 

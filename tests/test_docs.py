@@ -23,7 +23,7 @@ from collector import cli
 from collector.binance.rest import open_interest_request
 from collector.export.plan import RELATIONS
 from collector.fake.control import Controls
-from collector.localservices import services_config
+from collector.local.services import services_config
 from collector.rest import planner
 from collector.rest.poll import MANUAL_MAX_WAIT_S
 from collector.settings import Settings

@@ -13,7 +13,7 @@ import redis
 from collector.db.connection import connect, ensure_database
 from collector.db.init import init_db
 from collector.drain import Drainer
-from collector.localservices import LocalService, start_postgres
+from collector.local.servers import LocalService, start_postgres
 from collector.queue import keys
 from collector.queue.batches import BatchQueue, inflight_length
 from collector.settings import Settings, load_settings
@@ -257,7 +257,7 @@ def test_drain_task_waits_out_transient_failures_and_raises_permanent_ones(
 ) -> None:
     """PostgreSQL unreachable (transient): one warning for many runs and the batch kept. A missing table
     (permanent): the task raises, and once the schema exists the next run stores everything."""
-    from collector.localservices import free_port
+    from collector.local.servers import free_port
     from collector.settings import get_settings
     from collector.tasks import ingest
 

@@ -29,7 +29,7 @@ from collector.db.schema import TIME_COLUMNS
 from collector.drain import Drainer
 from collector.errors import ConfigError
 from collector.export.plan import RELATIONS, parse_time, plan_export
-from collector.localservices import LocalService
+from collector.local.servers import LocalService
 from collector.queue import keys
 from collector.settings import Settings, load_settings
 from tests import factories

@@ -12,14 +12,8 @@ import psycopg2
 import pytest
 import redis
 
-from collector.localservices import (
-    free_port,
-    running_postgres,
-    running_redis,
-    services_command,
-    services_config,
-    timescaledb_installed,
-)
+from collector.local.servers import free_port, timescaledb_installed
+from collector.local.services import running_postgres, running_redis, services_command, services_config
 
 LOCAL_VARIABLES = ("LOCAL_SERVICES", "LOCAL_DATABASE_NAME", "LOCAL_REDIS_DB")
 

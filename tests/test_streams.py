@@ -22,16 +22,16 @@ import redis
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from collector.binance.rows import make_envelope, parse_envelope
 from collector.binance.streams import connection_plans, table_for_stream
 from collector.fake.server import FakeExchange
-from collector.localservices import LocalService, free_port, start_redis
+from collector.local.servers import LocalService, free_port, start_redis
 from collector.queue import keys
 from collector.queue.client import async_redis_client, redis_client
-from collector.rest.resync import snapshot_fetcher
+from collector.queue.envelope import make_envelope, parse_envelope
 from collector.settings import Settings, load_settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
 from collector.streams.ledger import GapLedger
+from collector.streams.resync import snapshot_fetcher
 from collector.streams.runner import StreamProcess, build
 from collector.streams.runner import serve as serve_process
 from collector.streams.sink import Sink, SinkOptions

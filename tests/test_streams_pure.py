@@ -9,8 +9,8 @@ import orjson
 import pytest
 import redis.asyncio
 
-from collector.binance.rows import make_envelope, parse_envelope
 from collector.binance.streams import ConnectionPlan
+from collector.queue.envelope import make_envelope, parse_envelope
 from collector.streams.backoff import Reconnects, backoff_delays
 from collector.streams.handler import FrameHandler
 from collector.streams.routing import route
