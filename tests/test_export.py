@@ -66,6 +66,11 @@ def _database(pg: LocalService, redis_server: LocalService, tag: str, **override
         **overrides,
     )
     init_db(settings)
+    # The session's Redis is shared: an earlier test's stream process may have left envelopes queued,
+    # which _drain would store here too (as the `redis_url` fixture does, start from an empty Redis).
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushall()
+    client.close()
     try:
         yield settings
     finally:
