@@ -38,7 +38,37 @@ refuse_if_running() { # refuse_if_running PIDFILE
 # The env file is written under a scratch name and takes its own only once `collector init-db` has
 # accepted the settings: a start that fails (a bad variable, a server down) leaves the last good one.
 STAGED=
-trap '[[ -z "$STAGED" ]] || rm -f "$STAGED"' EXIT
+# The local servers this start started (redis,postgresql): a start that fails before honcho runs
+# stops them again, so nothing it started outlives it. Servers that already ran (another stack's,
+# or a `make services-up`) are left alone.
+STARTED=
+
+end_of_failed_start() { # the EXIT trap: runs on every exit before honcho replaces this shell
+    local status=$?
+    [[ -z "$STAGED" ]] || rm -f "$STAGED"
+    if ((status != 0)) && [[ -n "$STARTED" ]]; then
+        if LOCAL_SERVICES=$STARTED collector services down --dir "$VAR" 2>/dev/null; then
+            echo "make $MODE: the start failed; stopped the local ${STARTED/,/ and } it had started" >&2
+        else
+            echo "make $MODE: the start failed, and stopping the local $STARTED failed too; try: make stop" >&2
+        fi
+    fi
+    exit "$status"
+}
+trap end_of_failed_start EXIT
+# Ctrl-C or `make stop` during the start: exit through the trap above (bash skips it when killed).
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_local_services() { # start_local_services NAMES: their URLs into $STAGED; those started in $STARTED
+    local log status=0
+    log=$(LOCAL_SERVICES=$1 collector services up --dir "$VAR" 2>&1 >"$STAGED") || status=$?
+    [[ -z "$log" ]] || printf '%s\n' "$log" >&2
+    # `collector services up` says `NAME: started on ...` for each server it started (and stops
+    # them again itself when it fails).
+    STARTED=$(sed -nE 's/^(redis|postgresql): started on .*/\1/p' <<<"$log" | paste -sd, -)
+    return "$status"
+}
 
 stage_envfile() { # stage_envfile ENVFILE: a scratch file beside it, named in $STAGED
     STAGED=$(mktemp "$1.XXXXXX")
@@ -71,10 +101,10 @@ run() {
     configured DATABASE_URL || need+=(postgresql)
     stage_envfile "$envfile"
     if ((${#need[@]})); then
-        LOCAL_SERVICES=$(
+        start_local_services "$(
             IFS=,
             echo "${need[*]}"
-        ) collector services up --dir "$VAR" >"$STAGED"
+        )"
     fi
     load_and_check "$envfile"
     echo "starting streams, worker-ingest and worker-rest (Celery pools), beat, web (:${WEB_PORT:-8000}) and flower (:${FLOWER_PORT:-5555}); Ctrl-C stops them" >&2
@@ -85,8 +115,7 @@ demo() {
     local envfile="$VAR/demo.env"
     refuse_if_running "$VAR/demo.pid"
     stage_envfile "$envfile"
-    LOCAL_SERVICES=redis,postgresql LOCAL_REDIS_DB=1 LOCAL_DATABASE_NAME=collector_demo \
-        collector services up --dir "$VAR" >"$STAGED"
+    LOCAL_REDIS_DB=1 LOCAL_DATABASE_NAME=collector_demo start_local_services redis,postgresql
     cat >>"$STAGED" <<EOF
 SPOT_SYMBOLS=BTCUSDT,ETHUSDT
 FUTURES_SYMBOLS=BTCUSDT,ETHUSDT
@@ -124,10 +153,11 @@ stop() {
         fi
         rm -f "$pidfile"
     done
-    collector services down --dir "$VAR"
+    LOCAL_SERVICES=redis,postgresql collector services down --dir "$VAR"
 }
 
-case "${1:-}" in
+MODE=${1:-}
+case "$MODE" in
 run | demo | stop) "$1" ;;
 *)
     echo "usage: $0 run|demo|stop" >&2

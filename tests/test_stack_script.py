@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import redis
 
 from collector.db.init import init_db
+from collector.localservices import free_port, running_postgres, running_redis, services_command
 from collector.queue.batches import inflight_length
 from collector.settings import Settings
 from tests import factories
@@ -54,6 +56,48 @@ def test_a_start_with_a_bad_setting_leaves_the_env_file_as_it_was(
     assert "SPOT_SYMBOLS" in done.stderr
     assert env_file.read_text() == "REDIS_URL=redis://127.0.0.1:16379/1\n"
     assert sorted(path.name for path in var.iterdir()) == [env_file.name]
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("redis_already_ran", [False, True], ids=["redis-started", "redis-was-running"])
+def test_a_failed_start_stops_the_local_servers_it_started(
+    tmp_path: Path, redis_already_ran: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` with REDIS_URL unset and a DATABASE_URL that cannot be reached: it starts a local
+    Redis, init-db fails, and that Redis is stopped again (one line says so); a Redis that already
+    ran before the start (another stack's) is left running."""
+    var = tmp_path / "var"
+    redis_port = free_port()
+    database_url = f"postgresql://postgres:wrong@127.0.0.1:{free_port()}/collector"  # nothing listens
+    env = {"DATABASE_URL": database_url, "LOCAL_REDIS_PORT": str(redis_port)}
+    monkeypatch.setenv("LOCAL_REDIS_PORT", str(redis_port))
+    monkeypatch.setenv("LOCAL_SERVICES", "redis")
+    try:
+        if redis_already_ran:  # as `make services-up` (or a running `make demo`) leaves it
+            assert services_command("up", str(var)) == 0
+        done = _stack(tmp_path, "run", env)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr, done.stderr
+        lines = done.stderr.splitlines()
+        assert any(line.startswith("collector: PostgreSQL at ") for line in lines), done.stderr
+        assert running_postgres(var) is None
+        if redis_already_ran:
+            assert lines[0].startswith("redis: already running on ")
+            assert "stopped" not in done.stderr
+            assert running_redis(var) is not None and _port_open(redis_port)
+        else:
+            assert lines[0].startswith(f"redis: started on 127.0.0.1:{redis_port} ")
+            assert lines[-1] == "make run: the start failed; stopped the local redis it had started"
+            assert running_redis(var) is None and not _port_open(redis_port)
+    finally:
+        services_command("down", str(var))
 
 
 def test_a_good_start_writes_the_env_file_then_starts_the_procfile(

@@ -222,6 +222,26 @@ def _postgres_down(root: Path) -> bool:
     return True
 
 
+_DOWN = {"redis": _redis_down, "postgresql": _postgres_down}
+
+
+def _up(root: Path, config: ServicesConfig) -> None:
+    """Start each configured server that does not run; on a failure, stop those this call started
+    (a Redis left without its PostgreSQL would outlive the failed start) and raise."""
+    started: list[str] = []
+    try:
+        for name in config.services:
+            port, new = _redis_up(root, config) if name == "redis" else _postgres_up(root, config)
+            started += [name] if new else []
+            state = "started" if new else "already running"
+            print(f"{name}: {state} on 127.0.0.1:{port} (data in {root / DATA_DIRS[name]})", file=sys.stderr)
+    except BaseException:
+        for name in reversed(started):
+            _DOWN[name](root)
+            print(f"{name}: stopped again (this start failed)", file=sys.stderr)
+        raise
+
+
 def _print_urls(root: Path, config: ServicesConfig) -> bool:
     """Print `NAME=url` for each configured service that runs; False when one does not."""
     all_running = True
@@ -252,20 +272,18 @@ def services_command(action: str, directory: str) -> int:
     """`collector services up|down|env --dir DIR`: manage a private Redis and PostgreSQL in DIR.
 
     `up` starts whichever of them does not run yet (ports LOCAL_REDIS_PORT / LOCAL_POSTGRES_PORT,
-    default 16379 / 15432) and prints `REDIS_URL=...` and `DATABASE_URL=...` on stdout; `env` only
-    prints them (exit 1 when one is not running); `down` stops both. Every action is idempotent.
-    Progress goes to stderr so stdout can be saved as an env file. Exit 2 on an error, with one line.
+    default 16379 / 15432) and prints `REDIS_URL=...` and `DATABASE_URL=...` on stdout; an `up` that
+    fails stops again what it started. `env` only prints them (exit 1 when one is not running); `down`
+    stops them. LOCAL_SERVICES names the ones each action handles (default both). Every action is
+    idempotent. Progress goes to stderr (`NAME: started ...`, which scripts/stack.sh reads) so stdout
+    can be saved as an env file. Exit 2 on an error, with one line.
     """
     root = Path(directory)
     try:
         config = services_config()
         if action == "up":
             root.mkdir(parents=True, exist_ok=True)
-            for name in config.services:
-                port, started = _redis_up(root, config) if name == "redis" else _postgres_up(root, config)
-                state = "started" if started else "already running"
-                where = root / DATA_DIRS[name]
-                print(f"{name}: {state} on 127.0.0.1:{port} (data in {where})", file=sys.stderr)
+            _up(root, config)
             return 0 if _print_urls(root, config) else 2
         if action == "env":
             stack = running_stack(root)
@@ -273,8 +291,8 @@ def services_command(action: str, directory: str) -> int:
                 return _print_stack_urls(*stack)
             return 0 if _print_urls(root, config) else 1
         if action == "down":
-            for name, stop in (("redis", _redis_down), ("postgresql", _postgres_down)):
-                print(f"{name}: {'stopped' if stop(root) else 'not running'}", file=sys.stderr)
+            for name in config.services:
+                print(f"{name}: {'stopped' if _DOWN[name](root) else 'not running'}", file=sys.stderr)
             return 0
         raise ValueError(f"unknown action {action!r} (up, down or env)")
     except (ValueError, RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
