@@ -17,6 +17,10 @@ VAR=var
 # honcho sends SIGTERM to every process, then SIGKILL after this many seconds (its default is 5).
 # worker-ingest finishes its running drain first (DRAIN_RUN_MAX_S, 20 s by default).
 STOP_GRACE_S=${STOP_GRACE_S:-30}
+# Every process's output also goes to $VAR/log/<run|demo>/<process>.log (scripts/run_procfile.py),
+# rotated past this size and kept in this many older files each: at most 6 x 10 MiB per process.
+STACK_LOG_MAX_BYTES=${STACK_LOG_MAX_BYTES:-10485760}
+STACK_LOG_BACKUPS=${STACK_LOG_BACKUPS:-5}
 DEMO_EXCHANGE_PORT=19443 # also written in Procfile.demo
 
 mkdir -p "$VAR"
@@ -84,14 +88,14 @@ load_and_check() { # load_and_check ENVFILE: $STAGED's settings into this shell,
     STAGED=
 }
 
-honcho_start() { # honcho_start PROCFILE ENVFILE PIDFILE
+honcho_start() { # honcho_start PROCFILE ENVFILE PIDFILE: honcho replaces this shell (its pid in PIDFILE)
+    local logs="$VAR/log/$MODE"
     echo $$ >"$3"
+    echo "logs: $logs/<process>.log, rotated at $STACK_LOG_MAX_BYTES bytes, $STACK_LOG_BACKUPS older files kept" >&2
     # The env file comes after .env, so its values win over .env's in every process.
-    exec python -c 'import sys
-import honcho.command, honcho.manager
-honcho.manager.KILL_WAIT = int(sys.argv.pop(1))
-sys.argv[0] = "honcho"
-honcho.command.main()' "$STOP_GRACE_S" start -f "$1" -e ".env,$2"
+    exec python scripts/run_procfile.py --kill-wait "$STOP_GRACE_S" --log-dir "$logs" \
+        --log-max-bytes "$STACK_LOG_MAX_BYTES" --log-backups "$STACK_LOG_BACKUPS" \
+        -- start -f "$1" -e ".env,$2"
 }
 
 run() {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,8 @@ VENV = Path(sys.executable).parent.parent
 def _stack_command(where: Path, mode: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """`scripts/stack.sh mode` copied into `where` (its var/ and Procfiles are `where`'s), and its env."""
     (where / "scripts").mkdir(exist_ok=True)
-    shutil.copy(ROOT / "scripts" / "stack.sh", where / "scripts" / "stack.sh")
+    for script in ("stack.sh", "run_procfile.py"):
+        shutil.copy(ROOT / "scripts" / script, where / "scripts" / script)
     hidden = {"REDIS_URL", "DATABASE_URL", "SPOT_SYMBOLS", "FUTURES_SYMBOLS"}
     base = {key: value for key, value in os.environ.items() if key not in hidden}
     return ["bash", str(where / "scripts" / "stack.sh"), mode], {**base, "VENV": str(VENV), **env}
@@ -100,23 +102,53 @@ def test_a_failed_start_stops_the_local_servers_it_started(
         services_command("down", str(var))
 
 
+_HONCHO_LINE = re.compile(r"^\d\d:\d\d:\d\d (\S+?)\s*\| (.*)$")  # `12:00:00 streams.1 | text`
+
+
+def _terminal_lines(output: str, process: str) -> list[str]:
+    """The lines honcho printed for `process` (`streams.1`, `system`), without its prefix."""
+    found = (_HONCHO_LINE.match(line) for line in output.splitlines())
+    return [match.group(2) for match in found if match and match.group(1) == process]
+
+
+def _logged_lines(log_dir: Path, name: str) -> list[str]:
+    """The lines of `name`.log and its rotated files, oldest first."""
+    paths = sorted(log_dir.glob(f"{name}.log.*"), key=lambda path: -int(path.suffix[1:]))
+    return [line for path in [*paths, log_dir / f"{name}.log"] for line in path.read_text().splitlines()]
+
+
 def test_a_good_start_writes_the_env_file_then_starts_the_procfile(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """With good settings the env file is written in full before honcho starts the Procfile's processes."""
+    """With good settings the env file is written in full before honcho starts the Procfile's processes;
+    each process's output reaches the terminal and var/log/run/<process>.log, rotated at the size asked."""
     (tmp_path / "Procfile").write_text(
-        "probe: python -c \"import os; print('probe DEMO_VALUE=' + os.environ['DEMO_VALUE'])\"\n"
+        "probe: python -c \"import os; print('probe DEMO_VALUE=' + os.environ['DEMO_VALUE']); "
+        "[print(f'line {i:03d} of the probe') for i in range(60)]\"\n"
     )
     env_file = tmp_path / "var" / "run.env"
     env_file.parent.mkdir()
     env_file.write_text("stale\n")
     (tmp_path / ".env").write_text("DEMO_VALUE=from-dotenv\n")
     env = {"REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url}
+    max_bytes, backups = 300, 2
+    env |= {"STACK_LOG_MAX_BYTES": str(max_bytes), "STACK_LOG_BACKUPS": str(backups)}
     done = _stack(tmp_path, "run", env)
     assert done.returncode == 0, done.stderr
     assert "probe DEMO_VALUE=from-dotenv" in done.stdout
     assert env_file.read_text() == ""  # nothing to add: the servers are the configured ones
-    assert sorted(path.name for path in env_file.parent.iterdir()) == ["run.env", "run.pid"]
+    assert sorted(path.name for path in env_file.parent.iterdir()) == ["log", "run.env", "run.pid"]
+
+    logs = tmp_path / "var" / "log" / "run"
+    names = ["probe.log", *(f"probe.log.{n}" for n in range(1, backups + 1))]
+    assert sorted(path.name for path in logs.iterdir()) == sorted(["honcho.log", *names])
+    assert all((logs / name).stat().st_size <= max_bytes for name in names)
+    printed = _terminal_lines(done.stdout, "probe.1")
+    assert printed[0] == "probe DEMO_VALUE=from-dotenv" and len(printed) == 61
+    kept = _logged_lines(logs, "probe")
+    assert kept == printed[-len(kept) :] and len(kept) > 10  # the newest lines, none cut or lost
+    honcho_lines = (logs / "honcho.log").read_text().splitlines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d probe\.1 started \(pid=\d+\)", honcho_lines[0])
 
 
 def test_make_stop_lets_the_running_drain_finish(
@@ -172,3 +204,9 @@ def test_make_stop_lets_the_running_drain_finish(
         "the drain stopped at make stop instead of finishing its run"
     )
     assert inflight_length(redis_conn, "agg_trades") == 0
+    # Every line the worker printed, its shutdown included, is in its log file after make stop.
+    logs = tmp_path / "var" / "log" / "run"
+    printed = _terminal_lines(log, "worker-ingest.1")
+    assert any(" ready." in line for line in printed) and any("Warm shutdown" in line for line in printed)
+    assert _logged_lines(logs, "worker-ingest") == printed
+    assert " worker-ingest.1 stopped (rc=" in _logged_lines(logs, "honcho")[-1]
