@@ -7,6 +7,9 @@
 #                           with its own Redis database (1) and PostgreSQL database (collector_demo)
 #                           so it never mixes with a live run; Procfile.demo
 #   scripts/stack.sh stop   stop a running run/demo, then the local servers
+#
+# Each process's output also goes to var/log/run/ or var/log/demo/ (<process>.log, rotated). A start
+# that fails before honcho runs stops the local servers it started itself.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
