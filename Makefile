@@ -6,8 +6,8 @@
 #   make demo     the same stack against the built-in fake exchange, printing rows as they arrive
 #   make stop     stop a running `make run` / `make demo` and the local servers
 #
-# `make run` and `make demo` show every process's output and also keep it in var/log/run/ and
-# var/log/demo/ (one file per process, rotated: scripts/run_procfile.py).
+# `make run` and `make demo` show every process's output and also keep it in var/log/<process>.log
+# (make demo: var/log/demo/<process>.log), one file per process, rotated (scripts/run_procfile.py).
 #
 # Everything runs from the virtual environment .venv (made by `make install`).
 

@@ -1,6 +1,6 @@
 """`honcho start` for scripts/stack.sh, with a stop grace of our own and every process's log in files.
 
-    python scripts/run_procfile.py --kill-wait 30 --log-dir var/log/run -- start -f Procfile -e .env
+    python scripts/run_procfile.py --kill-wait 30 --log-dir var/log -- start -f Procfile -e .env
 
 Each line a process writes still reaches the terminal exactly as honcho prints it (colours and all),
 and also `<log dir>/<process>.log` (`streams.log`, `worker-ingest.log`...; honcho's own lines, such

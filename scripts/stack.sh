@@ -8,7 +8,7 @@
 #                           so it never mixes with a live run; Procfile.demo
 #   scripts/stack.sh stop   stop a running run/demo, then the local servers
 #
-# Each process's output also goes to var/log/run/ or var/log/demo/ (<process>.log, rotated). A start
+# Each process's output also goes to var/log/<process>.log (make demo: var/log/demo/), rotated. A start
 # that fails before honcho runs stops the local servers it started itself.
 set -euo pipefail
 
@@ -20,8 +20,9 @@ VAR=var
 # honcho sends SIGTERM to every process, then SIGKILL after this many seconds (its default is 5).
 # worker-ingest finishes its running drain first (DRAIN_RUN_MAX_S, 20 s by default).
 STOP_GRACE_S=${STOP_GRACE_S:-30}
-# Every process's output also goes to $VAR/log/<run|demo>/<process>.log (scripts/run_procfile.py),
-# rotated past this size and kept in this many older files each: at most 6 x 10 MiB per process.
+# Every process's output also goes to $VAR/log/<process>.log (scripts/run_procfile.py), the demo's to
+# $VAR/log/demo/ (both may run at once, with the same process names), rotated past this size and kept
+# in this many older files each: at most 6 x 10 MiB per process by default.
 STACK_LOG_MAX_BYTES=${STACK_LOG_MAX_BYTES:-10485760}
 STACK_LOG_BACKUPS=${STACK_LOG_BACKUPS:-5}
 DEMO_EXCHANGE_PORT=19443 # also written in Procfile.demo
@@ -91,8 +92,8 @@ load_and_check() { # load_and_check ENVFILE: $STAGED's settings into this shell,
     STAGED=
 }
 
-honcho_start() { # honcho_start PROCFILE ENVFILE PIDFILE: honcho replaces this shell (its pid in PIDFILE)
-    local logs="$VAR/log/$MODE"
+honcho_start() { # honcho_start PROCFILE ENVFILE PIDFILE LOGDIR: honcho replaces this shell (pid in PIDFILE)
+    local logs=$4
     echo $$ >"$3"
     echo "logs: $logs/<process>.log, rotated at $STACK_LOG_MAX_BYTES bytes, $STACK_LOG_BACKUPS older files kept" >&2
     # The env file comes after .env, so its values win over .env's in every process.
@@ -115,7 +116,7 @@ run() {
     fi
     load_and_check "$envfile"
     echo "starting streams, worker-ingest and worker-rest (Celery pools), beat, web (:${WEB_PORT:-8000}) and flower (:${FLOWER_PORT:-5555}); Ctrl-C stops them" >&2
-    honcho_start Procfile "$envfile" "$VAR/run.pid"
+    honcho_start Procfile "$envfile" "$VAR/run.pid" "$VAR/log"
 }
 
 demo() {
@@ -142,7 +143,7 @@ FLOWER_PORT=5556
 EOF
     load_and_check "$envfile"
     echo "demo: fake exchange on :$DEMO_EXCHANGE_PORT, web on :8001, flower on :5556, alerts in $VAR/demo-alert.log; Ctrl-C stops it" >&2
-    honcho_start Procfile.demo "$envfile" "$VAR/demo.pid"
+    honcho_start Procfile.demo "$envfile" "$VAR/demo.pid" "$VAR/log/demo"
 }
 
 stop() {

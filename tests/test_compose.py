@@ -45,13 +45,9 @@ SECRETS = ("FLOWER_PASSWORD", "POSTGRES_PASSWORD")
 MONITORING_SECRETS = ("GRAFANA_ADMIN_PASSWORD",)
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 # Variables of .env.example that only docker-compose.yml reads (interpolation), not the collector.
-COMPOSE_ONLY_VARIABLES = {
-    "POSTGRES_PASSWORD",
-    "GRAFANA_ADMIN_PASSWORD",
-    "GRAFANA_PORT",
-    "PROMETHEUS_PORT",
-    "COMPOSE_FILE",
-}
+COMPOSE_ONLY_VARIABLES = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_PORT", "PROMETHEUS_PORT"}
+# Read by the docker compose command itself (from .env too), not interpolated into the files.
+COMPOSE_CLI_VARIABLES = {"COMPOSE_FILE"}
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*)|(:?\?)([^}]*))?\}")
 SAMPLE_SECRET = "sample-secret"  # what a required `${VAR:?message}` stands for in these readings
@@ -62,10 +58,10 @@ def _compose() -> dict[str, Any]:
     merged: dict[str, Any] = yaml.safe_load((ROOT / COMPOSE_FILES[0]).read_text())
     for name in COMPOSE_FILES[1:]:
         extra = yaml.safe_load((ROOT / name).read_text())
-        for section in ("services", "volumes"):
-            overlap = set(merged.get(section) or {}) & set(extra.get(section) or {})
-            assert not overlap, f"{name} redefines {section} {overlap}"
-            merged.setdefault(section, {}).update(extra.get(section) or {})
+        for part in ("services", "volumes"):
+            overlap = set(merged.get(part) or {}) & set(extra.get(part) or {})
+            assert not overlap, f"{name} redefines {part} {overlap}"
+            merged.setdefault(part, {}).update(extra.get(part) or {})
     return merged
 
 
@@ -515,7 +511,7 @@ def _compose_config(
     (where / ".env").unlink(missing_ok=True)
     if dotenv is not None:
         (where / ".env").write_text(dotenv)
-    hidden = SETTING_NAMES | COMPOSE_ONLY_VARIABLES
+    hidden = SETTING_NAMES | COMPOSE_ONLY_VARIABLES  # and COMPOSE_FILE, COMPOSE_PROFILES...
     env = {k: v for k, v in os.environ.items() if k not in hidden and not k.startswith("COMPOSE_")}
     flags = [arg for name in files for arg in ("-f", name)]
     return subprocess.run(
@@ -659,7 +655,8 @@ def test_env_example_names_only_settings() -> None:
         if not match:
             continue
         name = match.group(2)
-        assert name in SETTING_NAMES | COMPOSE_ONLY_VARIABLES, f".env.example: {name} is not a setting"
+        known = SETTING_NAMES | COMPOSE_ONLY_VARIABLES | COMPOSE_CLI_VARIABLES
+        assert name in known, f".env.example: {name} is not a setting"
         if not match.group(1) and name in SETTING_NAMES:
             active[name.lower()] = match.group(3)
     for name in ("redis_url", "database_url"):

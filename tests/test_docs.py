@@ -183,18 +183,19 @@ def test_local_services_defaults_in_the_configuration_docs() -> None:
 
 
 def test_compose_defaults_in_the_configuration_docs() -> None:
-    """Compose's own variables are documented with the default docker-compose.yml gives them."""
-    compose = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    """Compose's own variables are documented with the default the compose files give them."""
+    files = ("docker-compose.yml", "docker-compose.monitoring.yml")
+    compose = "".join((ROOT / name).read_text(encoding="utf-8") for name in files)
     rows = table_rows(section(CONFIGURATION_MD, "Only for Docker Compose"))
     assert rows
     for name, default, *_ in rows:
         name, default = name.strip("`"), _documented_default(default)
         forms = set(re.findall(r"\$\{" + name + r"(:?[-?])([^}]*)\}", compose))
-        assert forms, f"docker-compose.yml does not read {name}"
+        assert forms, f"no compose file reads {name}"
         if "required" in default:
             assert all(op.endswith("?") or value == "" for op, value in forms), f"{name}: {forms}"
         else:
-            assert forms == {(":-", default)}, f"{name}: docs say {default!r}, docker-compose.yml {forms}"
+            assert forms == {(":-", default)}, f"{name}: docs say {default!r}, the compose files {forms}"
 
 
 def test_exportable_relations_in_the_docs_are_those_export_accepts() -> None:

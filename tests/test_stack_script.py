@@ -121,7 +121,7 @@ def test_a_good_start_writes_the_env_file_then_starts_the_procfile(
     settings: Settings, tmp_path: Path
 ) -> None:
     """With good settings the env file is written in full before honcho starts the Procfile's processes;
-    each process's output reaches the terminal and var/log/run/<process>.log, rotated at the size asked."""
+    each process's output reaches the terminal and var/log/<process>.log, rotated at the size asked."""
     (tmp_path / "Procfile").write_text(
         "probe: python -c \"import os; print('probe DEMO_VALUE=' + os.environ['DEMO_VALUE']); "
         "[print(f'line {i:03d} of the probe') for i in range(60)]\"\n"
@@ -139,7 +139,7 @@ def test_a_good_start_writes_the_env_file_then_starts_the_procfile(
     assert env_file.read_text() == ""  # nothing to add: the servers are the configured ones
     assert sorted(path.name for path in env_file.parent.iterdir()) == ["log", "run.env", "run.pid"]
 
-    logs = tmp_path / "var" / "log" / "run"
+    logs = tmp_path / "var" / "log"
     names = ["probe.log", *(f"probe.log.{n}" for n in range(1, backups + 1))]
     assert sorted(path.name for path in logs.iterdir()) == sorted(["honcho.log", *names])
     assert all((logs / name).stat().st_size <= max_bytes for name in names)
@@ -149,6 +149,23 @@ def test_a_good_start_writes_the_env_file_then_starts_the_procfile(
     assert kept == printed[-len(kept) :] and len(kept) > 10  # the newest lines, none cut or lost
     honcho_lines = (logs / "honcho.log").read_text().splitlines()
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d probe\.1 started \(pid=\d+\)", honcho_lines[0])
+
+
+def test_demo_keeps_its_logs_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` writes its processes' logs under var/log/demo/, apart from a live run's var/log/."""
+    (tmp_path / "Procfile.demo").write_text("probe: python -c \"print('demo probe')\"\n")
+    ports = {"LOCAL_REDIS_PORT": str(free_port()), "LOCAL_POSTGRES_PORT": str(free_port())}
+    for name, value in ports.items():
+        monkeypatch.setenv(name, value)
+    try:
+        done = _stack(tmp_path, "demo", ports)
+        assert done.returncode == 0, done.stderr
+    finally:
+        services_command("down", str(tmp_path / "var"))
+    logs = tmp_path / "var" / "log"
+    assert sorted(path.name for path in logs.iterdir()) == ["demo"]
+    assert (logs / "demo" / "probe.log").read_text() == "demo probe\n"
+    assert "logs: var/log/demo/<process>.log" in done.stderr
 
 
 def test_make_stop_lets_the_running_drain_finish(
@@ -205,7 +222,7 @@ def test_make_stop_lets_the_running_drain_finish(
     )
     assert inflight_length(redis_conn, "agg_trades") == 0
     # Every line the worker printed, its shutdown included, is in its log file after make stop.
-    logs = tmp_path / "var" / "log" / "run"
+    logs = tmp_path / "var" / "log"
     printed = _terminal_lines(log, "worker-ingest.1")
     assert any(" ready." in line for line in printed) and any("Warm shutdown" in line for line in printed)
     assert _logged_lines(logs, "worker-ingest") == printed
