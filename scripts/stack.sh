@@ -55,10 +55,12 @@ end_of_failed_start() { # the EXIT trap: runs on every exit before honcho replac
     local status=$?
     [[ -z "$STAGED" ]] || rm -f "$STAGED"
     if ((status != 0)) && [[ -n "$STARTED" ]]; then
+        local what="the start failed"
+        ((status != 130 && status != 143)) || what="the start was interrupted"
         if LOCAL_SERVICES=$STARTED collector services down --dir "$VAR" 2>/dev/null; then
-            echo "make $MODE: the start failed; stopped the local ${STARTED/,/ and } it had started" >&2
+            echo "make $MODE: $what; stopped the local ${STARTED/,/ and } it had started" >&2
         else
-            echo "make $MODE: the start failed, and stopping the local $STARTED failed too; try: make stop" >&2
+            echo "make $MODE: $what, and stopping the local $STARTED failed too; try: make stop" >&2
         fi
     fi
     exit "$status"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -115,6 +116,40 @@ def _logged_lines(log_dir: Path, name: str) -> list[str]:
     """The lines of `name`.log and its rotated files, oldest first."""
     paths = sorted(log_dir.glob(f"{name}.log.*"), key=lambda path: -int(path.suffix[1:]))
     return [line for path in [*paths, log_dir / f"{name}.log"] for line in path.read_text().splitlines()]
+
+
+def test_ctrl_c_during_the_start_stops_the_local_servers_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while init-db waits for a database that never answers: the Redis this start started
+    is stopped again, with one line saying the start was interrupted, and the exit is 130."""
+    redis_port = free_port()
+    with socket.socket() as silent:  # accepts connections into its backlog, never answers them
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        database_url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/collector"
+        env = {"DATABASE_URL": database_url, "LOCAL_REDIS_PORT": str(redis_port)}
+        argv, full_env = _stack_command(tmp_path, "run", env)
+        stack = subprocess.Popen(
+            argv, cwd=tmp_path, env=full_env, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            silent.settimeout(60 * TIMEOUT_FACTOR)
+            waiting, _ = silent.accept()  # init-db has connected and waits for the server's answer
+            os.killpg(stack.pid, signal.SIGINT)  # what Ctrl-C sends the terminal's foreground group
+            _, err = stack.communicate(timeout=60 * TIMEOUT_FACTOR)
+            waiting.close()
+        finally:
+            if stack.poll() is None:
+                os.killpg(stack.pid, signal.SIGKILL)
+                stack.wait()
+            monkeypatch.setenv("LOCAL_SERVICES", "redis")
+            services_command("down", str(tmp_path / "var"))
+    assert stack.returncode == 130, err
+    assert (
+        err.splitlines()[-1] == "make run: the start was interrupted; stopped the local redis it had started"
+    )
+    assert running_redis(tmp_path / "var") is None and not _port_open(redis_port)
 
 
 def test_a_good_start_writes_the_env_file_then_starts_the_procfile(
