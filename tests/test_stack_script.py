@@ -15,7 +15,8 @@ import pytest
 import redis
 
 from collector.db.init import init_db
-from collector.localservices import free_port, running_postgres, running_redis, services_command
+from collector.local.servers import free_port
+from collector.local.services import running_postgres, running_redis, services_command
 from collector.queue.batches import inflight_length
 from collector.settings import Settings
 from tests import factories
