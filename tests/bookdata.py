@@ -95,15 +95,18 @@ def generate(
     snapshots_after: tuple[int, ...],
     pause: tuple[int, int] = (0, 0),
     lag_ms: int = SNAPSHOT_LAG_MS,
+    start_ms: int = BASE_MS,
 ) -> Recording:
     """`count` diffs from the fake's generator, a full-depth snapshot `lag_ms` after each listed index.
 
     `pause` = (i, ms): diffs from the i-th on come `ms` later (a quiet market, or a recorder down).
+    Every recording starts from the same seed, as the fake exchange does at each start: a second
+    one stored after the first is a restarted exchange, whose update ids go back to the first's.
     """
     gen = DepthGen(market, symbol, seed=11)
     recording = Recording(market, symbol)
     for i in range(count):
-        now = BASE_MS + STEP_MS * i + (pause[1] if i >= pause[0] > 0 else 0)
+        now = start_ms + STEP_MS * i + (pause[1] if i >= pause[0] > 0 else 0)
         data = gen.next(now).data
         event = orjson.loads(data)
         recording.diffs.append((now, event["U"], event["u"], data))
@@ -124,11 +127,17 @@ def recorded_depth(market: Market) -> Iterator[tuple[str, dict[str, Any], list[d
         yield symbol, body, events
 
 
-def store_rows(settings: Settings, diffs: list[bytes], snapshots: list[bytes]) -> None:
-    """Queue the envelopes and drain them into PostgreSQL, as the Celery drain task does."""
+def store_rows(
+    settings: Settings, diffs: list[bytes], snapshots: list[bytes], gaps: list[bytes] | None = None
+) -> None:
+    """Queue the envelopes and drain them into PostgreSQL, as the Celery drain task does.
+
+    `gaps`: the stream process's `depth_gaps` records (`DepthGap.envelope()`).
+    """
     client = redis.Redis.from_url(settings.redis_url)
     drainer = Drainer(settings, client, lambda: connect(settings))
-    for table, envelopes in (("depth_updates", diffs), ("depth_snapshots", snapshots)):
+    tables = (("depth_updates", diffs), ("depth_snapshots", snapshots), ("depth_gaps", gaps or []))
+    for table, envelopes in tables:
         if envelopes:
             client.rpush(keys.queue(table), *envelopes)
             result = drainer.drain(table)
