@@ -167,9 +167,11 @@ def test_time_before_any_snapshot_exits_2(db: Settings, tmp_path: Path) -> None:
     before = recording.diffs[4][0] - 1  # before diff 4 too, which pins the snapshot earlier than its time
     done = cli(db, tmp_path, "spot", "btcusdt", "--at", str(before))
     assert done.returncode == 2 and done.stdout == ""
+    # The book is known from diff 4, which carries the snapshot's lastUpdateId, before its stored time.
+    assert (recording.diffs[4][0], recording.diffs[4][2]) == (first_time - 50, recording.snapshots[0][1])
     assert done.stderr.splitlines() == [
-        f"collector: {iso(to_time(before))} is before any snapshot: the first spot BTCUSDT depth "
-        f"snapshot is at {iso(to_time(first_time))}"
+        f"collector: {iso(to_time(before))} is before the first spot BTCUSDT book: the stored depth "
+        f"snapshots give one from {iso(to_time(before + 1))}"
     ]
     done = cli(db, tmp_path, "futures", "BTCUSDT", "--at", str(first_time))
     assert done.returncode == 2

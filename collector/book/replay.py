@@ -1,7 +1,7 @@
 """Pure part of rebuilding a book at a time: the replay loop, its verdict, and why a book cannot be had.
 
 - `BookUnavailable` (a `CollectorError`): no trustworthy book exists at the requested time.
-  - `BeforeFirstSnapshot`: no depth snapshot is stored at or before it.
+  - `BeforeFirstSnapshot`: it is before the first book the stored rows give (or none is stored).
   - `InsideGap`: the stored diffs between the snapshot and the time have a hole; carries a `GapReport`.
   - `AfterRecording`: the time is after the last stored event that pins the book.
 
@@ -15,6 +15,16 @@ that: a hole right after the diff at T could then hide an update of that same mi
 A snapshot does not pin the instant of its stored time against a hole after it: its state was
 taken before it was received (or sent), and the updates lost right after that state may be older
 than the stored time.
+
+Diffs are replayed in time order (`E`, then `u`), not update-id order: an exchange that restarts may
+start its ids again from lower ones (the fake exchange does, from its seed; so may a real one after
+maintenance), and then only time tells the two chains apart. Within a chain ids only grow, so an id
+that goes back (`u` below the highest seen) starts another chain: after the snapshot's time it is a
+break like any hole; at or before it, the snapshot belongs to the newer chain, and everything
+replayed before it is dropped (the book starts again from the snapshot). This assumes one depth
+stream per symbol in the table: with two speeds of one symbol stored (`depth` beside `depth@100ms`),
+the second speed's batches repeat ids the first has passed, which reads as ids going back, so the
+book is refused there (never given wrong).
 """
 
 from __future__ import annotations
@@ -94,7 +104,11 @@ class BookUnavailable(CollectorError):
 
 
 class BeforeFirstSnapshot(BookUnavailable):
-    """The time is before the first stored depth snapshot of the symbol (or there is none)."""
+    """The time is before the first book the stored rows give (or no snapshot is stored).
+
+    `first`: the first instant a book is known, the first snapshot's time or, earlier, the `E` of
+    the diff that carries its lastUpdateId; None when no snapshot is stored.
+    """
 
     def __init__(self, market: Market, symbol: str, at: datetime, first: datetime | None) -> None:
         self.market, self.symbol, self.at, self.first = market, symbol, at, first
@@ -102,8 +116,8 @@ class BeforeFirstSnapshot(BookUnavailable):
             text = f"no {market} {symbol} depth snapshot is stored, so no book can be rebuilt"
         else:
             text = (
-                f"{iso(at)} is before any snapshot: the first {market} {symbol} depth snapshot "
-                f"is at {iso(first)}"
+                f"{iso(at)} is before the first {market} {symbol} book: the stored depth snapshots "
+                f"give one from {iso(first)}"
             )
         super().__init__(text)
 
@@ -191,54 +205,87 @@ class Verdict(Enum):
 
 
 class Replay:
-    """Feeds stored diffs, in `u` order, to a book until the first one after `until_ms`.
+    """Feeds stored diffs, in time order, to a book until the first one after `until_ms`.
 
     `feed` returns False when the replay is over: either a diff past `until_ms` chains onto the book
-    (`followed`) or a diff does not chain (`gap`). Whether the book is exact at `until_ms` is then
-    `verdict()`; a gap found after `until_ms` may still hide updates before it.
+    (`followed`) or a diff does not chain (`gap`), and the snapshot's time is passed. Whether the book
+    is exact at `until_ms` is then `verdict()`; a gap found after `until_ms` may still hide updates
+    before it.
 
     The snapshot may be later than `until_ms` (a resync snapshot whose first diffs are older than
     its stored time): the book is then exact only from the first diff that pins it, one with
-    `u >= lastUpdateId` (spot's `u == lastUpdateId`, stale as it is, shows the book equals the snapshot).
+    `u >= lastUpdateId` (spot's `u == lastUpdateId`, stale as it is, shows the book equals the snapshot),
+    and only if no id goes back between that diff and the snapshot's time: the replay watches the
+    diffs up to the snapshot's time, and an id going back there starts it again from the snapshot.
     """
 
     def __init__(self, book: LocalBook, until_ms: int, snapshot: SnapshotRef) -> None:
-        self.book = book
+        self._initial = book.copy()
         self.until_ms = until_ms
+        self._snapshot = snapshot
+        self._snapshot_ms = to_ms(snapshot.time)
+        self.done = False
+        self._restart(book)
+
+    def _restart(self, book: LocalBook) -> None:
+        """From the snapshot again: what was replayed so far belongs to another chain of ids."""
+        self.book = book
         self.applied = 0
         self.stale = 0
         self.duplicates = 0
         self.last_event_ms: int | None = None
         self.pinned_ms: int | None = None  # E of the last diff (<= until_ms) that shows the book's state
+        self.first_pin_ms: int | None = None  # E of the first diff that shows it, at any time
         self.followed = False
         self.gap: ChainBreak | None = None
-        self._snapshot = snapshot
-        self._snapshot_ms = to_ms(snapshot.time)
+        self._top_u: int | None = None  # the highest u of the chain so far
 
     def feed(self, diff: Diff) -> bool:
+        if self._top_u is not None and diff.u < self._top_u:  # the ids went back: another chain
+            if diff.E > self._snapshot_ms:
+                if not self.followed:
+                    self._break(diff)
+                return self._stop()
+            self._restart(self._initial.copy())  # the snapshot is the newer chain's
+        self._top_u = diff.u if self._top_u is None else max(self._top_u, diff.u)
+        if self.followed or self.gap is not None:
+            # Over, unless a restart before the snapshot's time shows that this was another chain.
+            return diff.E <= self._snapshot_ms or self._stop()
         outcome = self.book.classify(diff)
         if outcome is Outcome.GAP:
-            last = self._snapshot.time if self.last_event_ms is None else from_ms(self.last_event_ms)
-            self.gap = ChainBreak(self.book.update_id, last, diff)
-            return False
+            self._break(diff)
+            return diff.E <= self._snapshot_ms or self._stop()
         if outcome is Outcome.APPLIED:
+            if self.first_pin_ms is None:
+                self.first_pin_ms = diff.E
             if diff.E > self.until_ms:
                 self.followed = True
-                return False
+                return diff.E <= self._snapshot_ms or self._stop()
             self.book.apply(diff)
             self.applied += 1
             self.last_event_ms = self.pinned_ms = diff.E
         elif outcome is Outcome.STALE:
-            self.stale += 1
-            if diff.u == self.book.update_id and diff.E <= self.until_ms:
-                self.pinned_ms = diff.E  # spot's diff ending at lastUpdateId: the book is the snapshot
+            # Only the one ending at lastUpdateId counts: how many older ones are read depends on
+            # how far back the replay reads, not on the book.
+            if diff.u == self.book.update_id:  # spot's diff ending at lastUpdateId: the book is the snapshot
+                self.stale += 1
+                if self.first_pin_ms is None:
+                    self.first_pin_ms = diff.E
+                if diff.E <= self.until_ms:
+                    self.pinned_ms = diff.E
         else:
             self.duplicates += 1
         return True
 
-    @property
-    def done(self) -> bool:
-        return self.followed or self.gap is not None
+    def _break(self, diff: Diff) -> None:
+        """`diff` does not chain onto the book: the first hole found (a later one changes nothing)."""
+        if self.gap is None:
+            last = self._snapshot.time if self.last_event_ms is None else from_ms(self.last_event_ms)
+            self.gap = ChainBreak(self.book.update_id, last, diff)
+
+    def _stop(self) -> bool:
+        self.done = True
+        return False
 
     @property
     def as_of_ms(self) -> int | None:
