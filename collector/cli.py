@@ -10,10 +10,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from collector.errors import ConfigError, ServiceUnavailable
+from collector.errors import ConfigError, ServiceUnavailable, error_lines
 from collector.queue.keys import TABLES
 from collector.settings import Market, Settings, get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.result import AsyncResult
 
 EXIT_CONFIG = 2
 
@@ -67,12 +72,32 @@ def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     from collector.schedule import TASK_QUEUES
 
     name, task_args, task_kwargs = _trigger_call(args, settings)
-    result = app.send_task(name, args=task_args, kwargs=task_kwargs)
+    result = _send(app, name, task_args, task_kwargs, settings)
     # Every trigger says what went where: the task, its arguments by name, the queue and the id.
     named = {**({"table": task_args[0]} if task_args else {}), **task_kwargs}
     shown = "".join(f" {key}={'all' if value is None else value}" for key, value in named.items())
     print(f"sent {name}{shown} to queue {TASK_QUEUES[name]} (id {result.id})")
     return 0
+
+
+def _send(
+    app: Celery, name: str, task_args: list[object], task_kwargs: dict[str, object], settings: Settings
+) -> AsyncResult:
+    """Send the task once: a broker that went away since the start-up check is one line, not
+    kombu's retries and a traceback."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from collector.queue.client import redis_unavailable
+
+    try:
+        # One connection attempt: kombu would otherwise retry it for broker_connection_timeout.
+        with app.connection_for_write(transport_options={"max_retries": 0}) as connection:
+            return app.send_task(name, args=task_args, kwargs=task_kwargs, connection=connection, retry=False)
+    except OperationalError as error:
+        # kombu wraps redis-py's error; its cause says what happened.
+        cause = error.__cause__ if isinstance(error.__cause__, redis.RedisError) else None
+        raise redis_unavailable(settings, cause or redis.ConnectionError(str(error))) from None
 
 
 # The options each `collector trigger <what>` reads; any other is refused rather than ignored.
@@ -365,15 +390,29 @@ def _adopt_running_stack(command: str) -> str | None:
     return f"the running `{label}` stack ({env_file})"
 
 
+def _no_stack_hint(stack: str | None) -> str:
+    """What a failed operator command says first when it only tried the defaults because no stack runs."""
+    from collector.localservices import NO_STACK
+
+    return f"{NO_STACK}; " if stack == NO_STACK else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from collector.preflight import COMMAND_NEEDS, check_services
+
     args = _parser().parse_args(argv)
+    args.stack = None
     try:
         args.stack = _adopt_running_stack(args.command)
         settings = get_settings()
         _setup_logging(settings)
+        check_services(settings, COMMAND_NEEDS[args.command])
         return COMMANDS[args.command](args, settings)
-    except (ConfigError, ServiceUnavailable) as error:
-        print(f"collector: {error}", file=sys.stderr)
+    except ConfigError as error:
+        print(error_lines(error), file=sys.stderr)
+        return EXIT_CONFIG
+    except ServiceUnavailable as error:
+        print(f"collector: {_no_stack_hint(args.stack)}{error}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
