@@ -69,9 +69,11 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     from collector.celery import app
+    from collector.preflight import COMMAND_NEEDS, check_services
     from collector.schedule import TASK_QUEUES
 
     name, task_args, task_kwargs = _trigger_call(args, settings)
+    check_services(settings, COMMAND_NEEDS["trigger"])  # after the arguments: see CHECKED_BY_THE_COMMAND
     result = _send(app, name, task_args, task_kwargs, settings)
     # Every trigger says what went where: the task, its arguments by name, the queue and the id.
     named = {**({"table": task_args[0]} if task_args else {}), **task_kwargs}
@@ -398,7 +400,7 @@ def _no_stack_hint(stack: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from collector.preflight import COMMAND_NEEDS, check_services
+    from collector.preflight import CHECKED_BY_THE_COMMAND, COMMAND_NEEDS, check_services
 
     args = _parser().parse_args(argv)
     args.stack = None
@@ -406,7 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.stack = _adopt_running_stack(args.command)
         settings = get_settings()
         _setup_logging(settings)
-        check_services(settings, COMMAND_NEEDS[args.command])
+        if args.command not in CHECKED_BY_THE_COMMAND:
+            check_services(settings, COMMAND_NEEDS[args.command])
         return COMMANDS[args.command](args, settings)
     except ConfigError as error:
         print(error_lines(error), file=sys.stderr)

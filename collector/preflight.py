@@ -9,7 +9,7 @@ password and what to do, instead of a library's traceback or a retry loop. Which
 - `collector web`: neither; /health reports them (503 with the reason), after one warning at start.
 - `collector status`: neither; its text reports each (UNHEALTHY, exit 1).
 - `collector flower`, `collector trigger`: Redis, the broker.
-- `collector init-db`: PostgreSQL, checked by `init_db` itself (the database may not exist yet).
+- `collector init-db`: PostgreSQL (its server: the database may not exist yet).
 - `collector gaps`, `export`, `book`: PostgreSQL, where the rows are.
 - `collector audit`: both; it compares what was queued with what was stored.
 - `collector fake-exchange`, `collector services`: neither.
@@ -35,7 +35,7 @@ COMMAND_NEEDS: dict[str, tuple[Service, ...]] = {
     "streams": ("redis",),
     "web": (),
     "flower": ("redis",),
-    "init-db": (),  # init_db's first step connects to the server's maintenance database and says so
+    "init-db": ("postgresql",),
     "status": (),
     "trigger": ("redis",),
     "fake-exchange": (),
@@ -45,6 +45,11 @@ COMMAND_NEEDS: dict[str, tuple[Service, ...]] = {
     "export": ("postgresql",),
     "book": ("postgresql",),
 }
+
+# Commands that check what they need themselves, at the right moment: `init-db` connects to the
+# server's maintenance database first (its own may not exist yet); `trigger` checks its arguments
+# first, so a wrong option is named whatever the state of Redis.
+CHECKED_BY_THE_COMMAND = frozenset({"init-db", "trigger"})
 
 # Queues whose tasks use PostgreSQL: the drains write to it, the alert task reads from it. The REST
 # tasks only call Binance and queue the answers in Redis.
