@@ -312,3 +312,41 @@ def test_an_unreachable_service_is_one_line_or_the_command_works(
     for service in set(down) - set(refused):  # it does not touch what it does not need
         assert named[service] not in lines[0], lines[0]
     assert PASSWORD not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "services"),
+    [
+        (("gaps",), ("postgresql",)),
+        (("audit",), ("redis", "postgresql")),
+        (("export", "agg_trades"), ("postgresql",)),
+        (("book", "spot", "BTCUSDT", "--at", "2026-01-01"), ("postgresql",)),
+        (("trigger", "alerts"), ("redis",)),
+    ],
+)
+def test_operator_commands_say_no_local_stack_runs(
+    tmp_path: Path, argv: tuple[str, ...], services: tuple[str, ...]
+) -> None:
+    """Nothing configured and no `make run` / `make demo` stack running: an operator command tries the
+    defaults and its one line starts by saying no local stack runs (as `collector status` does)."""
+    defaults = {"redis": ("Redis at redis://127.0.0.1:6379/0", 6379)}
+    defaults["postgresql"] = ("PostgreSQL at postgresql://postgres@127.0.0.1:5432/collector", 5432)
+    if any(_accepts(port) for _, port in defaults.values()):
+        pytest.skip("a Redis or PostgreSQL answers on its default port here")
+    (tmp_path / "var").mkdir()
+    env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME", "LANG") if k in os.environ}
+    done = subprocess.run(
+        [str(BIN / "collector"), *argv],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60 * TIMEOUT_FACTOR,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(
+        f"collector: no local stack running (make run / make demo); {defaults[services[0]][0]} is unreachable"
+    ), done.stderr
+    assert len(done.stderr.splitlines()) == 1 and all(
+        defaults[service][0] in done.stderr and HINTS[service] in done.stderr for service in services
+    ), done.stderr
