@@ -394,7 +394,7 @@ def _adopt_running_stack(command: str) -> str | None:
 
 def _no_stack_hint(stack: str | None) -> str:
     """What a failed operator command says first when it only tried the defaults because no stack runs."""
-    from collector.localservices import NO_STACK
+    from collector.local.stack import NO_STACK
 
     return f"{NO_STACK}; " if stack == NO_STACK else ""
 
