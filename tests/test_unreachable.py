@@ -253,10 +253,10 @@ ENTRIES: dict[str, Entry] = {
         _exits_0("collector", "export", "agg_trades", prepare=World.init_database),
     ),
     "book": Entry(
-        ("collector", "book", "spot", "BTCUSDT", "--at", "2026-01-01T00:00:01"),
+        ("collector", "book", "spot", "BTCUSDT", "--at", "2026-01-01T00:00:00"),
         ("postgresql",),
         _exits_0(
-            "collector", "book", "spot", "BTCUSDT", "--at", "2026-01-01T00:00:01", prepare=_seed_snapshot
+            "collector", "book", "spot", "BTCUSDT", "--at", "2026-01-01T00:00:00", prepare=_seed_snapshot
         ),
     ),
     "celery worker": Entry(("celery", "-A", "collector", "worker"), ("redis", "postgresql"), _worker_ready),
