@@ -55,7 +55,6 @@ class World:
 
     tmp_path: Path
     env: dict[str, str]
-    down: tuple[str, ...]
     named: dict[str, str]  # service -> what the line must show: "Redis at <URL without password>"
     up_redis_url: str
     make_fake: FakeFactory
@@ -296,7 +295,7 @@ def test_an_unreachable_service_is_one_line_or_the_command_works(
     # Only what the commands need: no developer's REDIS_URL, .env (cwd is empty) or credentials.
     env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME", "LANG") if k in os.environ}
     env |= {"REDIS_URL": urls["redis"], "DATABASE_URL": urls["postgresql"], "TIMESCALE": "off"}
-    world = World(tmp_path, env, down, named, redis_url, make_fake)
+    world = World(tmp_path, env, named, redis_url, make_fake)
     entry = ENTRIES[name]
     refused = [service for service in entry.needs if service in down]
     if not refused:
