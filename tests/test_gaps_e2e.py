@@ -194,7 +194,7 @@ def test_silent_connection_loses_events_inside_recorded_gaps(
     try:
         wait_until(lambda: _depth_flowing(client, 400), 60, "depth events")
         fake.silence(4.0)
-        wait_until(lambda: "ws.silent id=" in streams.log(), 30, "silence noticed")
+        wait_until(lambda: "cause=silence" in streams.log(), 30, "silence noticed")
         wait_until(
             lambda: b"silence" in b"".join(client.lrange(keys.queue("stream_gaps"), 0, -1)), 30, "outage"
         )
