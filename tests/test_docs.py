@@ -8,6 +8,7 @@ settings and Redis keys are checked by test_compose.py).
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -340,3 +341,38 @@ def test_the_documented_wait_of_a_poll_asked_for_by_hand_is_the_code_s() -> None
     row = _setting_row("REST_BACKOFF_MAX_S")
     stated = re.search(r"asked for by hand or a resync waits up to (\d+) s", row)
     assert stated and float(stated.group(1)) == MANUAL_MAX_WAIT_S
+
+
+# A log line the docs quote opens with its event name: `ws.connected id=spot-0 …`, `rest.gave_up calls=1`.
+# File names (`streams.log`, `ledger.py`) and dotted Python names share the shape, so only the code's
+# own event prefixes count, and a name followed by a file extension is left out.
+EVENT_PREFIXES = ("ws", "gaps", "rest", "drain", "fake", "streams", "symbols", "audit", "health", "web")
+DOCUMENTED_EVENT = re.compile(rf"`((?:{'|'.join(EVENT_PREFIXES)})\.[a-z_]+)(?=[ `])")
+FILE_SUFFIXES = ("log", "py", "md", "json", "yml", "toml", "conf", "sh", "env")
+
+
+def _logged_events() -> set[str]:
+    """The event name opening every string literal of collector/ that reads like a log line."""
+    opening = re.compile(r"^([a-z_]+\.[a-z_]+)(?: |$)")
+    events = set()
+    for source in (ROOT / "collector").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found = opening.match(node.value)
+                if found:
+                    events.add(found.group(1))
+    return events
+
+
+def test_every_log_event_the_docs_quote_is_logged_by_the_code() -> None:
+    """Each `ws.…`, `gaps.…`, `rest.…` (etc.) event the README and docs/ quote is one the code logs."""
+    logged = _logged_events()
+    quoted = {
+        (path.name, name)
+        for path in documents()
+        for name in DOCUMENTED_EVENT.findall(path.read_text(encoding="utf-8"))
+        if name.rsplit(".", 1)[1] not in FILE_SUFFIXES
+    }
+    assert len(quoted) >= 10
+    unknown = sorted(f"{document}: {name}" for document, name in quoted if name not in logged)
+    assert not unknown, f"the docs quote log events the code never logs: {unknown}"
