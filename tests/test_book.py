@@ -188,7 +188,7 @@ def test_withheld_diff_is_a_gap(db: Settings, tmp_path: Path, market: Market) ->
     recording = generate(market, "ETHUSDT", 120, snapshots_after=(4, 90))
     missing = 40
     store_rows(db, *recording.envelopes(withhold=frozenset({missing})))
-    last_good_u = recording.diffs[missing - 1][2]
+    last_good_e, _, last_good_u = recording.diffs[missing - 1][:3]
     next_e, next_first_u = recording.diffs[missing + 1][:2]
     resync_time, resync_id = recording.snapshots[1][:2]
     for at_ms in (recording.diffs[missing][0], recording.diffs[60][0]):  # just at the hole, and after it
@@ -205,9 +205,12 @@ def test_withheld_diff_is_a_gap(db: Settings, tmp_path: Path, market: Market) ->
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [
         f"collector: {iso(to_time(recording.diffs[60][0]))} falls inside a gap of {market} ETHUSDT depth "
-        f"(last good u={last_good_u}, next U={next_first_u}, detected at {iso(to_time(next_e + 5))}; "
+        f"(last good u={last_good_u} at {iso(to_time(last_good_e))}, next U={next_first_u}, "
+        f"detected at {iso(to_time(next_e + 5))}; "
         f"resynced at {iso(to_time(resync_time))} by snapshot {resync_id})"
     ]
+    # The instant the message names is the last one the book is exact at: --at it answers.
+    assert cli(db, tmp_path, market, "ETHUSDT", "--at", iso(to_time(last_good_e))).returncode == 0
     # After the resync the book is whole again.
     assert cli(db, tmp_path, market, "ETHUSDT", "--at", str(resync_time)).returncode == 0
 

@@ -96,21 +96,26 @@ def test_book_across_a_restart_whose_ids_go_back(db: Settings, tmp_path: Path, m
     expect_book(e1[-1], RUN1, run1.snapshots[1][1])
     last = rebuild(db, market, SYMBOL, to_time(e1[-1]))
     assert (last.followed, last.gap_follows, last.as_of) == (False, True, to_time(e1[-1]))
+
     # The restart gap: after run 1's last diff, and in run 2 before the diff that meets its resync.
-    message = (
-        f"falls inside a gap of {market} {SYMBOL} depth (last good u={run1.diffs[-1][2]}, next U={first_u}, "
-        f"detected at {iso(to_time(e2[0] + RECEIVE_MS))}, cause: startup; "
-        f"resynced at {iso(to_time(resynced[0] // 1000))} by snapshot {resync_id})"
-    )
+    def message(good_ms: int) -> str:
+        return (
+            f"falls inside a gap of {market} {SYMBOL} depth (last good u={run1.diffs[-1][2]} at "
+            f"{iso(to_time(good_ms))}, next U={first_u}, "
+            f"detected at {iso(to_time(e2[0] + RECEIVE_MS))}, cause: startup; "
+            f"resynced at {iso(to_time(resynced[0] // 1000))} by snapshot {resync_id})"
+        )
+
     for inside in (e1[-1] + 1, e1[-1] + 60_000, e2[0], e2[3], e2[5] - 1):
         with pytest.raises(InsideGap) as raised:
             rebuild(db, market, SYMBOL, to_time(inside))
-        assert str(raised.value) == f"{iso(to_time(inside))} {message}"
+        # Named whichever snapshot the replay starts from: run 1's last diff, where the book is exact.
+        assert str(raised.value) == f"{iso(to_time(inside))} {message(e1[-1])}"
     done = cli(db, tmp_path, market, SYMBOL, "--at", str(e2[3]))
     assert (done.returncode, done.stdout, done.stderr) == (
         2,
         "",
-        f"collector: {iso(to_time(e2[3]))} {message}\n",
+        f"collector: {iso(to_time(e2[3]))} {message(e1[-1])}\n",
     )
     # Run 2 from the diff that carries the resync's lastUpdateId (before its stored time), through the
     # ids run 1 had reached, and past them, from its later snapshot.

@@ -211,4 +211,5 @@ def gap_report(conn: Connection, request: BookRequest, gap: ChainBreak) -> GapRe
         resynced_at,
         resync_id,
         ledger.cause if ledger is not None else None,
+        gap.exact_time,
     )

@@ -70,6 +70,10 @@ class ChainBreak:
     last_good_u: int  # the book's update id: the snapshot's lastUpdateId or the last applied u
     last_good_time: datetime  # E of the last applied diff, else the snapshot's time
     next: Diff  # the diff after the hole
+    # E of the last diff at or before the time asked that shows the book's state (applied, or spot's
+    # ending at lastUpdateId): the last instant before the hole that `--at` answers. None: no diff
+    # does, and a hole right after the snapshot refuses even its time.
+    exact_time: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -85,17 +89,19 @@ class GapReport:
     resynced_at: datetime | None  # time of the snapshot that closed the hole; None: not resynced yet
     resync_update_id: int | None
     cause: str | None = None  # from the ledger only
+    exact_at: datetime | None = None  # `ChainBreak.exact_time`: named so that it can be asked for
 
     def message(self) -> str:
         detected = f", detected at {iso(self.detected_at)}" if self.detected_at is not None else ""
         cause = f", cause: {self.cause}" if self.cause else ""
+        good_at = f" at {iso(self.exact_at)}" if self.exact_at is not None else ""
         if self.resynced_at is not None and self.resync_update_id is not None:
             resync = f"resynced at {iso(self.resynced_at)} by snapshot {self.resync_update_id}"
         else:
             resync = "no later snapshot resyncs it"
         return (
             f"{iso(self.at)} falls inside a gap of {self.market} {self.symbol} depth (last good "
-            f"u={self.last_good_u}, next U={self.next_first_u}{detected}{cause}; {resync})"
+            f"u={self.last_good_u}{good_at}, next U={self.next_first_u}{detected}{cause}; {resync})"
         )
 
 
@@ -281,7 +287,8 @@ class Replay:
         """`diff` does not chain onto the book: the first hole found (a later one changes nothing)."""
         if self.gap is None:
             last = self._snapshot.time if self.last_event_ms is None else from_ms(self.last_event_ms)
-            self.gap = ChainBreak(self.book.update_id, last, diff)
+            exact = None if self.pinned_ms is None else from_ms(self.pinned_ms)
+            self.gap = ChainBreak(self.book.update_id, last, diff, exact)
 
     def _stop(self) -> bool:
         self.done = True
