@@ -183,6 +183,19 @@ def test_restart_continues_from_the_saved_update_ids() -> None:
     assert [(g.cause, g.last_update_id, g.next_update_id) for g in decisions.records] == [("startup", 10, 31)]
 
 
+def test_a_restart_stays_startup_when_the_first_connection_opens() -> None:
+    """The ledger calls `reconnected` at every open, the first after a restart too: a break there is
+    still `startup` (as `make demo` twice on one var/ shows); a later reconnection is `reconnect`."""
+    tracker = DepthTracker({("futures", "BTCUSDT"): 5_000})
+    tracker.reconnected("futures", ["BTCUSDT"])  # StreamLedger.connection_opened, first open of the run
+    first = tracker.on_event("futures", "BTCUSDT", 101, 110, 100, T, source="c1")
+    assert [(g.cause, g.last_update_id, g.next_update_id) for g in first.records] == [("startup", 5_000, 101)]
+    tracker.chain_lost("futures", ["BTCUSDT"])
+    tracker.reconnected("futures", ["BTCUSDT"])
+    later = tracker.on_event("futures", "BTCUSDT", 150, 160, 140, T + 1, source="c2")
+    assert [(g.cause, g.last_update_id, g.next_update_id) for g in later.records] == [("reconnect", 110, 150)]
+
+
 def test_ids_that_go_back_after_a_restart_or_reconnect_are_a_break_not_duplicates() -> None:
     """An exchange that restarted numbers its events from lower ids again. Across a restart of the
     collector, or a reconnection, nothing overlaps, so those events are a new chain after a recorded

@@ -116,11 +116,12 @@ class DepthTracker:
                 state.repeat_is_break = True
 
     def reconnected(self, market: str, symbols: list[str]) -> None:
-        """The connection carrying these symbols' depth was lost and opened again."""
+        """The connection carrying these symbols' depth was lost and opened again (or opened first
+        after a restart, which stays the cause: the ids saved at the stop are what it follows)."""
         for symbol in symbols:
             state = self.state(market, symbol)
             if state.last_u is not None:
-                state.pending_cause = "reconnect"
+                state.pending_cause = state.pending_cause or "reconnect"
 
     def on_event(
         self,
