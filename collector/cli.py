@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from collector.errors import ConfigError, ServiceUnavailable, error_lines
+from collector.preflight import CHECKED_BY_THE_COMMAND, COMMAND_NEEDS, check_services
 from collector.queue.keys import TABLES
 from collector.settings import Market, Settings, get_settings
 
@@ -69,7 +70,6 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     from collector.celery import app
-    from collector.preflight import COMMAND_NEEDS, check_services
     from collector.schedule import TASK_QUEUES
 
     name, task_args, task_kwargs = _trigger_call(args, settings)
@@ -198,6 +198,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     plan = plan_export(
         args.relation, args.market, args.symbol, args.start, args.end, args.format, args.output
     )
+    check_services(settings, COMMAND_NEEDS["export"])  # after the arguments: see CHECKED_BY_THE_COMMAND
     result = export(settings, plan, report=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary_line(result), file=sys.stderr)
     return 0
@@ -218,6 +219,7 @@ def _cmd_gaps(args: argparse.Namespace, settings: Settings) -> int:
 
     now = datetime.now(UTC)
     since = parse_time(args.since, "--since") if args.since else now - DEFAULT_SINCE
+    check_services(settings, COMMAND_NEEDS["gaps"])
     conn = connect(settings)
     try:
         rows = read_gaps(conn, since, args.market, args.symbol.upper() if args.symbol else None)
@@ -241,6 +243,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     now = datetime.now(UTC)
     since = parse_time(args.since, "--since") if args.since else now - timedelta(hours=24)
+    check_services(settings, COMMAND_NEEDS["audit"])
     client = redis_client(settings)
     try:
         # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
@@ -400,8 +403,6 @@ def _no_stack_hint(stack: str | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from collector.preflight import CHECKED_BY_THE_COMMAND, COMMAND_NEEDS, check_services
-
     args = _parser().parse_args(argv)
     args.stack = None
     try:

@@ -47,9 +47,9 @@ COMMAND_NEEDS: dict[str, tuple[Service, ...]] = {
 }
 
 # Commands that check what they need themselves, at the right moment: `init-db` connects to the
-# server's maintenance database first (its own may not exist yet); `trigger` checks its arguments
-# first, so a wrong option is named whatever the state of Redis.
-CHECKED_BY_THE_COMMAND = frozenset({"init-db", "trigger"})
+# server's maintenance database first (its own may not exist yet); the operator commands check their
+# arguments first, so a wrong option or time is named whatever the state of the services.
+CHECKED_BY_THE_COMMAND = frozenset({"init-db", "trigger", "gaps", "audit", "export", "book"})
 
 # Queues whose tasks use PostgreSQL: the drains write to it, the alert task reads from it. The REST
 # tasks only call Binance and queue the answers in Redis.

@@ -349,3 +349,38 @@ def test_operator_commands_say_no_local_stack_runs(
     assert len(done.stderr.splitlines()) == 1 and all(
         defaults[service][0] in done.stderr and HINTS[service] in done.stderr for service in services
     ), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (("gaps", "--since", "yesterday"), "--since"),
+        (("audit", "--since", "yesterday"), "--since"),
+        (("export", "nosuch"), "cannot export 'nosuch'"),
+        (("export", "agg_trades", "--from", "yesterday"), "--from"),
+        (("book", "spot", "BTCUSDT", "--at", "yesterday"), "yesterday"),
+        (("trigger", "alerts", "--symbol", "BTCUSDT"), "--symbol"),
+    ],
+)
+def test_a_bad_argument_is_named_before_a_service_that_is_down(
+    tmp_path: Path, argv: tuple[str, ...], named: str
+) -> None:
+    """Both services down and a bad argument: the one line names the argument (what the operator typed
+    wrong is fixed first), not the services the command never got to try."""
+    port = closed_port()
+    env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME", "LANG") if k in os.environ}
+    env |= {
+        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
+        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/collector",
+    }
+    done = subprocess.run(
+        [str(BIN / "collector"), *argv],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60 * TIMEOUT_FACTOR,
+    )
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert len(done.stderr.splitlines()) == 1 and named in done.stderr, done.stderr
+    assert "unreachable" not in done.stderr, done.stderr
