@@ -654,7 +654,9 @@ def test_server_pings_and_closes_when_pongs_stop(make_fake: FakeFactory) -> None
     """The server pings on its interval; a client that never answers is closed, one that does stays."""
     fake = make_fake(rate=10, ping_interval_s=0.3)
 
-    async def silent_client() -> tuple[int, int | None]:
+    async def silent_client(answering_open: asyncio.Event, closed: asyncio.Event) -> tuple[int, int | None]:
+        # Opened after the answering client: its pong deadline falls after that one's.
+        await answering_open.wait()
         pings = 0
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{fake.spot_ws_url}/stream", autoping=False) as ws:
@@ -663,19 +665,27 @@ def test_server_pings_and_closes_when_pongs_stop(make_fake: FakeFactory) -> None
                     if message.type == aiohttp.WSMsgType.PING:
                         pings += 1
                     elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        closed.set()
                         return (
                             pings,
                             ws.close_code if message.type is aiohttp.WSMsgType.CLOSED else message.data,
                         )
 
-    async def answering_client() -> Any:
+    async def answering_client(answering_open: asyncio.Event, silent_closed: asyncio.Event) -> Any:
         async with websockets.connect(f"{fake.spot_ws_url}/stream") as ws:
-            await asyncio.sleep(1.5)
+            answering_open.set()
+            # The silent client, opened later, was closed for its missing pongs: this one has been
+            # through its own pong deadline by then, answering.
+            async with asyncio.timeout(deadline(10)):
+                await silent_closed.wait()
             reply, _ = await request_reply(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 5})
             return reply
 
     async def run() -> tuple[tuple[int, int | None], Any]:
-        return await asyncio.gather(silent_client(), answering_client())
+        answering_open, silent_closed = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(
+            silent_client(answering_open, silent_closed), answering_client(answering_open, silent_closed)
+        )
 
     (pings, close_code), reply = asyncio.run(run())
     assert pings >= 2 and close_code == 1008
