@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -15,6 +16,7 @@ import websockets
 
 from collector.fake.server import FakeExchange
 from tests.conftest import FakeFactory
+from tests.processes import wait_until
 from tests.test_fake_exchange import (
     TIMEOUT_FACTOR,
     check_chain,
@@ -45,6 +47,20 @@ async def recv_until_closed(ws: websockets.ClientConnection, timeout: float = 10
                 frames.append(json.loads(await ws.recv()))
     except websockets.ConnectionClosed:
         return frames, time.monotonic()
+
+
+async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
+    """`wait_until` from a coroutine: the event loop goes on reading while a thread polls."""
+    await asyncio.to_thread(wait_until, condition, timeout_s, what, 0.01)
+
+
+def data_count(log: list[tuple[float, str, Any]]) -> int:
+    return sum(1 for _, kind, _ in log if kind == "data")
+
+
+def resumed(log: list[tuple[float, str, Any]], since: float) -> set[str]:
+    """The streams with a data frame received after `since`."""
+    return {frame["stream"] for t, kind, frame in log if kind == "data" and t > since}
 
 
 def data_of(frames: list[str] | Frames, stream: str) -> list[Any]:
@@ -146,7 +162,8 @@ def test_silence_keeps_pings_and_loses_exactly_the_ledgered_events(make_fake: Fa
     """A silenced spot connection gets pings but no data; its losses are ledgered; other connections flow."""
     silence_s = 1.2 * TIMEOUT_FACTOR
     fake = make_fake(rate=200, ping_interval_s=0.2)
-    url = f"{fake.spot_ws_url}/stream?streams=ethusdt@aggTrade/btcusdt@aggTrade/btcusdt@depth@100ms"
+    streams = ["ethusdt@aggTrade", "btcusdt@aggTrade", "btcusdt@depth@100ms"]
+    url = f"{fake.spot_ws_url}/stream?streams={'/'.join(streams)}"
     futures_url = f"{fake.futures_ws_url}/market/stream?streams=btcusdt@aggTrade"
     late_url = f"{fake.spot_ws_url}/stream?streams=btcusdt@depth"
 
@@ -165,16 +182,23 @@ def test_silence_keeps_pings_and_loses_exactly_the_ledgered_events(make_fake: Fa
                 asyncio.create_task(read_answering_pings(silent, log)),
                 asyncio.create_task(arrival_times(futures, futures_times)),
             ]
-            while sum(1 for _, kind, _ in log if kind == "data") < 10:
-                await asyncio.sleep(0.01)
+            await until(lambda: data_count(log) >= 10, "10 data frames on the connection to silence")
             asked = time.monotonic()
             silenced = await asyncio.to_thread(fake.silence, silence_s, "spot")
             started = time.monotonic()
             async with websockets.connect(late_url) as late:  # opened after the silence began
                 readers.append(asyncio.create_task(arrival_times(late, late_times)))
-                await asyncio.sleep(max(0.0, asked + silence_s + 0.5 - time.monotonic()))
+                await until(
+                    lambda: resumed(log, asked + silence_s) == set(streams),
+                    "data again on every stream of the silenced connection",
+                    silence_s + 10,
+                )
                 await asyncio.to_thread(fake.pause)
-                await asyncio.sleep(0.5)
+                # Paused, the silenced connection gets nothing more than what is already written.
+                await until(
+                    lambda: data_count(log) == ledger_connection(fake.ledger(), silenced[0])["data_frames"],
+                    "every frame written to the silenced connection received",
+                )
                 for reader in readers:
                     reader.cancel()
         return log, asked, started, silenced, futures_times, late_times
@@ -236,7 +260,7 @@ def test_silence_counts_lost_mark_prices_and_liquidations(make_fake: FakeFactory
             await asyncio.to_thread(fake.silence, 0.5 * TIMEOUT_FACTOR)
             for price in ("100", "101", "102"):
                 await asyncio.to_thread(fake.liquidation, "BTCUSDT", "SELL", price, "1")
-            await asyncio.sleep(0.7 * TIMEOUT_FACTOR)
+            await until(lambda: not any(c["silenced"] for c in fake.connections()), "the silence over")
             await asyncio.to_thread(fake.liquidation, "BTCUSDT", "BUY", "103", "2")
             after = [json.loads(f) for f in await recv_until_quiet(ws, 0.3)]
         return frames, after, body
@@ -338,7 +362,7 @@ def test_connections_are_cut_at_max_connection_age(make_fake: FakeFactory) -> No
     fake = make_fake(rate=50, max_connection_age_s=age_s)
 
     async def lifetime(stream: str, delay_s: float) -> tuple[int | None, float, int]:
-        await asyncio.sleep(delay_s)
+        await asyncio.sleep(delay_s)  # staggered opening: each age is counted from its own start
         opened = time.monotonic()
         async with websockets.connect(f"{fake.spot_ws_url}/stream?streams={stream}") as ws:
             frames, closed_at = await recv_until_closed(ws)
