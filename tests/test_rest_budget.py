@@ -317,7 +317,7 @@ def test_ticks_send_what_is_due_and_nothing_while_paused(settings: Settings, red
         sent: Counter[str] = Counter()
         while time.time() - started < 5.9:
             sent.update(run_tick(local, redis_conn).sent)
-            time.sleep(0.25)
+            time.sleep(0.25)  # the beat's pace, sped up: what each tick finds due is what is counted
         assert sent["open_interest/futures"] in (6, 7)  # 3 symbols every 3 s, the first at once
         assert sent["depth_snapshots/futures"] == 1 and sent["depth_snapshots/spot"] == 1
         assert _symbols_queued(redis_conn, "open_interest").count("ETHUSDT") == 2
@@ -410,7 +410,7 @@ def test_the_minute_summary_adds_up_every_worker_process(
         planner._report(first, one)
         planner._report(second, other)
         assert not [r for r in caplog.records if "rest.polls" in r.getMessage()]
-        time.sleep(0.6)
+        time.sleep(0.6)  # past SUMMARY_EVERY_S on the summary's own clock: the interval is under test
         planner._report(first, planner.TickSummary())
     lines = [r.getMessage() for r in caplog.records if "rest.polls" in r.getMessage()]
     assert len(lines) == 1
