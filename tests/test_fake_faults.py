@@ -23,7 +23,7 @@ from tests.test_fake_exchange import (
     deadline,
     http,
     recv_json,
-    recv_until_quiet,
+    recv_written,
 )
 
 Frames = list[dict[str, Any]]
@@ -91,7 +91,7 @@ def test_withheld_depth_events_are_missing_exactly_as_the_ledger_lists_them(make
             assert (status, body) == (200, {"ok": True})
             later = [[json.dumps(await recv_json(ws)) for _ in range(40)] for ws in (spot, second, futures)]
             await asyncio.to_thread(fake.pause)
-            rest = await asyncio.gather(*(recv_until_quiet(ws, 0.5) for ws in (spot, second, futures)))
+            rest = await asyncio.gather(*(recv_written(ws) for ws in (spot, second, futures)))
         spot_frames, second_frames, futures_frames = (
             a + b + c for a, b, c in zip(early, later, rest, strict=True)
         )
@@ -256,13 +256,16 @@ def test_silence_counts_lost_mark_prices_and_liquidations(make_fake: FakeFactory
                 frames.append(await recv_json(ws))
             # Paused, only injected liquidations flow: three during a second silence, one after it.
             await asyncio.to_thread(fake.pause)
-            frames += [json.loads(f) for f in await recv_until_quiet(ws, 0.3)]
+            frames += [json.loads(f) for f in await recv_written(ws)]
             await asyncio.to_thread(fake.silence, 0.5 * TIMEOUT_FACTOR)
             for price in ("100", "101", "102"):
                 await asyncio.to_thread(fake.liquidation, "BTCUSDT", "SELL", price, "1")
             await until(lambda: not any(c["silenced"] for c in fake.connections()), "the silence over")
             await asyncio.to_thread(fake.liquidation, "BTCUSDT", "BUY", "103", "2")
-            after = [json.loads(f) for f in await recv_until_quiet(ws, 0.3)]
+            await until(
+                lambda: any(order[3] == "103" for order in fake.ledger()["force_orders"]), "103 written"
+            )
+            after = [json.loads(f) for f in await recv_written(ws)]
         return frames, after, body
 
     frames, after, body = asyncio.run(run())
@@ -311,7 +314,7 @@ def test_server_shutdown_notice_then_close_lets_a_replacement_lose_nothing(make_
                 futures_frames, futures_closed_at = await recv_until_closed(futures)
                 more = [await recv_json(new) for _ in range(20)]
                 await asyncio.to_thread(fake.pause)
-                more += [json.loads(f) for f in await recv_until_quiet(new, 0.5)]
+                more += [json.loads(f) for f in await recv_written(new)]
         return {
             "ids": ids,
             "body": body,

@@ -4,7 +4,6 @@ delists symbols, the start-up failures, `collector trigger`, and the fake's own 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from collector.queue import keys
 from collector.queue.symbols import read_symbols, write_symbols
 from collector.streams.connection import SILENCE_FACTOR
 from tests.processes import TIMEOUT_FACTOR, Process, stream_process, wait_until
+from tests.test_fake_exchange import quiet_while
 
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
 # The fake also lists its recorded symbols: spot NKNUSDT (USDT), BLZETH, LRCBTC, RUNEEUR; USD-M
@@ -369,14 +369,7 @@ def test_fake_lists_and_delists_at_runtime() -> None:
                     await _recv(ws)
                     received += 1
                 async with websockets.connect(other_url, ping_interval=None) as other:
-                    late = asyncio.create_task(ws.recv())
-                    # Nothing more while a connection at the same rate gets 0.7 s worth of frames.
-                    for _ in range(35):
-                        await _recv(other)
-                    assert not late.done()
-                    late.cancel()  # safe: websockets loses no frame to a cancelled recv()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await late
+                    await quiet_while(ws, other, 35)  # 0.7 s at 50 a second
                 await asyncio.to_thread(fake.list_symbol, "spot", "NEWXUSDT")
                 await _recv(ws)
 
