@@ -28,7 +28,6 @@ from tests.processes import wait_until
 
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
 SILENCE_S = 2.0  # how long a silent stream must stay silent
-QUIET_S = 1.0  # no frame for this long = the fake has stopped sending
 
 
 def deadline(seconds: float) -> float:
@@ -54,7 +53,7 @@ async def recv_json(ws: websockets.ClientConnection, timeout: float = 10.0) -> A
         return json.loads(await ws.recv())
 
 
-async def recv_until_quiet(ws: websockets.ClientConnection, quiet_s: float = QUIET_S) -> list[str]:
+async def recv_until_quiet(ws: websockets.ClientConnection, quiet_s: float) -> list[str]:
     """Every frame until none arrives for `quiet_s`: for a test that checks nothing comes over a
     period. To read what the fake has written, `recv_written` needs no period."""
     frames: list[str] = []
