@@ -369,7 +369,7 @@ def test_fake_lists_and_delists_at_runtime() -> None:
                     await _recv(ws)
                     received += 1
                 async with websockets.connect(other_url, ping_interval=None) as other:
-                    await quiet_while(ws, other, 35)  # 0.7 s at 50 a second
+                    await quiet_while([ws], other, 35)  # 0.7 s at 50 a second
                 await asyncio.to_thread(fake.list_symbol, "spot", "NEWXUSDT")
                 await _recv(ws)
 
