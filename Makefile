@@ -6,6 +6,9 @@
 #   make demo     the same stack against the built-in fake exchange, printing rows as they arrive
 #   make stop     stop a running `make run` / `make demo` and the local servers
 #
+# `make run` and `make demo` show every process's output and also keep it in var/log/<process>.log
+# (make demo: var/log/demo/<process>.log), one file per process, rotated (scripts/run_procfile.py).
+#
 # Everything runs from the virtual environment .venv (made by `make install`).
 
 SHELL := /bin/bash
@@ -88,9 +91,9 @@ bench: install ensure-servers ## throughput benchmarks (see bench/)
 compose-tool: install ## best effort: a Docker Compose v2 client in .venv/bin for the offline config check
 	@scripts/compose-tool.sh
 
-docker-config: compose-tool ## validate docker-compose.yml offline with Docker Compose v2
+docker-config: compose-tool ## check the compose files with your .env offline: names each secret still unset
 	@if docker compose version >/dev/null 2>&1; then docker compose config --quiet; \
-	else $(BIN)/docker-compose config --quiet; fi && echo "docker-compose.yml is valid"
+	else $(BIN)/docker-compose config --quiet; fi && echo "the compose files and .env are valid"
 
 clean: ## remove caches (keeps .venv and the data in var/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from kombu.entity import Queue
 
-from collector.errors import ConfigError, ServiceUnavailable
-from collector.queue.client import check_redis
+from collector.errors import ConfigError, ServiceUnavailable, error_lines
+from collector.preflight import celery_needs, check_services
 from collector.schedule import QUEUES, TASK_QUEUES
 from collector.schedule import beat_schedule as build_beat_schedule
 from collector.settings import get_settings
@@ -17,8 +17,8 @@ from collector.settings import get_settings
 try:
     _settings = get_settings()
 except ConfigError as error:
-    # `celery -A collector worker|beat` would show the whole traceback: one line names the variable.
-    print(f"collector: {error}", file=sys.stderr)
+    # `celery -A collector worker|beat` would show the whole traceback: one line per bad variable.
+    print(error_lines(error), file=sys.stderr)
     raise SystemExit(2) from None
 
 
@@ -28,11 +28,13 @@ def _starting_worker_or_beat() -> bool:
 
 
 if _starting_worker_or_beat():
-    # Redis is the broker: without it Celery retries forever, a traceback each time. One line, exit 2.
+    # Without Redis (the broker) Celery retries forever, a traceback each time; a worker without
+    # PostgreSQL would take drains it cannot do. One line naming each service that is down, exit 2
+    # (collector.preflight says which each needs and why).
     try:
-        check_redis(_settings)
+        check_services(_settings, celery_needs(sys.argv[1:]))
     except ServiceUnavailable as error:
-        print(f"collector: {error}", file=sys.stderr)  # the hint that fits is in the message
+        print(error_lines(error), file=sys.stderr)  # the hint that fits is in the message
         raise SystemExit(2) from None
 
 

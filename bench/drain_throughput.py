@@ -26,10 +26,10 @@ from collector.db.connection import connect
 from collector.db.copy import copy_text
 from collector.db.init import init_db
 from collector.drain import Drainer, build_rows
-from collector.localservices import start_postgres, start_redis
+from collector.fake.envelopes import agg_trade
+from collector.local.servers import start_postgres, start_redis
 from collector.queue import keys
 from collector.settings import load_settings
-from tests.factories import agg_trade
 
 
 def main() -> int:

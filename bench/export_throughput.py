@@ -30,9 +30,9 @@ from collector.db.connection import connect
 from collector.db.init import init_db
 from collector.export.plan import plan_export, select_statement
 from collector.export.run import prepare_session, read_columns
-from collector.localservices import pg_bin, start_postgres
+from collector.fake.envelopes import AGG_TRADES_BULK_SQL
+from collector.local.servers import pg_bin, start_postgres
 from collector.settings import Settings, load_settings
-from tests.factories import AGG_TRADES_BULK_SQL
 
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
 

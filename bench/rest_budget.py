@@ -35,7 +35,7 @@ import redis
 from processes import stop  # bench/processes.py, beside this script
 
 from collector.fake.server import FakeExchange
-from collector.localservices import start_redis
+from collector.local.servers import start_redis
 from collector.queue import keys
 
 BIN = Path(sys.executable).parent

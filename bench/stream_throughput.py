@@ -31,7 +31,7 @@ from processes import cpu_percent, cpu_sample, stop  # bench/processes.py, besid
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
-from collector.localservices import LocalService, free_port, start_redis, wait_for_port
+from collector.local.servers import LocalService, free_port, start_redis, wait_for_port
 from collector.queue import keys
 from collector.settings import load_settings
 

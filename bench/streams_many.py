@@ -43,7 +43,7 @@ from processes import cpu_percent, cpu_sample, peak_rss_mb, stop  # bench/proces
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
-from collector.localservices import LocalService, free_port, start_redis, wait_for_port
+from collector.local.servers import LocalService, free_port, start_redis, wait_for_port
 from collector.queue import keys
 from collector.queue.loop_lag import read_loop_lag
 from collector.queue.symbols import read_symbols

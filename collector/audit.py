@@ -9,18 +9,24 @@ and PostgreSQL: Redis lost it (a restart without persistence, a FLUSHALL, an evi
 reported with its exact count and the receive times around it.
 
 Envelopes of the REST tasks and the gap ledger carry no number and are not audited here.
+
+Retention drops a table's old rows (TimescaleDB's policy) and, with them, their ranges
+(`collector.db.timescale.PRUNE_BODY`): a period reaching back past a table's retention is reported as
+such (`Horizon`), since what happened to its envelopes there can no longer be told.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import astuple, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Final
 
 from psycopg2.extensions import cursor as Cursor
+
+from collector.db.timescale import PRUNE_SCHEDULE, human, read_retention
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +162,75 @@ def find_losses(cur: Cursor, since: datetime, table: str | None = None) -> list[
 
 
 @dataclass(frozen=True)
+class Horizon:
+    """Before `start`, retention has dropped rows of audited tables and their ranges."""
+
+    now: datetime
+    since: datetime  # the start of the period asked, before `start`
+    retention: dict[str, timedelta]  # the retention of each audited table that has one
+
+    @property
+    def start(self) -> datetime:
+        """The shortest retention sets it: before it, some table's rows and ranges may be gone."""
+        return self.now - min(self.retention.values())
+
+    def pruned(self, table: str, received: datetime) -> bool:
+        """Whether ranges of `table` received just before `received` may have been pruned: it is at
+        that table's horizon, which the prune job reaches every PRUNE_SCHEDULE."""
+        kept = self.retention.get(table)
+        return kept is not None and received < self.now - kept + 2 * PRUNE_SCHEDULE
+
+
+def horizon(
+    retention: Mapping[str, timedelta], tables: Iterable[str], since: datetime, now: datetime
+) -> Horizon | None:
+    """The horizon when the period from `since` reaches back past an audited table's retention. Pure."""
+    kept = {table: retention[table] for table in sorted(set(tables)) if table in retention}
+    if not kept:
+        return None
+    found = Horizon(now, since, kept)
+    return found if since < found.start else None
+
+
+def format_horizon(found: Horizon) -> str:
+    """One line: from when the audit can vouch for its numbers, and why. Pure."""
+    by_retention: dict[timedelta, list[str]] = {}
+    for table, kept in found.retention.items():
+        by_retention.setdefault(kept, []).append(table)
+    if len(by_retention) == 1:
+        older = human(next(iter(by_retention)))
+    else:
+        older = ", ".join(f"{human(k)} ({', '.join(t)})" for k, t in sorted(by_retention.items()))
+    return (
+        f"retention: rows older than {older} are dropped with their ranges, so nothing received before "
+        f"{found.start.isoformat(timespec='seconds')} can be accounted for "
+        f"(asked from {found.since.isoformat(timespec='seconds')})"
+    )
+
+
+# The tables `ingest_ranges` describes, one index probe each (`ingest_ranges_by_run` leads with
+# table_name) rather than a scan of every range.
+AUDITED_TABLES_SQL: Final = """
+WITH RECURSIVE t(name) AS (
+    SELECT min(table_name) FROM ingest_ranges
+    UNION ALL
+    SELECT (SELECT min(table_name) FROM ingest_ranges WHERE table_name > t.name)
+    FROM t WHERE t.name IS NOT NULL
+)
+SELECT name FROM t WHERE name IS NOT NULL
+"""
+
+
+def read_horizon(cur: Cursor, since: datetime, now: datetime) -> Horizon | None:
+    """The audit's horizon from the catalog's retention policies (none on plain PostgreSQL)."""
+    retention = read_retention(cur)
+    if not retention:
+        return None
+    cur.execute(AUDITED_TABLES_SQL)
+    return horizon(retention, (name for (name,) in cur.fetchall()), since, now)
+
+
+@dataclass(frozen=True)
 class RunBalance:
     """One table of one run: what its drains consumed, and what became of it."""
 
@@ -168,34 +243,65 @@ class RunBalance:
     rows_filtered: int
     dead_letters: int
     started: datetime  # the receive time of its first drained envelope
+    lowest: int = 1  # the lowest number drained in the period
+    earlier: bool = False  # ranges of the run drained before the period are kept
+
+
+# Per (table, run) in the period; `earlier`: one index probe for a range of the run below the period.
+BALANCES_SQL: Final = """
+SELECT g.*, EXISTS (SELECT 1 FROM ingest_ranges e
+                    WHERE e.table_name = g.table_name AND e.run = g.run AND e.first_seq < g.lowest)
+FROM (SELECT table_name, run, max(last_seq), sum(last_seq - first_seq + 1), sum(rows_inserted),
+             sum(rows_duplicate), sum(rows_filtered), sum(dead_letters), min(first_received_at),
+             min(first_seq) AS lowest
+      FROM ingest_ranges WHERE last_received_at >= %s GROUP BY table_name, run) AS g
+ORDER BY 9, 1
+"""
 
 
 def drained_balances(cur: Cursor, since: datetime) -> list[RunBalance]:
     """Per (table, run) received since `since`, oldest run first."""
-    cur.execute(
-        "SELECT table_name, run, max(last_seq), sum(last_seq - first_seq + 1), sum(rows_inserted),"
-        " sum(rows_duplicate), sum(rows_filtered), sum(dead_letters), min(first_received_at)"
-        " FROM ingest_ranges WHERE last_received_at >= %s GROUP BY table_name, run ORDER BY 9, 1",
-        (since,),
-    )
+    cur.execute(BALANCES_SQL, (since,))
     return [
-        RunBalance(t, r, int(h), int(d), int(i), int(u), int(f), int(x), s)
-        for t, r, h, d, i, u, f, x, s in cur.fetchall()
+        RunBalance(t, r, int(h), int(d), int(i), int(u), int(f), int(x), s, int(low), bool(e))
+        for t, r, h, d, i, u, f, x, s, low, e in cur.fetchall()
     ]
 
 
+def verdict(b: RunBalance, sent: int, missing: int, waiting: int, found: Horizon | None) -> str:
+    """`balanced`, or how many queued numbers are not accounted for. Pure.
+
+    A run that began before the period is counted from its lowest number in it: the numbers below
+    were drained earlier (its earlier ranges are kept), or retention pruned them with their rows (its
+    first kept range is at its table's horizon). Otherwise numbers
+    below the lowest were queued and never drained: lost before the run's first drain.
+    """
+    pruned = found is not None and found.pruned(b.table, b.started)
+    counted_from = b.lowest if b.earlier or pruned else 1
+    short = sent - (counted_from - 1) - b.drained - missing - waiting
+    if short > 0:
+        return f"{short:,} not accounted for yet"
+    return "balanced" if counted_from == 1 else f"balanced from {counted_from:,}"
+
+
 def format_audit(
-    balances: list[RunBalance], losses: list[Loss], queued: dict[str, int], pending: dict[str, int]
+    balances: list[RunBalance],
+    losses: list[Loss],
+    queued: dict[str, int],
+    pending: dict[str, int],
+    found: Horizon | None = None,
 ) -> str:
     """The text of `collector audit`. Pure.
 
     Per table and run: the events the stream process committed to the queue (`queued`, from Redis:
     `<run>/<table>` -> last number), and where they went: drained (into rows stored, duplicate or
     filtered, or dead letters), still queued or in flight (`pending`, per table, the latest run's),
-    or lost. A run whose numbers add up says `balanced`.
+    or lost. A run whose numbers add up says `balanced`. First, when the period reaches back past
+    retention (`found`), one line saying from when the audit can vouch for its numbers.
     """
+    first = [format_horizon(found)] if found else []
     if not balances:
-        return "no audited events drained in this period"
+        return "\n".join([*first, "no audited events drained in this period"])
     latest = {b.table: b.run for b in balances}  # ordered by start: the last one wins
     lost: dict[tuple[str, str], int] = {}
     for loss in losses:
@@ -219,11 +325,9 @@ def format_audit(
         missing = lost.get((b.table, b.run), 0)
         sent = queued.get(f"{b.run}/{b.table}")
         if sent is None:
-            verdict, sent_text = "unknown (not in Redis)", "?"
+            balance, sent_text = "unknown (not in Redis)", "?"
         else:
-            short = sent - b.drained - missing - waiting
-            verdict = "balanced" if short <= 0 else f"{short:,} not accounted for yet"
-            sent_text = f"{sent:,}"
+            balance, sent_text = verdict(b, sent, missing, waiting, found), f"{sent:,}"
         rows.append(
             (
                 b.table,
@@ -236,11 +340,13 @@ def format_audit(
                 f"{b.rows_duplicate:,}",
                 f"{b.rows_filtered:,}",
                 f"{b.dead_letters:,}",
-                verdict,
+                balance,
             )
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines = first + [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    ]
     lines += [
         f"lost: {loss.table} run {loss.run} numbers {loss.first}..{loss.last} ({loss.count} events), "
         f"received between {loss.after_received.isoformat()} and {loss.before_received.isoformat()}"

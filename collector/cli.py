@@ -10,10 +10,15 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from collector.errors import ConfigError, ServiceUnavailable
+from collector.errors import ConfigError, ServiceUnavailable, error_lines
 from collector.queue.keys import TABLES
 from collector.settings import Market, Settings, get_settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.result import AsyncResult
 
 EXIT_CONFIG = 2
 
@@ -64,15 +69,37 @@ def _cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_trigger(args: argparse.Namespace, settings: Settings) -> int:
     from collector.celery import app
+    from collector.preflight import COMMAND_NEEDS, check_services
     from collector.schedule import TASK_QUEUES
 
     name, task_args, task_kwargs = _trigger_call(args, settings)
-    result = app.send_task(name, args=task_args, kwargs=task_kwargs)
+    check_services(settings, COMMAND_NEEDS["trigger"])  # after the arguments: see CHECKED_BY_THE_COMMAND
+    result = _send(app, name, task_args, task_kwargs, settings)
     # Every trigger says what went where: the task, its arguments by name, the queue and the id.
     named = {**({"table": task_args[0]} if task_args else {}), **task_kwargs}
     shown = "".join(f" {key}={'all' if value is None else value}" for key, value in named.items())
     print(f"sent {name}{shown} to queue {TASK_QUEUES[name]} (id {result.id})")
     return 0
+
+
+def _send(
+    app: Celery, name: str, task_args: list[object], task_kwargs: dict[str, object], settings: Settings
+) -> AsyncResult:
+    """Send the task once: a broker that went away since the start-up check is one line, not
+    kombu's retries and a traceback."""
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from collector.queue.client import redis_unavailable
+
+    try:
+        # One connection attempt: kombu would otherwise retry it for broker_connection_timeout.
+        with app.connection_for_write(transport_options={"max_retries": 0}) as connection:
+            return app.send_task(name, args=task_args, kwargs=task_kwargs, connection=connection, retry=False)
+    except OperationalError as error:
+        # kombu wraps redis-py's error; its cause says what happened.
+        cause = error.__cause__ if isinstance(error.__cause__, redis.RedisError) else None
+        raise redis_unavailable(settings, cause or redis.ConnectionError(str(error))) from None
 
 
 # The options each `collector trigger <what>` reads; any other is refused rather than ignored.
@@ -160,7 +187,7 @@ def _cmd_fake_exchange(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_services(args: argparse.Namespace, settings: Settings) -> int:
-    from collector.localservices import services_command
+    from collector.local.services import services_command
 
     return services_command(args.action, args.dir)
 
@@ -205,14 +232,15 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
 
     import redis
 
-    from collector.audit import drained_balances, find_losses, format_audit
+    from collector.audit import drained_balances, find_losses, format_audit, read_horizon
     from collector.db.connection import connect
     from collector.export.plan import parse_time
     from collector.queue import keys
     from collector.queue.batches import inflight_length, queue_length
     from collector.queue.client import redis_client, redis_unavailable
 
-    since = parse_time(args.since, "--since") if args.since else datetime.now(UTC) - timedelta(hours=24)
+    now = datetime.now(UTC)
+    since = parse_time(args.since, "--since") if args.since else now - timedelta(hours=24)
     client = redis_client(settings)
     try:
         # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
@@ -225,7 +253,8 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     conn = connect(settings)
     try:
         with conn.cursor() as cur:
-            text = format_audit(drained_balances(cur, since), find_losses(cur, since), queued, pending)
+            balances, losses = drained_balances(cur, since), find_losses(cur, since)
+            text = format_audit(balances, losses, queued, pending, read_horizon(cur, since, now))
     finally:
         conn.close()
     print(text)
@@ -298,8 +327,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Rebuild the order book at TIME from the last stored depth snapshot at or before it "
         "and the stored diffs after it, with Binance's sync rules for the market, and print the top "
         "levels. TIME is exchange time: a diff counts from its event time E, a snapshot from its E "
-        "(futures) or else its receive time (spot). Exit 2 with one line when TIME is before any "
-        "snapshot or falls inside a gap in the stored diffs.",
+        "(futures) or else its receive time (spot). Exit 2 with one line when the stored rows do not "
+        "pin the book at TIME: before any snapshot, inside a gap in the stored diffs, or after the "
+        "last recorded event.",
     )
     book.add_argument("market", choices=["spot", "futures"], metavar="MARKET", help="spot or futures")
     book.add_argument("symbol", metavar="SYMBOL", help="e.g. BTCUSDT")
@@ -308,7 +338,8 @@ def _parser() -> argparse.ArgumentParser:
     book.add_argument(
         "--json",
         action="store_true",
-        help='print {"bids": [[price, qty], ...], "asks": ..., "last_update_id": ...}',
+        help="print JSON: market, symbol, at, as_of, last_update_id, snapshot {last_update_id, time}, "
+        "diffs_applied, diffs_skipped, bids and asks ([[price, qty], ...])",
     )
     return parser
 
@@ -343,7 +374,7 @@ def _adopt_running_stack(command: str) -> str | None:
 
     from dotenv import dotenv_values
 
-    from collector.localservices import NO_STACK, running_stack
+    from collector.local.stack import NO_STACK, running_stack
 
     if command not in OPERATOR_COMMANDS:
         return None
@@ -361,15 +392,30 @@ def _adopt_running_stack(command: str) -> str | None:
     return f"the running `{label}` stack ({env_file})"
 
 
+def _no_stack_hint(stack: str | None) -> str:
+    """What a failed operator command says first when it only tried the defaults because no stack runs."""
+    from collector.local.stack import NO_STACK
+
+    return f"{NO_STACK}; " if stack == NO_STACK else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from collector.preflight import CHECKED_BY_THE_COMMAND, COMMAND_NEEDS, check_services
+
     args = _parser().parse_args(argv)
+    args.stack = None
     try:
         args.stack = _adopt_running_stack(args.command)
         settings = get_settings()
         _setup_logging(settings)
+        if args.command not in CHECKED_BY_THE_COMMAND:
+            check_services(settings, COMMAND_NEEDS[args.command])
         return COMMANDS[args.command](args, settings)
-    except (ConfigError, ServiceUnavailable) as error:
-        print(f"collector: {error}", file=sys.stderr)
+    except ConfigError as error:
+        print(error_lines(error), file=sys.stderr)
+        return EXIT_CONFIG
+    except ServiceUnavailable as error:
+        print(f"collector: {_no_stack_hint(args.stack)}{error}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -24,13 +24,14 @@ import redis
 from psycopg2.extensions import connection as Connection
 
 from collector.audit import BatchOutcome, contiguous_ranges, record_ranges, tag_of
-from collector.binance.rows import Row, parse_envelope, split_envelope
+from collector.binance.rows import Row
 from collector.db.copy import CopyResult, copy_rows, copy_text
 from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.queue.deadletter import DeadLetter
 from collector.queue.drain_summary import DrainSummaries
+from collector.queue.envelope import parse_envelope, split_envelope
 from collector.queue.locks import RedisLock, drain_lock
 from collector.settings import Settings
 
@@ -56,6 +57,7 @@ class DrainResult:
     envelopes: int = 0
     inserted: int = 0
     duplicates: int = 0
+    filtered: int = 0  # rows left out before the insert (COIN-M): `collector audit`'s FILTERED
     dead_letters: int = 0
     lock_busy: bool = False
     remaining: int = 0
@@ -178,29 +180,33 @@ def log_summary(summaries: DrainSummaries, result: DrainResult, now_us: int, not
         "envelopes": result.envelopes,
         "inserted": result.inserted,
         "duplicates": result.duplicates,
+        "filtered": result.filtered,
         "dead_letters": result.dead_letters,
     }
     totals = summaries.add_run(result.table, run, now_us, SUMMARY_INTERVAL_S, take_now=notable)
     if totals is None:
         logger.debug(
-            "drain.run table=%s envelopes=%d inserted=%d duplicates=%d dead_letters=%d remaining=%d",
+            "drain.run table=%s envelopes=%d inserted=%d duplicates=%d filtered=%d dead_letters=%d "
+            "remaining=%d",
             result.table,
             result.envelopes,
             result.inserted,
             result.duplicates,
+            result.filtered,
             result.dead_letters,
             result.remaining,
         )
         return
     logger.info(
         "drain.summary table=%s over_s=%.0f runs=%d envelopes=%d inserted=%d duplicates=%d "
-        "dead_letters=%d remaining=%d (all worker processes)",
+        "filtered=%d dead_letters=%d remaining=%d (all worker processes)",
         result.table,
         totals.over_s,
         totals.runs,
         totals.envelopes,
         totals.inserted,
         totals.duplicates,
+        totals.filtered,
         totals.dead_letters,
         result.remaining,
     )
@@ -293,18 +299,20 @@ class Drainer:
         dead_letters = [letter for _, parsed in parts for letter in parsed.dead_letters]
         inserted = sum(w.inserted for w in written)
         duplicates = sum(w.duplicates for w in written)
+        filtered = sum(parsed.coin_m_skipped for _, parsed in parts)
         queue.acknowledge(
             batch,
             committed_at_us=time.time_ns() // 1000,
             dead_letters=dead_letters,
             inserted=inserted,
             duplicates=duplicates,
-            coin_m_skipped=sum(parsed.coin_m_skipped for _, parsed in parts),
+            coin_m_skipped=filtered,
         )
         result.batches += 1
         result.envelopes += len(batch.items)
         result.inserted += inserted
         result.duplicates += duplicates
+        result.filtered += filtered
         result.dead_letters += len(dead_letters)
         for letter in dead_letters:
             logger.warning(

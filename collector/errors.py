@@ -1,7 +1,7 @@
 """The collector's error hierarchy. What is worth retrying is decided in one place: `collector.retry`.
 
 - `CollectorError`: base of everything below.
-  - `ConfigError`: a bad setting; fatal at start, printed as one line naming the variable.
+  - `ConfigError`: bad settings; fatal at start, printed as one line per bad variable.
   - `ServiceUnavailable`: Redis or PostgreSQL cannot be reached; retryable.
   - `FrameError`: a frame or REST body that cannot be parsed; never retried, it goes to the dead-letter list.
   - `RestError`: a Binance REST call failed.
@@ -16,11 +16,19 @@ class CollectorError(Exception):
 
 
 class ConfigError(CollectorError):
-    """A setting is missing or malformed. The message is one line that names the variable."""
+    """Settings are missing or malformed. The message has one line per bad variable, naming it."""
 
 
 class ServiceUnavailable(CollectorError):
     """Redis or PostgreSQL could not be reached. The message names the service and its address."""
+
+
+def error_lines(error: CollectorError) -> str:
+    """`error` as the command line prints it: each line of its message after `collector: `.
+
+    A `ConfigError` may name several variables, one line each; the others are one line.
+    """
+    return "\n".join(f"collector: {line}" for line in str(error).splitlines() or [""])
 
 
 class FrameError(CollectorError):
@@ -41,10 +49,3 @@ class RateLimited(RestError):
     def __init__(self, message: str, status: int, retry_after_s: float) -> None:
         super().__init__(message, status)
         self.retry_after_s = retry_after_s
-
-
-def is_retryable(error: BaseException) -> bool:
-    """True when trying the same operation again later may succeed: `collector.retry.is_transient`."""
-    from collector.retry import is_transient  # collector.retry imports this module's classes
-
-    return is_transient(error)

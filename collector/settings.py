@@ -1,8 +1,8 @@
 """The one typed settings object, read once from the environment and an optional `.env`.
 
 Every tunable carries its unit in its name (`_S` seconds, `_MS` milliseconds, `_USD` dollars).
-`load_settings()` turns any bad value into one `ConfigError` line naming the variable, so the
-CLI can print it and exit without a traceback.
+`load_settings()` turns bad values into a `ConfigError` with one line per bad variable, naming it
+(every one at once, not the first only), so the CLI can print them and exit without a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from collector.errors import ConfigError
@@ -46,15 +47,6 @@ FUTURES_STREAM_TYPES = frozenset(
 FUTURES_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
 SPOT_DEPTH_LIMIT_MAX = 5000  # GET /api/v3/depth caps at 5000 levels (binance.md §4.1)
 
-# The env variable that holds each field, used to name the culprit in a ConfigError.
-_ENV_NAME = {
-    "spot_symbols": "SPOT_SYMBOLS",
-    "futures_symbols": "FUTURES_SYMBOLS",
-    "spot_streams": "SPOT_STREAMS",
-    "futures_streams": "FUTURES_STREAMS",
-    "spot_quote_assets": "SPOT_QUOTE_ASSETS",
-    "futures_quote_assets": "FUTURES_QUOTE_ASSETS",
-}
 # `*_SYMBOLS=ALL`: every TRADING symbol of the market's exchangeInfo (collector.binance.exchange_info).
 ALL_SYMBOLS = "ALL"
 ASSET_PATTERN = re.compile(r"^[A-Z0-9]{2,12}$")
@@ -114,6 +106,15 @@ def redacted_url(url: str) -> str:
         return url
     user, _, host = parts.netloc.rpartition("@")
     return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
+
+
+# The error type of a check whose message already shows what it refuses: no "(got …)" after it.
+_SELF_DESCRIBED = "collector_setting"
+
+
+def _refuse(message: str) -> PydanticCustomError:
+    """A validation error whose message is printed as it is, after the variable's name."""
+    return PydanticCustomError(_SELF_DESCRIBED, "{problem}", {"problem": message})
 
 
 def _split_comma_list(value: object) -> object:
@@ -268,43 +269,51 @@ class Settings(BaseSettings):
     def _parse_streams(cls, value: object) -> object:
         return _split_comma_list(value)
 
-    @model_validator(mode="after")
-    def _check_streams(self) -> Settings:
-        for market in ("spot", "futures"):
-            if self.quote_assets(market) and not self.symbols_all(market):
-                # A filter that silently did nothing would look like a recording of those symbols.
-                raise ValueError(
-                    f"{market.upper()}_QUOTE_ASSETS: only applies with {market.upper()}_SYMBOLS=ALL "
-                    f"(got {market.upper()}_SYMBOLS={','.join(self.symbols(market))})"
-                )
-        for field, allowed in (
-            ("spot_streams", SPOT_STREAM_TYPES),
-            ("futures_streams", FUTURES_STREAM_TYPES),
-        ):
-            for stream in getattr(self, field):
-                if stream not in allowed:
-                    raise ValueError(
-                        f"{_ENV_NAME[field]}: unknown stream type {stream!r} "
-                        f"(known: {', '.join(sorted(allowed))})"
-                    )
-        if self.depth_snapshot_limit not in FUTURES_DEPTH_LIMITS and self.futures_symbols:
-            raise ValueError(
-                f"DEPTH_SNAPSHOT_LIMIT: {self.depth_snapshot_limit} is not a futures depth limit "
-                f"(one of {', '.join(map(str, FUTURES_DEPTH_LIMITS))})"
+    # The checks below look at one variable each (several read another, already validated, through
+    # `info.data`), so a ValidationError lists every bad variable, not only the first.
+
+    @field_validator("spot_streams", "futures_streams")
+    @classmethod
+    def _check_stream_types(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        allowed = SPOT_STREAM_TYPES if info.field_name == "spot_streams" else FUTURES_STREAM_TYPES
+        for stream in value:
+            if stream not in allowed:
+                raise _refuse(f"unknown stream type {stream!r} (known: {', '.join(sorted(allowed))})")
+        return value
+
+    @field_validator("spot_quote_assets", "futures_quote_assets")
+    @classmethod
+    def _quote_assets_need_all(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        market = "spot" if info.field_name == "spot_quote_assets" else "futures"
+        symbols = info.data.get(f"{market}_symbols")  # absent when that variable is bad itself
+        if value and symbols is not None and symbols != [ALL_SYMBOLS]:
+            # A filter that silently did nothing would look like a recording of those symbols.
+            raise _refuse(
+                f"only applies with {market.upper()}_SYMBOLS=ALL "
+                f"(got {market.upper()}_SYMBOLS={','.join(symbols)})"
             )
-        if self.depth_snapshot_limit > SPOT_DEPTH_LIMIT_MAX:
-            raise ValueError(f"DEPTH_SNAPSHOT_LIMIT: at most {SPOT_DEPTH_LIMIT_MAX}")
+        return value
+
+    @field_validator("depth_snapshot_limit")
+    @classmethod
+    def _check_depth_limit(cls, value: int, info: ValidationInfo) -> int:
+        if value not in FUTURES_DEPTH_LIMITS and info.data.get("futures_symbols", True):
+            raise _refuse(
+                f"{value} is not a futures depth limit (one of {', '.join(map(str, FUTURES_DEPTH_LIMITS))})"
+            )
+        if value > SPOT_DEPTH_LIMIT_MAX:
+            raise _refuse(f"at most {SPOT_DEPTH_LIMIT_MAX} (got {value})")
+        return value
+
+    @field_validator("timescale_aggregate_lookback_h")
+    @classmethod
+    def _lookback_within_retention(cls, value: int, info: ValidationInfo) -> int:
         # A refresh window reaching into chunks that retention already dropped would empty those
         # buckets of the aggregates (TimescaleDB docs, "Data retention with continuous aggregates").
-        if (
-            self.timescale_retention_days
-            and self.timescale_aggregate_lookback_h >= 24 * self.timescale_retention_days
-        ):
-            raise ValueError(
-                f"TIMESCALE_AGGREGATE_LOOKBACK_H: {self.timescale_aggregate_lookback_h} h must be shorter "
-                f"than TIMESCALE_RETENTION_DAYS ({self.timescale_retention_days} days)"
-            )
-        return self
+        retention = info.data.get("timescale_retention_days")
+        if retention and value >= 24 * retention:
+            raise _refuse(f"{value} h must be shorter than TIMESCALE_RETENTION_DAYS ({retention} days)")
+        return value
 
     def symbols(self, market: Market) -> list[str]:
         return self.spot_symbols if market == "spot" else self.futures_symbols
@@ -318,25 +327,32 @@ class Settings(BaseSettings):
         return self.spot_quote_assets if market == "spot" else self.futures_quote_assets
 
 
-def _describe(error: ValidationError) -> str:
-    """One line naming the first bad variable and why, from pydantic's error list."""
-    first = error.errors()[0]
-    location = [str(part) for part in first.get("loc", ()) if part not in ("__root__",)]
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if location:
-        value = first.get("input")
-        if location[0] in ("redis_url", "database_url") and isinstance(value, str):
-            value = redacted_url(value)  # a password is no part of an error message
-        return f"{location[0].upper()}: {message} (got {value!r})"
-    return message
+def _describe(error: ValidationError) -> list[str]:
+    """One line per bad variable, naming it and why, from pydantic's error list."""
+    lines: dict[str, str] = {}
+    for problem in error.errors():
+        location = [str(part) for part in problem.get("loc", ()) if part not in ("__root__",)]
+        message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not location:
+            lines.setdefault(message, message)
+            continue
+        name = location[0].upper()
+        if problem.get("type") != _SELF_DESCRIBED:
+            value = problem.get("input")
+            if location[0] in ("redis_url", "database_url") and isinstance(value, str):
+                value = redacted_url(value)  # a password is no part of an error message
+            message = f"{message} (got {value!r})"
+        lines.setdefault(name, f"{name}: {message}")  # the first reason for each variable
+    return list(lines.values())
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read and validate the settings; raise `ConfigError` with one line on any bad value."""
+    """Read and validate the settings; raise `ConfigError` with one line per bad variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as error:
-        raise ConfigError(f"configuration error: {_describe(error)}") from None
+        lines = [f"configuration error: {line}" for line in _describe(error)]
+        raise ConfigError("\n".join(lines)) from None
 
 
 @lru_cache(maxsize=1)

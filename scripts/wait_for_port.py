@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from collector.localservices import wait_for_port
+from collector.local.servers import wait_for_port
 
 
 def main(argv: list[str] | None = None) -> int:

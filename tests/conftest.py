@@ -24,7 +24,7 @@ import pytest
 import redis
 
 from collector.fake.server import FakeExchange
-from collector.localservices import LocalService, start_postgres, start_redis, timescaledb_installed
+from collector.local.servers import LocalService, start_postgres, start_redis, timescaledb_installed
 from collector.settings import Settings, load_settings
 
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))

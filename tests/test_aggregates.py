@@ -17,11 +17,11 @@ import psycopg2
 import pytest
 import redis
 
-from collector.binance.rows import make_envelope
 from collector.db.connection import connect
 from collector.db.init import init_db
 from collector.drain import Drainer
 from collector.queue import keys
+from collector.queue.envelope import make_envelope
 from collector.settings import Settings
 
 CANDLE_COLUMNS = [

@@ -210,7 +210,7 @@ def test_postgres_down_is_one_warning_then_one_line_when_back(
 ) -> None:
     """While PostgreSQL is unreachable the alert task (run every second) logs one warning, not a
     traceback a second, and one line when it is back; it decides nothing meanwhile."""
-    from collector.localservices import free_port
+    from collector.local.servers import free_port
     from collector.tasks import alerts
 
     good = alert_settings.database_url

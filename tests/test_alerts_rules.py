@@ -8,7 +8,7 @@ from decimal import Decimal
 import orjson
 
 from collector.alerts.rules import Liquidation, Thresholds, evaluate, iso_ms, plain, window_sum
-from collector.binance.rows import make_envelope, parse_envelope
+from collector.queue.envelope import make_envelope, parse_envelope
 
 T0_MS = int(datetime(2026, 11, 24, 12, 0, 1, 234000, tzinfo=UTC).timestamp() * 1000)
 T0 = T0_MS * 1000  # µs

@@ -12,10 +12,10 @@ import psycopg2
 import redis
 
 from collector.audit import SeqRange, contiguous_ranges, find_losses, tag_of
-from collector.binance.rows import make_envelope
 from collector.db.connection import connect
 from collector.fake.server import FakeExchange
 from collector.queue import keys
+from collector.queue.envelope import make_envelope
 from collector.settings import Settings
 from collector.web.health import assess, check_postgres, now_us
 from tests.processes import wait_until
@@ -112,9 +112,9 @@ def test_events_redis_lost_are_reported_with_count_and_interval(settings: Settin
 def test_a_batch_spanning_two_runs_books_each_runs_rows_to_it(settings: Settings) -> None:
     """A restart inside one drain batch: each run is credited with exactly its own stored rows."""
     from collector.audit import drained_balances
-    from collector.binance.rows import split_envelope
     from collector.db.init import init_db
     from collector.drain import Drainer, split_by_run
+    from collector.queue.envelope import split_envelope
     from tests.factories import agg_trade
 
     def tagged(i: int, run: str, seq: int) -> bytes:

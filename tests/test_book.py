@@ -1,149 +1,41 @@
 """`collector book`: the sans-I/O engine on recorded real sequences, and rebuilds from real PostgreSQL.
 
-Rows reach the database through the real path (envelopes in the Redis queues, drained by `Drainer`).
-Diffs and snapshots come from the fake exchange's own book objects (`DepthGen`, and `DepthReplay`
-over the recorded real data), whose snapshots are consistent with their diff chains by construction.
+Rows reach the database through the real path (`tests.bookdata`). Diffs and snapshots come from the
+fake exchange's own book objects (`DepthGen`, and `DepthReplay` over the recorded real data), whose
+snapshots are consistent with their diff chains by construction.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tracemalloc
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-import redis
 
-from collector.binance.rows import make_envelope
 from collector.book import BeforeFirstSnapshot, Diff, InsideGap, LocalBook, Outcome, book_at, store
 from collector.book.engine import Market, is_stale
-from collector.book.replay import from_ms, iso
+from collector.book.replay import iso
 from collector.db.connection import connect
 from collector.db.init import init_db
-from collector.drain import Drainer
-from collector.fake.generators import DepthGen
 from collector.fake.recordings import (
-    DEFAULT_RECORDINGS_DIR,
-    HTTP_FILES,
-    WS_FILES,
     DepthReplay,
     load_recordings,
-    parse_http_lines,
-    parse_ws_lines,
 )
-from collector.queue import keys
 from collector.settings import Settings
-from tests.conftest import TIMEOUT_FACTOR
-
-COLLECTOR = str(Path(sys.executable).with_name("collector"))
-BASE_MS = 1_764_000_000_000
-STEP_MS = 100  # between generated diffs, as on a @100ms stream
-SNAPSHOT_LAG_MS = 50  # a snapshot is taken this long after the diff it includes last
-
-
-# --- recording: rows shaped as the collector stores them ------------------------------------------
-
-
-def _diff_envelope(market: Market, symbol: str, data: bytes, received_ms: int) -> bytes:
-    frame = b'{"stream":"' + f"{symbol.lower()}@depth@100ms".encode() + b'","data":' + data + b"}"
-    return make_envelope(market, received_ms * 1000, frame)
-
-
-def _snapshot_envelope(
-    market: Market, symbol: str, last_update_id: int, bids: Any, asks: Any, time_ms: int
-) -> bytes:
-    """A REST body stored with exchange time `time_ms`: spot's is its receive time, USD-M's its `E`."""
-    body: dict[str, Any] = {"lastUpdateId": last_update_id}
-    received_ms = time_ms
-    if market == "futures":
-        body |= {"E": time_ms, "T": time_ms - 3}
-        received_ms = time_ms + 5
-    body |= {"bids": bids, "asks": asks}
-    return make_envelope(market, received_ms * 1000, orjson.dumps(body), symbol=symbol)
-
-
-@dataclass
-class Recording:
-    """Diffs (E, U, u, payload) and snapshots of one symbol, ready to be queued."""
-
-    market: Market
-    symbol: str
-    diffs: list[tuple[int, int, int, bytes]] = field(default_factory=list)
-    snapshots: list[tuple[int, int, list[list[str]], list[list[str]]]] = field(default_factory=list)
-
-    def envelopes(self, withhold: frozenset[int] = frozenset()) -> tuple[list[bytes], list[bytes]]:
-        diffs = [
-            _diff_envelope(self.market, self.symbol, data, e + 5)
-            for i, (e, _, _, data) in enumerate(self.diffs)
-            if i not in withhold
-        ]
-        snapshots = [
-            _snapshot_envelope(self.market, self.symbol, last, bids, asks, t)
-            for t, last, bids, asks in self.snapshots
-        ]
-        return diffs, snapshots
-
-
-def _generate(
-    market: Market, symbol: str, count: int, snapshots_after: tuple[int, ...], pause: tuple[int, int] = (0, 0)
-) -> Recording:
-    """`count` diffs from the fake's generator, a full-depth snapshot right after each listed index.
-
-    `pause` = (i, ms): diffs from the i-th on come `ms` later (a quiet market, or a recorder down).
-    """
-    gen = DepthGen(market, symbol, seed=11)
-    recording = Recording(market, symbol)
-    for i in range(count):
-        now = BASE_MS + STEP_MS * i + (pause[1] if i >= pause[0] > 0 else 0)
-        data = gen.next(now).data
-        event = orjson.loads(data)
-        recording.diffs.append((now, event["U"], event["u"], data))
-        if i in snapshots_after:
-            last, bids, asks = gen.snapshot(1000)  # 200 levels a side on the grid: the full book
-            recording.snapshots.append((now + SNAPSHOT_LAG_MS, last, bids, asks))
-    return recording
-
-
-def _store(settings: Settings, diffs: list[bytes], snapshots: list[bytes]) -> None:
-    """Queue the envelopes and drain them into PostgreSQL, as the Celery drain task does."""
-    client = redis.Redis.from_url(settings.redis_url)
-    drainer = Drainer(settings, client, lambda: connect(settings))
-    for table, envelopes in (("depth_updates", diffs), ("depth_snapshots", snapshots)):
-        if envelopes:
-            client.rpush(keys.queue(table), *envelopes)
-            result = drainer.drain(table)
-            assert (result.dead_letters, result.remaining) == (0, 0)
-    client.close()
-
-
-def _at(ms: int) -> datetime:
-    return from_ms(ms)
-
-
-def _rebuild(settings: Settings, market: Market, symbol: str, at: datetime | str, **kwargs: Any) -> Any:
-    conn = connect(settings)
-    try:
-        return book_at(conn, market, symbol, at, **kwargs)
-    finally:
-        conn.close()
-
-
-def _cli(settings: Settings, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [COLLECTOR, "book", *args],
-        capture_output=True,
-        text=True,
-        timeout=60 * TIMEOUT_FACTOR,
-        cwd=cwd,
-        env={"PATH": "/usr/bin:/bin", "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url},
-    )
+from tests.bookdata import (
+    BASE_MS,
+    cli,
+    diff_envelope,
+    generate,
+    rebuild,
+    recorded_depth,
+    snapshot_envelope,
+    store_rows,
+    to_time,
+)
 
 
 @pytest.fixture
@@ -153,17 +45,6 @@ def db(settings: Settings) -> Iterator[Settings]:
 
 
 # --- the engine on the recorded real sequences ------------------------------------------------------
-
-
-def _recorded(market: Market) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
-    """(symbol, REST snapshot body, every recorded diff of the symbol) from the cryptofeed files."""
-    frames = parse_ws_lines((DEFAULT_RECORDINGS_DIR / WS_FILES[market]).read_text().splitlines())
-    bodies = parse_http_lines((DEFAULT_RECORDINGS_DIR / HTTP_FILES[market]).read_text().splitlines())
-    for symbol, body in sorted(bodies.items()):
-        events = [
-            f["data"] for f in frames if f["data"].get("e") == "depthUpdate" and f["data"]["s"] == symbol
-        ]
-        yield symbol, body, events
 
 
 def _replay_book(market: Market, symbol: str, events: int) -> tuple[int, list[list[str]], list[list[str]]]:
@@ -177,7 +58,7 @@ def _replay_book(market: Market, symbol: str, events: int) -> tuple[int, list[li
 @pytest.mark.parametrize("market", ["spot", "futures"])
 def test_engine_syncs_recorded_real_sequences(market: Market) -> None:
     """Recorded snapshot + every recorded diff: 1-5 stale ones dropped, then all apply without a gap."""
-    for symbol, body, events in _recorded(market):
+    for symbol, body, events in recorded_depth(market):
         book = LocalBook.from_snapshot(market, body)
         outcomes = [book.apply(Diff.from_event(event)) for event in events]
         start = outcomes.index(Outcome.APPLIED)
@@ -191,7 +72,7 @@ def test_engine_syncs_recorded_real_sequences(market: Market) -> None:
 def test_engine_applies_futures_diff_ending_at_last_update_id() -> None:
     """USD-M: 3 of 4 recorded first diffs have u == lastUpdateId: applied, where spot's rule drops them."""
     exact = []
-    for symbol, body, events in _recorded("futures"):
+    for symbol, body, events in recorded_depth("futures"):
         book = LocalBook.from_snapshot("futures", body)
         first = next(e for e in events if book.apply(Diff.from_event(e)) is Outcome.APPLIED)
         if first["u"] == body["lastUpdateId"]:
@@ -227,17 +108,17 @@ def test_rebuild_equals_later_snapshot(settings_each_mode: Settings, market: Mar
     """An earlier snapshot + 150 stored diffs equals, level for level, the later full snapshot (same id)."""
     settings = settings_each_mode
     init_db(settings)
-    recording = _generate(market, "BTCUSDT", 300, snapshots_after=(4, 154))
-    _store(settings, *recording.envelopes())
+    recording = generate(market, "BTCUSDT", 300, snapshots_after=(4, 154))
+    store_rows(settings, *recording.envelopes())
     (_, first_id, _, _), (later_time, later_id, bids, asks) = recording.snapshots
-    at = _at(recording.diffs[154][0] + 10)  # after diff 154, before the later snapshot's time
-    result = _rebuild(settings, market, "BTCUSDT", at)
+    at = to_time(recording.diffs[154][0] + 10)  # after diff 154, before the later snapshot's time
+    result = rebuild(settings, market, "BTCUSDT", at)
     assert result.snapshot.last_update_id == first_id
     assert result.applied == (150 if market == "spot" else 151)  # USD-M re-applies diff 4 (u == lastUpdateId)
     assert result.followed and result.last_update_id == later_id
     assert result.top() == ([tuple(x) for x in bids], [tuple(x) for x in asks])
     # At the later snapshot's own time the book starts from it, and is the same.
-    again = _rebuild(settings, market, "BTCUSDT", _at(later_time))
+    again = rebuild(settings, market, "BTCUSDT", to_time(later_time))
     reapplied = 0 if market == "spot" else 1
     assert (again.snapshot.last_update_id, again.applied, again.top()) == (later_id, reapplied, result.top())
 
@@ -248,27 +129,27 @@ def test_rebuild_of_recorded_real_data_equals_next_snapshot(
 ) -> None:
     """Real snapshot + real diffs (stale ones too) equal the snapshot the fake serves at the same id."""
     recorded = load_recordings().books[(market, symbol)]
-    _, body, events = next(r for r in _recorded(market) if r[0] == symbol)
+    _, body, events = next(r for r in recorded_depth(market) if r[0] == symbol)
     stale = events[: len(events) - len(recorded.events)]
     replay = DepthReplay(recorded)
     k = 120  # diffs applied before the next snapshot is served
-    diffs = [_diff_envelope(market, symbol, orjson.dumps(e), e["E"] + 5) for e in stale]
+    diffs = [diff_envelope(market, symbol, orjson.dumps(e), e["E"] + 5) for e in stale]
     # The fake replays the recording: at the recorded times its events are the recorded ones.
     diffs += [
-        _diff_envelope(market, symbol, replay.next(e["E"]).data, e["E"] + 5) for e in recorded.events[:k]
+        diff_envelope(market, symbol, replay.next(e["E"]).data, e["E"] + 5) for e in recorded.events[:k]
     ]
     next_id, next_bids, next_asks = replay.snapshot(1000)
     diffs += [
-        _diff_envelope(market, symbol, replay.next(e["E"]).data, e["E"] + 5) for e in recorded.events[k:]
+        diff_envelope(market, symbol, replay.next(e["E"]).data, e["E"] + 5) for e in recorded.events[k:]
     ]
     first_time = stale[0]["E"]  # any time before the first applied diff
     e_k = recorded.events[k - 1]["E"]
     snapshots = [
-        _snapshot_envelope(market, symbol, body["lastUpdateId"], body["bids"], body["asks"], first_time),
-        _snapshot_envelope(market, symbol, next_id, next_bids, next_asks, e_k + 1),
+        snapshot_envelope(market, symbol, body["lastUpdateId"], body["bids"], body["asks"], first_time),
+        snapshot_envelope(market, symbol, next_id, next_bids, next_asks, e_k + 1),
     ]
-    _store(db, diffs, snapshots)
-    result = _rebuild(db, market, symbol, _at(e_k))
+    store_rows(db, diffs, snapshots)
+    result = rebuild(db, market, symbol, to_time(e_k))
     assert result.snapshot.last_update_id == body["lastUpdateId"] and result.applied == k
     assert result.last_update_id == next_id == recorded.events[k - 1]["u"]
     bids, asks = result.top()
@@ -280,66 +161,69 @@ def test_rebuild_of_recorded_real_data_equals_next_snapshot(
 
 def test_time_before_any_snapshot_exits_2(db: Settings, tmp_path: Path) -> None:
     """A time before the first snapshot, or a symbol without snapshots: one line on stderr, exit 2."""
-    recording = _generate("spot", "BTCUSDT", 20, snapshots_after=(4,))
-    _store(db, *recording.envelopes())
+    recording = generate("spot", "BTCUSDT", 20, snapshots_after=(4,))
+    store_rows(db, *recording.envelopes())
     first_time = recording.snapshots[0][0]
-    done = _cli(db, tmp_path, "spot", "btcusdt", "--at", str(first_time - 1))
+    before = recording.diffs[4][0] - 1  # before diff 4 too, which pins the snapshot earlier than its time
+    done = cli(db, tmp_path, "spot", "btcusdt", "--at", str(before))
     assert done.returncode == 2 and done.stdout == ""
+    # The book is known from diff 4, which carries the snapshot's lastUpdateId, before its stored time.
+    assert (recording.diffs[4][0], recording.diffs[4][2]) == (first_time - 50, recording.snapshots[0][1])
     assert done.stderr.splitlines() == [
-        f"collector: {iso(_at(first_time - 1))} is before any snapshot: the first spot BTCUSDT depth "
-        f"snapshot is at {iso(_at(first_time))}"
+        f"collector: {iso(to_time(before))} is before the first spot BTCUSDT book: the stored depth "
+        f"snapshots give one from {iso(to_time(before + 1))}"
     ]
-    done = _cli(db, tmp_path, "futures", "BTCUSDT", "--at", str(first_time))
+    done = cli(db, tmp_path, "futures", "BTCUSDT", "--at", str(first_time))
     assert done.returncode == 2
     assert (
         done.stderr == "collector: no futures BTCUSDT depth snapshot is stored, so no book can be rebuilt\n"
     )
     with pytest.raises(BeforeFirstSnapshot):
-        _rebuild(db, "spot", "BTCUSDT", _at(first_time - 1))
+        rebuild(db, "spot", "BTCUSDT", to_time(before))
 
 
 @pytest.mark.parametrize("market", ["spot", "futures"])
 def test_withheld_diff_is_a_gap(db: Settings, tmp_path: Path, market: Market) -> None:
     """A diff missing between snapshot and time: "inside a gap" with both ids and the resync, exit 2."""
-    recording = _generate(market, "ETHUSDT", 120, snapshots_after=(4, 90))
+    recording = generate(market, "ETHUSDT", 120, snapshots_after=(4, 90))
     missing = 40
-    _store(db, *recording.envelopes(withhold=frozenset({missing})))
+    store_rows(db, *recording.envelopes(withhold=frozenset({missing})))
     last_good_u = recording.diffs[missing - 1][2]
     next_e, next_first_u = recording.diffs[missing + 1][:2]
     resync_time, resync_id = recording.snapshots[1][:2]
     for at_ms in (recording.diffs[missing][0], recording.diffs[60][0]):  # just at the hole, and after it
         with pytest.raises(InsideGap) as raised:
-            _rebuild(db, market, "ETHUSDT", _at(at_ms))
+            rebuild(db, market, "ETHUSDT", to_time(at_ms))
         gap = raised.value.gap
         assert (gap.last_good_u, gap.next_first_u, gap.resync_update_id) == (
             last_good_u,
             next_first_u,
             resync_id,
         )
-        assert (gap.detected_at, gap.resynced_at) == (_at(next_e + 5), _at(resync_time))
-    done = _cli(db, tmp_path, market, "ETHUSDT", "--at", iso(_at(recording.diffs[60][0])))
+        assert (gap.detected_at, gap.resynced_at) == (to_time(next_e + 5), to_time(resync_time))
+    done = cli(db, tmp_path, market, "ETHUSDT", "--at", iso(to_time(recording.diffs[60][0])))
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [
-        f"collector: {iso(_at(recording.diffs[60][0]))} falls inside a gap of {market} ETHUSDT depth "
-        f"(last good u={last_good_u}, next U={next_first_u}, detected at {iso(_at(next_e + 5))}; "
-        f"resynced at {iso(_at(resync_time))} by snapshot {resync_id})"
+        f"collector: {iso(to_time(recording.diffs[60][0]))} falls inside a gap of {market} ETHUSDT depth "
+        f"(last good u={last_good_u}, next U={next_first_u}, detected at {iso(to_time(next_e + 5))}; "
+        f"resynced at {iso(to_time(resync_time))} by snapshot {resync_id})"
     ]
     # After the resync the book is whole again.
-    assert _cli(db, tmp_path, market, "ETHUSDT", "--at", str(resync_time)).returncode == 0
+    assert cli(db, tmp_path, market, "ETHUSDT", "--at", str(resync_time)).returncode == 0
 
 
 @pytest.mark.parametrize("market", ["spot", "futures"])
 def test_long_silence_is_quiet_market_or_gap(db: Settings, market: Market) -> None:
     """No diff for 10 min after TIME: the next diff decides, chaining (quiet market) or not (a gap)."""
-    quiet = _generate(market, "DOGEUSDT", 50, snapshots_after=(4,), pause=(30, 600_000))
-    holed = _generate(market, "LTCUSDT", 50, snapshots_after=(4,), pause=(30, 600_000))
-    _store(db, *quiet.envelopes())
-    _store(db, *holed.envelopes(withhold=frozenset({30})))
-    at = _at(quiet.diffs[29][0] + 300_000)  # in the silence, far beyond the streamed window
-    result = _rebuild(db, market, "DOGEUSDT", at)
+    quiet = generate(market, "DOGEUSDT", 50, snapshots_after=(4,), pause=(30, 600_000))
+    holed = generate(market, "LTCUSDT", 50, snapshots_after=(4,), pause=(30, 600_000))
+    store_rows(db, *quiet.envelopes())
+    store_rows(db, *holed.envelopes(withhold=frozenset({30})))
+    at = to_time(quiet.diffs[29][0] + 300_000)  # in the silence, far beyond the streamed window
+    result = rebuild(db, market, "DOGEUSDT", at)
     assert result.followed and result.last_update_id == quiet.diffs[29][2]
     with pytest.raises(InsideGap) as raised:
-        _rebuild(db, market, "LTCUSDT", at)
+        rebuild(db, market, "LTCUSDT", at)
     assert (raised.value.gap.last_good_u, raised.value.gap.next_first_u) == (
         holed.diffs[29][2],
         holed.diffs[31][1],
@@ -348,9 +232,9 @@ def test_long_silence_is_quiet_market_or_gap(db: Settings, market: Market) -> No
 
 def test_gap_report_takes_the_ledger_row(db: Settings) -> None:
     """With a matching `depth_gaps` row, the report gives the ledger's detection time and cause."""
-    recording = _generate("futures", "SOLUSDT", 60, snapshots_after=(4,))
-    _store(db, *recording.envelopes(withhold=frozenset({30})))
-    detected = _at(recording.diffs[31][0] + 2)
+    recording = generate("futures", "SOLUSDT", 60, snapshots_after=(4,))
+    store_rows(db, *recording.envelopes(withhold=frozenset({30})))
+    detected = to_time(recording.diffs[31][0] + 2)
     conn = connect(db, autocommit=True)
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('depth_gaps') IS NULL")
@@ -367,63 +251,75 @@ def test_gap_report_takes_the_ledger_row(db: Settings) -> None:
         )
     conn.close()
     with pytest.raises(InsideGap) as raised:
-        _rebuild(db, "futures", "SOLUSDT", _at(recording.diffs[40][0]))
+        rebuild(db, "futures", "SOLUSDT", to_time(recording.diffs[40][0]))
     assert (raised.value.gap.detected_at, raised.value.gap.cause) == (detected, "sequence")
     assert "cause: sequence; no later snapshot resyncs it)" in str(raised.value)
 
 
 def test_duplicate_diff_from_two_connections_is_skipped(db: Settings) -> None:
     """The same U/u stored twice (two connections, different E) is skipped once, not taken for a gap."""
-    recording = _generate("spot", "BNBUSDT", 80, snapshots_after=(4, 70))
+    recording = generate("spot", "BNBUSDT", 80, snapshots_after=(4, 70))
     diffs, snapshots = recording.envelopes()
     e, _, u, data = recording.diffs[33]
     second_copy = data.replace(b'"E":%d' % e, b'"E":%d' % (e + 3))
-    _store(db, [*diffs, _diff_envelope("spot", "BNBUSDT", second_copy, e + 9)], snapshots)
+    store_rows(db, [*diffs, diff_envelope("spot", "BNBUSDT", second_copy, e + 9)], snapshots)
     conn = connect(db, autocommit=True)
     with conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM depth_updates WHERE final_update_id = %s", (u,))
         assert cur.fetchone()[0] == 2
     conn.close()
     later_time, later_id, bids, asks = recording.snapshots[1]
-    result = _rebuild(db, "spot", "BNBUSDT", _at(later_time - 1))
+    result = rebuild(db, "spot", "BNBUSDT", to_time(later_time - 1))
     assert (result.duplicates, result.last_update_id) == (1, later_id)
     assert result.top() == ([tuple(x) for x in bids], [tuple(x) for x in asks])
 
 
 def test_cli_prints_table_and_json(db: Settings, tmp_path: Path) -> None:
-    """Text: a headline and a two-sided ladder; --json: bids, asks, last_update_id, in Binance's strings."""
-    recording = _generate("futures", "XRPUSDT", 50, snapshots_after=(4, 30, 49))
-    _store(db, *recording.envelopes())
+    """Text: a headline and a two-sided ladder; --json: the same facts, levels in Binance's strings."""
+    recording = generate("futures", "XRPUSDT", 50, snapshots_after=(4, 30, 49))
+    store_rows(db, *recording.envelopes())
+    first_time, first_id = recording.snapshots[0][:2]
     later_time, later_id, bids, asks = recording.snapshots[1]
-    final_bids, final_asks = recording.snapshots[2][2:]
+    as_of = iso(to_time(recording.diffs[30][0]))  # the last diff at or before the time
     at = str(later_time - 1)
-    done = _cli(db, tmp_path, "futures", "XRPUSDT", "--at", at, "--json", "--depth", "5")
+    done = cli(db, tmp_path, "futures", "XRPUSDT", "--at", at, "--json", "--depth", "5")
     assert done.returncode == 0 and done.stderr == ""
-    assert json.loads(done.stdout) == {"bids": bids[:5], "asks": asks[:5], "last_update_id": later_id}
-    done = _cli(db, tmp_path, "futures", "XRPUSDT", "--at", at)
+    assert (
+        json.loads(done.stdout)
+        == {
+            "market": "futures",
+            "symbol": "XRPUSDT",
+            "at": iso(to_time(later_time - 1)),
+            "as_of": as_of,
+            "last_update_id": later_id,
+            "snapshot": {"last_update_id": first_id, "time": iso(to_time(first_time))},
+            "diffs_applied": 27,  # diffs 4 to 30: USD-M applies the one ending at lastUpdateId
+            "diffs_skipped": {"stale": 0, "duplicate": 0},
+            "bids": bids[:5],
+            "asks": asks[:5],
+        }
+    )
+    done = cli(db, tmp_path, "futures", "XRPUSDT", "--at", at)
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 12
-    assert lines[0].startswith(f"futures XRPUSDT at {iso(_at(later_time - 1))}: last_update_id={later_id} (")
+    assert lines[0] == (
+        f"futures XRPUSDT at {iso(to_time(later_time - 1))}: last_update_id={later_id} as of {as_of},"
+        f" from snapshot {first_id} at {iso(to_time(first_time))} + 27 diffs (skipped 0 stale, 0 duplicate)"
+    )
     assert lines[1].split() == ["bid", "qty", "bid", "|", "ask", "ask", "qty"]
     assert lines[2].split() == [bids[0][1], bids[0][0], "|", asks[0][0], asks[0][1]]
-    # After the last stored diff: the book, and a note that nothing confirms it.
-    done = _cli(
-        db, tmp_path, "futures", "XRPUSDT", "--at", str(recording.diffs[-1][0] + 60_000), "--depth", "0"
-    )
-    assert done.returncode == 0 and len(done.stdout.splitlines()) == 2 + max(len(final_bids), len(final_asks))
-    assert done.stderr.startswith("note: no diff is stored after ")
 
 
 def test_large_range_streams_through_a_named_cursor(db: Settings) -> None:
     """20,000 diffs come 500 a round trip from a server-side cursor; peak memory < 1/5 of loading them."""
     count = 20_000
-    recording = _generate("spot", "ADAUSDT", count, snapshots_after=(0,))
-    _store(db, *recording.envelopes())
+    recording = generate("spot", "ADAUSDT", count, snapshots_after=(0,))
+    store_rows(db, *recording.envelopes())
     snapshot_id = recording.snapshots[0][1]
     conn = connect(db)
     with store.read_transaction(conn):
         diffs = store.stream_diffs(
-            conn, "spot", "ADAUSDT", snapshot_id, _at(0), _at(BASE_MS * 2), batch_rows=500
+            conn, "spot", "ADAUSDT", snapshot_id, to_time(0), to_time(BASE_MS * 2), batch_rows=500
         )
         next(diffs)
         with conn.cursor() as cur:
@@ -432,11 +328,13 @@ def test_large_range_streams_through_a_named_cursor(db: Settings) -> None:
         diffs.close()
     tracemalloc.start()
     try:
-        result = book_at(conn, "spot", "ADAUSDT", _at(recording.diffs[-1][0]), batch_rows=500)
+        result = book_at(conn, "spot", "ADAUSDT", to_time(recording.diffs[-1][0]), batch_rows=500)
         _, streamed_peak = tracemalloc.get_traced_memory()
         tracemalloc.reset_peak()
         with store.read_transaction(conn):
-            loaded = list(store.stream_diffs(conn, "spot", "ADAUSDT", snapshot_id, _at(0), _at(BASE_MS * 2)))
+            loaded = list(
+                store.stream_diffs(conn, "spot", "ADAUSDT", snapshot_id, to_time(0), to_time(BASE_MS * 2))
+            )
         _, loaded_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

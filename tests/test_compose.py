@@ -1,9 +1,10 @@
-"""The deployment files agree with the code: docker-compose.yml, Dockerfile, Procfiles, .env.example, README.
+"""The deployment files agree with the code: docker-compose.yml, Dockerfile, Procfiles, .env.example, docs/.
 
-There is no Docker engine here, so the compose file is checked by reading it: services, images,
-healthchecks, the dependency graph, volumes, environment names (fields of `Settings`) and commands
-(real `collector` sub-commands parsed by the real CLI parser, the real Celery app and queues). When a
-Docker Compose v2 binary is available, `docker compose config` validates the file as well.
+There is no Docker engine here, so the compose files (docker-compose.yml and, for Prometheus and
+Grafana, docker-compose.monitoring.yml) are checked by reading them: services, images, healthchecks,
+the dependency graph, volumes, environment names (fields of `Settings`) and commands (real `collector`
+sub-commands parsed by the real CLI parser, the real Celery app and queues). When a Docker Compose v2
+binary is available, `docker compose config` runs on the real files as the README's steps leave them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import json
 import os
 import re
 import shlex
@@ -29,22 +31,38 @@ from collector import cli
 from collector.queue import keys
 from collector.schedule import QUEUE_INGEST, QUEUE_REST, QUEUES
 from collector.settings import Settings, load_settings
+from tests.markdown import DOCS, code_blocks, documents, section
 
 ROOT = Path(__file__).resolve().parent.parent
 COLLECTOR_SERVICES = ("streams", "worker-ingest", "worker-rest", "beat", "web", "flower")
 WORKERS = ("worker-ingest", "worker-rest")
 ONE_SHOT_SERVICES = ("init-db",)
 BACKING_SERVICES = ("timescaledb", "redis")
-MONITORING_SERVICES = ("prometheus", "grafana")  # profile `monitoring`
+MONITORING_SERVICES = ("prometheus", "grafana")  # docker-compose.monitoring.yml
+COMPOSE_FILES = ("docker-compose.yml", "docker-compose.monitoring.yml")
+# The secrets `docker compose config` must refuse to go without; the monitoring file's only with it.
+SECRETS = ("FLOWER_PASSWORD", "POSTGRES_PASSWORD")
+MONITORING_SECRETS = ("GRAFANA_ADMIN_PASSWORD",)
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 # Variables of .env.example that only docker-compose.yml reads (interpolation), not the collector.
 COMPOSE_ONLY_VARIABLES = {"POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "GRAFANA_PORT", "PROMETHEUS_PORT"}
+# Read by the docker compose command itself (from .env too), not interpolated into the files.
+COMPOSE_CLI_VARIABLES = {"COMPOSE_FILE"}
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
-_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?-)([^}]*)|(:?\?)([^}]*))?\}")
+SAMPLE_SECRET = "sample-secret"  # what a required `${VAR:?message}` stands for in these readings
 
 
 def _compose() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    """docker-compose.yml with docker-compose.monitoring.yml's services and volumes added (no overlaps)."""
+    merged: dict[str, Any] = yaml.safe_load((ROOT / COMPOSE_FILES[0]).read_text())
+    for name in COMPOSE_FILES[1:]:
+        extra = yaml.safe_load((ROOT / name).read_text())
+        for part in ("services", "volumes"):
+            overlap = set(merged.get(part) or {}) & set(extra.get(part) or {})
+            assert not overlap, f"{name} redefines {part} {overlap}"
+            merged.setdefault(part, {}).update(extra.get(part) or {})
+    return merged
 
 
 def _services() -> dict[str, dict[str, Any]]:
@@ -53,8 +71,9 @@ def _services() -> dict[str, dict[str, Any]]:
 
 
 def _interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` with an empty environment: the default."""
-    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value)
+    """Compose's `${VAR:-default}` with an empty environment: the default; a required `${VAR:?...}`
+    as if set to SAMPLE_SECRET."""
+    return _INTERPOLATION.sub(lambda m: SAMPLE_SECRET if m.group(4) else m.group(3) or "", value)
 
 
 def _environment(service: dict[str, Any]) -> dict[str, str]:
@@ -141,10 +160,14 @@ def check_command(argv: list[str], where: str) -> None:
 
 
 def test_required_services_exist() -> None:
-    """The compose file defines TimescaleDB, Redis, init-db, the collector processes and monitoring."""
-    services = _services()
-    for name in (*BACKING_SERVICES, *ONE_SHOT_SERVICES, *COLLECTOR_SERVICES, *MONITORING_SERVICES):
-        assert name in services, f"service {name} is missing"
+    """docker-compose.yml defines TimescaleDB, Redis, init-db and the collector processes; the
+    monitoring file Prometheus and Grafana only, without profiles (compose checks required variables
+    before profiles, so a profile could not make GRAFANA_ADMIN_PASSWORD optional)."""
+    core = yaml.safe_load((ROOT / COMPOSE_FILES[0]).read_text())["services"]
+    assert set(core) == {*BACKING_SERVICES, *ONE_SHOT_SERVICES, *COLLECTOR_SERVICES}
+    monitoring = yaml.safe_load((ROOT / COMPOSE_FILES[1]).read_text())["services"]
+    assert set(monitoring) == set(MONITORING_SERVICES)
+    assert not any("profiles" in service for service in (*core.values(), *monitoring.values()))
 
 
 def test_images_and_builds_are_valid() -> None:
@@ -396,7 +419,7 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards() -> None:
 def test_grafana_refuses_to_start_without_a_password_of_its_own() -> None:
     """Grafana's entrypoint stops with one line while GRAFANA_ADMIN_PASSWORD is unset or a known default."""
     grafana = _services()["grafana"]
-    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "${GRAFANA_ADMIN_PASSWORD:-}"
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith("${GRAFANA_ADMIN_PASSWORD:?")
     shell, flag, script = grafana["entrypoint"]
     script = script.replace("$$", "$")  # compose's escape for a literal `$`
     assert (shell, flag) == ("/bin/sh", "-c") and script.endswith("exec /run.sh")  # the image's entrypoint
@@ -411,7 +434,7 @@ def test_grafana_refuses_to_start_without_a_password_of_its_own() -> None:
         )
         assert done.returncode == code, password
         assert ("GRAFANA_ADMIN_PASSWORD" in done.stderr) == (code != 0)
-    assert "GRAFANA_ADMIN_PASSWORD" in (ROOT / "README.md").read_text()
+    assert "GRAFANA_ADMIN_PASSWORD" in section(DOCS / "operations.md", "Monitoring: Prometheus and Grafana")
     assert "GRAFANA_ADMIN_PASSWORD" in (ROOT / ".env.example").read_text()
 
 
@@ -456,25 +479,99 @@ def _compose_binary() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
-    """`docker compose config` (run offline) accepts the compose file."""
-    compose = _compose_binary()
-    if compose is None:
+@pytest.fixture
+def compose() -> list[str]:
+    """The Docker Compose v2 client, or a skip."""
+    found = _compose_binary()
+    if found is None:
         pytest.skip("no Docker Compose v2 client here (make test fetches one into .venv/bin)")
-    # A copy without the developer's .env, so the check sees what a fresh clone sees.
-    for name in ("docker-compose.yml", "Dockerfile", ".dockerignore"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    hidden = SETTING_NAMES | COMPOSE_ONLY_VARIABLES
-    env = {key: value for key, value in os.environ.items() if key not in hidden}
-    result = subprocess.run(
-        [*compose, "-f", "docker-compose.yml", "--profile", "monitoring", "config", "--quiet"],
-        cwd=tmp_path,
-        env=env,
+    return found
+
+
+def _dotenv(secrets: dict[str, str], monitoring: bool) -> str:
+    """.env as the README's steps leave it: .env.example copied, each secret's `# NAME=` line set, and
+    with `monitoring` its `# COMPOSE_FILE=` line uncommented."""
+    text = (ROOT / ".env.example").read_text()
+    for name, value in secrets.items():
+        text, count = re.subn(rf"^# {name}=$", f"{name}={value}", text, flags=re.MULTILINE)
+        assert count == 1, f".env.example has no `# {name}=` line to set"
+    if monitoring:
+        text, count = re.subn(r"^# (COMPOSE_FILE=\S+)$", r"\1", text, flags=re.MULTILINE)
+        assert count == 1, ".env.example has no `# COMPOSE_FILE=` line naming the monitoring file"
+    return text
+
+
+def _compose_config(
+    compose: list[str], where: Path, dotenv: str | None, environ: dict[str, str], files: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """`docker compose [-f FILE...] config --format json` on a copy of the real files in `where`, with
+    `dotenv` as .env (None: no .env) and nothing of the developer's own environment or .env."""
+    for name in (*COMPOSE_FILES, "Dockerfile", ".dockerignore"):
+        shutil.copy(ROOT / name, where / name)
+    (where / ".env").unlink(missing_ok=True)
+    if dotenv is not None:
+        (where / ".env").write_text(dotenv)
+    hidden = SETTING_NAMES | COMPOSE_ONLY_VARIABLES  # and COMPOSE_FILE, COMPOSE_PROFILES...
+    env = {k: v for k, v in os.environ.items() if k not in hidden and not k.startswith("COMPOSE_")}
+    flags = [arg for name in files for arg in ("-f", name)]
+    return subprocess.run(
+        [*compose, *flags, "config", "--format", "json"],
+        cwd=where,
+        env={**env, **environ},
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("monitoring", [False, True], ids=["core", "monitoring"])
+@pytest.mark.parametrize("dotenv", ["no-dotenv", "dotenv-from-example"])
+def test_compose_config_names_every_missing_secret(
+    compose: list[str], tmp_path: Path, dotenv: str, monitoring: bool
+) -> None:
+    """With no .env, or .env copied from .env.example unchanged, `docker compose config` fails with one
+    line naming a missing secret and what to do; with all but one set, it names that one."""
+    required = SECRETS + (MONITORING_SECRETS if monitoring else ())
+
+    def run(names: set[str]) -> subprocess.CompletedProcess[str]:
+        secrets = {name: f"pw-{name.lower()}" for name in sorted(names)}
+        if dotenv == "no-dotenv":  # the secrets exported in the shell, the files named with -f
+            return _compose_config(compose, tmp_path, None, secrets, COMPOSE_FILES if monitoring else ())
+        return _compose_config(compose, tmp_path, _dotenv(secrets, monitoring), {})
+
+    if dotenv == "dotenv-from-example" and not monitoring:
+        assert _dotenv({}, monitoring=False) == (ROOT / ".env.example").read_text()
+    nothing_set = run(set())
+    assert nothing_set.returncode != 0
+    assert len(nothing_set.stderr.strip().splitlines()) == 1, nothing_set.stderr
+    assert any(f"required variable {name} is missing a value" in nothing_set.stderr for name in required)
+    # Compose stops at the first missing variable it meets: leave out one at a time.
+    for missing in required:
+        done = run(set(required) - {missing})
+        assert done.returncode != 0, f"{missing} unset, yet docker compose config passed"
+        assert f"required variable {missing} is missing a value: set {missing} in .env" in done.stderr
+
+
+@pytest.mark.parametrize("monitoring", [False, True], ids=["core", "monitoring"])
+def test_compose_config_accepts_the_readme_steps(
+    compose: list[str], tmp_path: Path, monitoring: bool
+) -> None:
+    """`cp .env.example .env`, then the named secrets set there: `docker compose config` passes, each
+    secret reaches the services that use it, and the monitoring file needs its own only when used."""
+    secrets = {name: f"pw-{name.lower()}" for name in SECRETS + (MONITORING_SECRETS if monitoring else ())}
+    done = _compose_config(compose, tmp_path, _dotenv(secrets, monitoring), {})
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    expected = {*BACKING_SERVICES, *ONE_SHOT_SERVICES, *COLLECTOR_SERVICES}
+    assert set(services) == expected | (set(MONITORING_SERVICES) if monitoring else set())
+    password = secrets["POSTGRES_PASSWORD"]
+    assert services["timescaledb"]["environment"]["POSTGRES_PASSWORD"] == password
+    for name in (*ONE_SHOT_SERVICES, *COLLECTOR_SERVICES):
+        assert urlsplit(services[name]["environment"]["DATABASE_URL"]).password == password, name
+    assert services["flower"]["environment"]["FLOWER_PASSWORD"] == secrets["FLOWER_PASSWORD"]
+    if monitoring:
+        grafana = services["grafana"]["environment"]
+        assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == secrets["GRAFANA_ADMIN_PASSWORD"]
 
 
 def _procfile(name: str) -> dict[str, list[str]]:
@@ -558,7 +655,8 @@ def test_env_example_names_only_settings() -> None:
         if not match:
             continue
         name = match.group(2)
-        assert name in SETTING_NAMES | COMPOSE_ONLY_VARIABLES, f".env.example: {name} is not a setting"
+        known = SETTING_NAMES | COMPOSE_ONLY_VARIABLES | COMPOSE_CLI_VARIABLES
+        assert name in known, f".env.example: {name} is not a setting"
         if not match.group(1) and name in SETTING_NAMES:
             active[name.lower()] = match.group(3)
     for name in ("redis_url", "database_url"):
@@ -566,14 +664,15 @@ def test_env_example_names_only_settings() -> None:
     load_settings(**active)
 
 
-def test_readme_documents_every_setting() -> None:
-    """README.md's configuration table names every environment variable of `Settings`."""
-    readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", readme, flags=re.MULTILINE))
+def test_docs_document_every_setting() -> None:
+    """docs/configuration.md's tables name every environment variable of `Settings`, and no unknown one."""
+    text = (DOCS / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]*)` \|", text, flags=re.MULTILINE))
     missing = SETTING_NAMES - documented
-    assert not missing, f"README.md does not document {sorted(missing)}"
+    assert not missing, f"docs/configuration.md does not document {sorted(missing)}"
     extra = {name for name in documented - SETTING_NAMES if not name.startswith("LOCAL_")}
-    assert extra <= COMPOSE_ONLY_VARIABLES, f"README.md documents unknown variables {sorted(extra)}"
+    assert extra <= COMPOSE_ONLY_VARIABLES, f"configuration.md documents unknown variables {sorted(extra)}"
+    assert COMPOSE_ONLY_VARIABLES <= documented, "docs/configuration.md must name compose's own variables"
 
 
 def _key_patterns(text: str) -> set[str]:
@@ -587,16 +686,18 @@ def _key_matcher(pattern: str) -> re.Pattern[str]:
     return re.compile(r"[^:\s]+".join(re.escape(part) for part in parts) + "$")
 
 
-def test_readme_reproduces_the_redis_key_layout() -> None:
-    """README.md lists exactly the keys of collector/queue/keys.py, and its redis-cli lines use real keys."""
-    readme = (ROOT / "README.md").read_text()
+def test_docs_reproduce_the_redis_key_layout() -> None:
+    """docs/architecture.md lists exactly the keys of collector/queue/keys.py; redis-cli uses real keys."""
     layout = _key_patterns(keys.__doc__ or "")
     assert layout, "collector/queue/keys.py lost its key table"
-    assert _key_patterns(readme) == layout
+    assert _key_patterns(section(DOCS / "architecture.md", "Redis key layout")) == layout
     matchers = [_key_matcher(pattern) for pattern in layout]
-    section = readme.split("### Looking into Redis with redis-cli", 1)[1].split("\n## ", 1)[0]
-    block = "".join(part.split("```", 1)[0] for part in section.split("```sh")[1:])
+    recipes = section(DOCS / "operations.md", "Looking into Redis with redis-cli")
+    block = "".join(part.split("```", 1)[0] for part in recipes.split("```sh")[1:])
     used = re.findall(r"\b(collector:[\w:<>]+)", block)
     assert len(used) >= 10
+    # Any other shell line of README.md or docs/ that names a key (a fault's dead letter, say) too.
+    for path in documents():
+        used += re.findall(r"\b(collector:[\w:<>]+)", "".join(code_blocks(path.read_text(), "sh")))
     for key in used:
-        assert any(m.match(key) for m in matchers), f"README redis-cli uses unknown key {key}"
+        assert any(m.match(key) for m in matchers), f"docs: a redis-cli line uses unknown key {key}"

@@ -1,9 +1,6 @@
-"""Every SQL query of README.md's "Querying the data" runs on TimescaleDB and on plain PostgreSQL."""
+"""Every SQL query of docs/schema.md's "Querying the data" runs on TimescaleDB and on plain PostgreSQL."""
 
 from __future__ import annotations
-
-import re
-from pathlib import Path
 
 import pytest
 import redis
@@ -14,14 +11,11 @@ from collector.drain import Drainer
 from collector.queue import keys
 from collector.settings import Settings
 from tests import factories
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from tests.markdown import DOCS, code_blocks, section
 
 
 def cookbook_queries() -> list[str]:
-    text = README.read_text()
-    section = text.split("\n## Querying the data\n", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sql\n(.*?)```", section, flags=re.DOTALL)
+    return code_blocks(section(DOCS / "schema.md", "Querying the data"), "sql")
 
 
 def test_the_cookbook_has_the_queries_researchers_ask_for() -> None:

@@ -14,13 +14,13 @@ import redis
 import redis.asyncio
 import requests
 
-from collector.binance.rows import make_envelope, split_envelope
 from collector.binance.streams import ConnectionPlan
 from collector.db.connection import connect
 from collector.db.init import init_db
 from collector.drain import Drainer
 from collector.queue import deadletter, keys
 from collector.queue.deadletter import DeadLetter
+from collector.queue.envelope import make_envelope, split_envelope
 from collector.rest.poll import poll_open_interest
 from collector.settings import Settings, get_settings
 from collector.streams.handler import FrameHandler

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from collector.fake.server import FakeExchange, base_urls
-from collector.localservices import free_port
+from collector.local.servers import free_port
 from collector.settings import Settings
 from tests.processes import BIN, Process, wait_until
 

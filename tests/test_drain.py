@@ -13,7 +13,7 @@ import redis
 from collector.db.connection import connect, ensure_database
 from collector.db.init import init_db
 from collector.drain import Drainer
-from collector.localservices import LocalService, start_postgres
+from collector.local.servers import LocalService, start_postgres
 from collector.queue import keys
 from collector.queue.batches import BatchQueue, inflight_length
 from collector.settings import Settings, load_settings
@@ -143,8 +143,8 @@ def test_coin_m_rows_are_left_out_unless_kept(settings: Settings, redis_conn: re
         keys.queue("force_orders"), factories.force_order(1, st=2), factories.force_order(2, st=None)
     )
     drainer = _drainer(settings, redis_conn)
-    drainer.drain("mark_prices")
-    drainer.drain("force_orders")
+    assert drainer.drain("mark_prices").filtered == 1  # `collector audit`'s FILTERED, and the summary's
+    assert drainer.drain("force_orders").filtered == 1
     assert _count(db, "mark_prices") == 2 and _count(db, "force_orders") == 1
     assert int(redis_conn.hget(keys.metric("coin_m_skipped"), "mark_prices")) == 1
     keep = load_settings(keep_coin_m_rows=True)
@@ -205,24 +205,35 @@ def test_postgres_down_keeps_batch_until_it_returns(
 def test_drain_summary_is_one_info_line_a_minute_with_every_process_totals(
     redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Runs of one table in three worker processes add up to one INFO summary a minute with their totals;
-    dead letters are reported at once."""
+    """Runs of one table in three worker processes add up to one INFO summary a minute with their totals
+    (filtered rows included, as `collector audit` counts them); dead letters are reported at once."""
     from collector.drain import DrainResult, log_summary
     from collector.queue.drain_summary import DrainSummaries
 
     clients = [redis.Redis.from_url(redis_url) for _ in range(3)]  # one per pool process
     processes = [DrainSummaries(client) for client in clients]
 
-    def run(envelopes: int, dead: int = 0) -> DrainResult:
+    def run(envelopes: int, dead: int = 0, filtered: int = 0) -> DrainResult:
         return DrainResult(
-            "agg_trades", batches=1, envelopes=envelopes, inserted=envelopes - dead, dead_letters=dead
+            "agg_trades",
+            batches=1,
+            envelopes=envelopes,
+            inserted=envelopes - dead - filtered,
+            filtered=filtered,
+            dead_letters=dead,
         )
 
     start_us = 1_700_000_000_000_000
     try:
         with caplog.at_level("DEBUG", logger="collector.drain"):
             for second in range(61):
-                log_summary(processes[second % 3], run(10), start_us + second * 1_000_000, notable=False)
+                filtered = 2 if second % 2 else 0  # 30 of the 61 runs left two rows out
+                log_summary(
+                    processes[second % 3],
+                    run(10, filtered=filtered),
+                    start_us + second * 1_000_000,
+                    notable=False,
+                )
             log_summary(processes[1], run(5, dead=1), start_us + 61_500_000, notable=True)
             log_summary(processes[2], run(7), start_us + 62_000_000, notable=False)
     finally:
@@ -230,10 +241,10 @@ def test_drain_summary_is_one_info_line_a_minute_with_every_process_totals(
             client.close()
     infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
     assert infos == [
-        "drain.summary table=agg_trades over_s=60 runs=61 envelopes=610 inserted=610 duplicates=0 "
-        "dead_letters=0 remaining=0 (all worker processes)",
+        "drain.summary table=agg_trades over_s=60 runs=61 envelopes=610 inserted=550 duplicates=0 "
+        "filtered=60 dead_letters=0 remaining=0 (all worker processes)",
         "drain.summary table=agg_trades over_s=2 runs=1 envelopes=5 inserted=4 duplicates=0 "
-        "dead_letters=1 remaining=0 (all worker processes)",
+        "filtered=0 dead_letters=1 remaining=0 (all worker processes)",
     ]
     assert "drain.run table=agg_trades envelopes=7" in caplog.text  # the next summary's first run
 
@@ -246,7 +257,7 @@ def test_drain_task_waits_out_transient_failures_and_raises_permanent_ones(
 ) -> None:
     """PostgreSQL unreachable (transient): one warning for many runs and the batch kept. A missing table
     (permanent): the task raises, and once the schema exists the next run stores everything."""
-    from collector.localservices import free_port
+    from collector.local.servers import free_port
     from collector.settings import get_settings
     from collector.tasks import ingest
 

@@ -29,7 +29,7 @@ from collector.db.schema import TIME_COLUMNS
 from collector.drain import Drainer
 from collector.errors import ConfigError
 from collector.export.plan import RELATIONS, parse_time, plan_export
-from collector.localservices import LocalService
+from collector.local.servers import LocalService
 from collector.queue import keys
 from collector.settings import Settings, load_settings
 from tests import factories
@@ -66,6 +66,11 @@ def _database(pg: LocalService, redis_server: LocalService, tag: str, **override
         **overrides,
     )
     init_db(settings)
+    # The session's Redis is shared: an earlier test's stream process may have left envelopes queued,
+    # which _drain would store here too (as the `redis_url` fixture does, start from an empty Redis).
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushall()
+    client.close()
     try:
         yield settings
     finally:
@@ -285,6 +290,23 @@ def test_depth_snapshots_filter_on_market_type(source: Settings, tmp_path: Path)
     _ok(done)
     header, rows = _csv_rows(done.stdout)
     assert [row[header.index("market_type")] for row in rows] == ["futures"]
+
+
+def test_stream_gaps_filter_on_the_symbol_of_the_stream_name(source: Settings, tmp_path: Path) -> None:
+    """stream_gaps has no symbol column: --symbol picks the streams named after it, not market-wide ones."""
+    for k, stream in enumerate(
+        ["btcusdt@depth@100ms", "ethusdt@aggTrade", "btcusdt@aggTrade", "!markPrice@arr"]
+    ):
+        _execute(
+            source,
+            "INSERT INTO stream_gaps (started_at, market, stream, ended_at, cause, connection)"
+            " VALUES (%(t)s, 'futures', %(s)s, %(t)s, 'disconnect', 'futures-0')",
+            {"t": SOL_TIME.replace(second=k), "s": stream},
+        )
+    done = _export(source, tmp_path, "stream_gaps", "--symbol", "btcusdt")
+    _ok(done)
+    header, rows = _csv_rows(done.stdout)
+    assert [row[header.index("stream")] for row in rows] == ["btcusdt@depth@100ms", "btcusdt@aggTrade"]
 
 
 def test_csv_keeps_null_apart_from_empty_text(source: Settings, tmp_path: Path) -> None:

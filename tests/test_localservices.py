@@ -12,14 +12,8 @@ import psycopg2
 import pytest
 import redis
 
-from collector.localservices import (
-    free_port,
-    running_postgres,
-    running_redis,
-    services_command,
-    services_config,
-    timescaledb_installed,
-)
+from collector.local.servers import free_port, timescaledb_installed
+from collector.local.services import running_postgres, running_redis, services_command, services_config
 
 LOCAL_VARIABLES = ("LOCAL_SERVICES", "LOCAL_DATABASE_NAME", "LOCAL_REDIS_DB")
 
@@ -178,6 +172,26 @@ def test_up_refuses_a_port_taken_by_another_program(
         "set LOCAL_REDIS_PORT to a free port"
     ]
     assert running_redis(root) is None
+
+
+def test_an_up_that_fails_stops_what_it_started(
+    root: Path, ports: tuple[int, int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis starts, then PostgreSQL's port is taken: `up` fails in one error line and stops the
+    Redis it had started, rather than leaving it to outlive the failed start."""
+    redis_port, postgres_port = ports
+    with socket.socket() as stranger:
+        stranger.bind(("127.0.0.1", postgres_port))
+        stranger.listen()
+        code, lines, err = _up(root, capsys)
+    assert code == 2 and lines == []
+    assert err.strip().splitlines() == [
+        f"redis: started on 127.0.0.1:{redis_port} (data in {root / 'redis'})",
+        "redis: stopped again (this start failed)",
+        f"collector services: postgresql: port {postgres_port} is taken by another program; "
+        "set LOCAL_POSTGRES_PORT to a free port",
+    ]
+    assert running_redis(root) is None and not _port_open(redis_port)
 
 
 def test_local_services_selects_which_servers_up_handles(

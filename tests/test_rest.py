@@ -22,12 +22,13 @@ from collector.binance.rest import (
     spot_depth_weight,
     used_weight,
 )
-from collector.binance.rows import parse_envelope
-from collector.errors import RateLimited, RestError, is_retryable
+from collector.errors import RateLimited, RestError
 from collector.fake.server import FakeExchange
 from collector.queue import keys
+from collector.queue.envelope import parse_envelope
 from collector.rest.client import RestClient
 from collector.rest.poll import body_problem, poll_depth_snapshots, poll_open_interest
+from collector.retry import is_transient
 from collector.settings import Settings, get_settings, load_settings
 from tests.conftest import TIMEOUT_FACTOR
 
@@ -105,14 +106,6 @@ def test_classify() -> None:
     assert bad_limit.action == "fatal" and bad_limit.detail.startswith("-4021")
     assert classify(403, {}, b"<html>WAF</html>").action == "fatal"
     assert classify(451).action == "fatal"
-
-
-def test_errors_agree_with_is_retryable() -> None:
-    """The errors the client raises are judged the same way by `collector.errors.is_retryable`."""
-    assert is_retryable(RateLimited("x", 429, 1.0))
-    assert is_retryable(RestError("x", 503))
-    assert is_retryable(RestError("x", None))
-    assert not is_retryable(RestError("x", 400))
 
 
 def test_backoff() -> None:
@@ -302,7 +295,7 @@ def test_server_errors_are_retried(
         exchange.fail_rest(500, 10, retry_after_s=0)
         with pytest.raises(RestError) as raised:
             RestClient(rest_settings, redis_conn, session).get(request)
-    assert raised.value.status == 500 and is_retryable(raised.value)
+    assert raised.value.status == 500 and is_transient(raised.value)
     assert counter(redis_conn, "rest_errors") == {"futures|open_interest|server_error": 2 + 4}
 
 
@@ -349,7 +342,7 @@ def test_timeouts_raise_within_the_configured_time(
         RestClient(timed, redis_conn, session).get(request)
     elapsed = time.monotonic() - started
     get_settings.cache_clear()
-    assert raised.value.status is None and is_retryable(raised.value)
+    assert raised.value.status is None and is_transient(raised.value)
     assert 2 * 0.5 * 0.9 <= elapsed < 2 * 0.5 + 0.05 + 10 * TIMEOUT_FACTOR
     assert counter(redis_conn, "rest_errors") == {"futures|open_interest|timeout": 2}
 

@@ -14,7 +14,7 @@ import websockets.exceptions
 from websockets.datastructures import Headers
 from websockets.http11 import Response
 
-from collector.errors import ConfigError, FrameError, RateLimited, RestError, ServiceUnavailable, is_retryable
+from collector.errors import ConfigError, FrameError, RateLimited, RestError, ServiceUnavailable
 from collector.retry import is_transient
 
 
@@ -71,10 +71,10 @@ PERMANENT = [
 @pytest.mark.parametrize("error", TRANSIENT, ids=lambda e: type(e).__name__)
 def test_failures_that_pass_on_their_own_are_transient(error: BaseException) -> None:
     """Unreachable or restarting services, timeouts, rate limits and 5XX may succeed if tried again."""
-    assert is_transient(error) and is_retryable(error)
+    assert is_transient(error)
 
 
 @pytest.mark.parametrize("error", PERMANENT, ids=lambda e: type(e).__name__)
 def test_bad_data_settings_and_bugs_are_permanent(error: BaseException) -> None:
     """Rejected values, missing tables, wrong types, 4XX and local mistakes give the same answer again."""
-    assert not is_transient(error) and not is_retryable(error)
+    assert not is_transient(error)

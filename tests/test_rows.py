@@ -7,9 +7,9 @@ from typing import Any
 import orjson
 import pytest
 
-from collector.binance.rows import ROW_TYPES, make_envelope, parse_envelope
 from collector.db.schema import COPY_COLUMNS
 from collector.queue import keys
+from collector.queue.envelope import ROW_TYPES, make_envelope, parse_envelope
 
 RECEIVED_US = 5_000
 

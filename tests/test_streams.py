@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,19 +22,21 @@ import redis
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from collector.binance.rows import make_envelope, parse_envelope
 from collector.binance.streams import connection_plans, table_for_stream
 from collector.fake.server import FakeExchange
-from collector.localservices import LocalService, free_port, start_redis
+from collector.local.servers import LocalService, free_port, start_redis
 from collector.queue import keys
 from collector.queue.client import async_redis_client, redis_client
-from collector.rest.resync import snapshot_fetcher
+from collector.queue.envelope import make_envelope, parse_envelope
 from collector.settings import Settings, load_settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
 from collector.streams.ledger import GapLedger
+from collector.streams.resync import snapshot_fetcher
 from collector.streams.runner import StreamProcess, build
 from collector.streams.runner import serve as serve_process
 from collector.streams.sink import Sink, SinkOptions
+from collector.streams.state import ConnectionState
+from tests.conftest import FakeFactory
 from tests.processes import TIMEOUT_FACTOR, stream_process, wait_until
 
 STREAM_TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders")
@@ -193,6 +196,21 @@ def connection_states(client: redis.Redis) -> dict[str, dict[str, Any]]:
     return {key.decode(): orjson.loads(value) for key, value in states.items()}
 
 
+# The one line of a reconnect attempt: the disconnect or failed connect, with the attempt and its delay.
+RECONNECT_LINE = re.compile(
+    r"ws\.(?:disconnected|connect_failed) id=(\S+) .* attempt=(\d+) delay_s=([0-9.]+)"
+)
+
+
+def reconnect_attempts(text: str, connection_id: str | None = None) -> list[tuple[int, float]]:
+    """(attempt, delay_s) of every reconnect attempt logged in `text`, of one connection if named."""
+    return [
+        (int(attempt), float(delay))
+        for found_id, attempt, delay in RECONNECT_LINE.findall(text)
+        if connection_id in (None, found_id)
+    ]
+
+
 def settle(measure: Callable[[], object], what: str, quiet_s: float = 0.5) -> object:
     """Wait until `measure()` stops changing for `quiet_s` (the pipes have emptied)."""
     last: list[object] = [object()]
@@ -282,7 +300,7 @@ def test_rotation_replaces_connections_without_a_hole(
             settle(lambda: total_queued(client), "the queues to settle")
         ledger = fake.ledger()
     assert caplog.text.count("reason=age") >= 6, "too few rotations to prove anything"
-    assert "ws.reconnecting" not in caplog.text
+    assert reconnect_attempts(caplog.text) == []
     stored, sent = stored_keys(client), ledger_keys(ledger)
     for table in STREAM_TABLES:
         assert set(stored[table]) == set(sent[table]), f"{table}: lost or invented events"
@@ -304,7 +322,7 @@ def test_a_silent_busy_connection_is_noticed_in_seconds(
         wait_until(lambda: total_queued(client) > 600, 30, "enough frames to know the usual pace")
         fake.pause()
         paused = time.monotonic()
-        wait_until(lambda: "ws.silent id=" in caplog.text, 20, "the silence watchdog")
+        wait_until(lambda: "cause=silence" in caplog.text, 20, "the silence watchdog")
         noticed_s = time.monotonic() - paused
         fake.resume()
         wait_until(lambda: client.hgetall(keys.metric("reconnects")), 30, "a reconnect")
@@ -362,9 +380,64 @@ def test_dropped_connections_reconnect_and_keep_delivering(
         after = total_queued(client)
         wait_until(lambda: total_queued(client) > after + 50, 30, "events after the reconnect")
     text = caplog.text
-    assert "ws.disconnected id=" in text and "ws.reconnecting id=" in text
+    assert {attempt for attempt, _ in reconnect_attempts(text)} == {1}  # each followed delivered data
     assert text.count("ws.connected id=") >= 2 * len(ids)
     assert all(state["state"] == "stopped" for state in connection_states(client).values())
+
+
+async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` on the running loop until it holds; fail naming `what` after the deadline."""
+    deadline = time.monotonic() + timeout_s * TIMEOUT_FACTOR
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_each_reconnect_attempt_is_one_log_line(
+    make_fake: FakeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Against the fake exchange (a drop, then the exchange down and back): every reconnect attempt is
+    one log line naming its cause, its attempt number and its delay; every connect one line."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    fake = make_fake(rate=100)
+    port, stream = fake.port, "btcusdt@aggTrade"
+    url = f"{fake.spot_ws_url}/stream?streams={stream}"
+    state = ConnectionState("spot-0", "spot", "spot", url, (stream,))
+    options = ConnectionOptions(
+        open_timeout_s=2, idle_timeout_s=300, backoff_initial_s=0.05, backoff_max_s=0.4
+    )
+    frames: list[bytes] = []
+
+    def counted(frame: bytes) -> None:
+        frames.append(frame)
+        state.messages += 1  # what the real handler counts: the backoff restarts after delivered data
+
+    async def main() -> None:
+        connection = StreamConnection(state, lambda source, notice: lambda f, at: counted(f), options)
+        connection.start()
+        await until(lambda: len(frames) > 5, 20, "first frames")
+        assert await asyncio.to_thread(fake.drop_connections) == 1
+        await until(lambda: state.reconnects == 1 and state.state == "connected", 20, "the reconnect")
+        delivered = len(frames)
+        await until(lambda: len(frames) > delivered + 5, 20, "frames after the reconnect")
+        await asyncio.to_thread(fake.stop)  # closes with 1001, then refuses every connect
+        await until(lambda: state.reconnects >= 5, 20, "refused attempts")
+        await asyncio.to_thread(make_fake, rate=100, port=port)
+        await until(lambda: state.state == "connected", 20, "the exchange back")
+        await connection.stop()
+
+    asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "id=spot-0" in r.getMessage()]
+    connects = [line for line in lines if line.startswith("ws.connected ")]
+    attempts = [line for line in lines if RECONNECT_LINE.search(line)]
+    assert len(connects) == 3, lines  # the first, after the drop, after the exchange came back
+    assert len(attempts) == state.reconnects, lines
+    # Connects, attempts and the last disconnect (stop: no attempt): nothing else for this connection.
+    assert len(lines) == len(connects) + len(attempts) + 1, lines
+    numbers = reconnect_attempts("\n".join(attempts))
+    assert [n for n, _ in numbers] == [1, 1, *range(2, len(attempts))], lines  # 1 after delivered data
+    assert all(delay <= min(0.4, 0.05 * 2 ** (n - 1)) + 0.005 for n, delay in numbers), lines
+    assert all(re.search(r" (cause|error)=\S", line) for line in attempts), lines
 
 
 def test_silent_connection_is_reopened_by_the_watchdog(
@@ -376,7 +449,7 @@ def test_silent_connection_is_reopened_by_the_watchdog(
     with InProcess(stream_settings(redis_url, fake, ws_idle_timeout_s=0.5)):
         wait_until(lambda: total_queued(client) > 10, 30, "first events")
         fake.pause()
-        wait_until(lambda: "ws.silent id=" in caplog.text, 30, "the silence watchdog")
+        wait_until(lambda: "cause=silence" in caplog.text, 30, "the silence watchdog")
         wait_until(lambda: client.hgetall(keys.metric("reconnects")), 30, "a reconnect")
         fake.resume()
         after = total_queued(client)
@@ -417,7 +490,7 @@ def test_server_shutdown_notice_reconnects_at_once(
             wait_until(lambda: client.llen(keys.queue("agg_trades")) == 2, 20, "one trade per connection")
         assert "ws.server_shutdown id=spot-0" in caplog.text
         assert "ws.replaced id=spot-0 reason=server shutdown notice" in caplog.text
-        assert "ws.reconnecting id=spot-0" not in caplog.text
+        assert reconnect_attempts(caplog.text, "spot-0") == []
         assert connections == [1, 2]
         # The spot stream never stopped receiving (the only outages are the final stop's).
         outages = [orjson.loads(e) for e in client.lrange(keys.queue("stream_gaps"), 0, -1)]
@@ -428,7 +501,6 @@ def test_backoff_restarts_after_a_connection_that_delivered(
     redis_url: str, workdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A server that drops the connection right after sending data never pushes the reconnect delay up."""
-    import re
 
     caplog.set_level(logging.INFO, logger="collector.streams")
     trade = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","s":"BTCUSDT","a":%d,"T":1}}'
@@ -456,8 +528,9 @@ def test_backoff_restarts_after_a_connection_that_delivered(
         )
         with InProcess(settings):
             wait_until(lambda: len(served) >= 8, 20, "eight connections")
-        delays = [float(d) for d in re.findall(r"ws.reconnecting id=spot-0 delay_s=([0-9.]+)", caplog.text)]
-        assert len(delays) >= 7 and max(delays) <= 0.2, delays
+        attempts = reconnect_attempts(caplog.text, "spot-0")
+        assert len(attempts) >= 7 and max(delay for _, delay in attempts) <= 0.2, attempts
+        assert {attempt for attempt, _ in attempts} == {1}
 
 
 def test_one_silent_stream_on_a_busy_connection_is_resubscribed(
@@ -519,7 +592,7 @@ def test_one_silent_stream_on_a_busy_connection_is_resubscribed(
         with InProcess(settings):
             wait_until(lambda: "gaps.stream_recovered connection=spot-0" in caplog.text, 30, "the recovery")
         assert "ws.stream_silent id=spot-0 stream=btcusdt@depth@100ms" in caplog.text
-        assert "ws.silent id=spot-0" not in caplog.text and "ws.reconnecting id=spot-0" not in caplog.text
+        assert reconnect_attempts(caplog.text, "spot-0") == [] and "cause=silence" not in caplog.text
         assert [(r["method"], r["params"]) for r in received] == [
             ("UNSUBSCRIBE", ["btcusdt@depth@100ms"]),
             ("SUBSCRIBE", ["btcusdt@depth@100ms"]),

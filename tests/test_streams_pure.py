@@ -1,4 +1,4 @@
-"""Pure parts of the stream process: backoff delays, frame routing, dead-letter records, the handler."""
+"""Pure parts of the stream process: backoff delays, control messages, frame routing, the handler."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import orjson
 import pytest
 import redis.asyncio
 
-from collector.binance.rows import make_envelope, parse_envelope
 from collector.binance.streams import ConnectionPlan
-from collector.streams.backoff import backoff_delays
+from collector.queue.envelope import make_envelope, parse_envelope
+from collector.streams.backoff import Reconnects, backoff_delays
 from collector.streams.handler import FrameHandler
 from collector.streams.routing import route
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
+from collector.streams.subscriptions import control_message, resubscribe_messages
 
 AGG_TRADE = (
     b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1672515782136,"s":"BTCUSDT","a":12345,'
@@ -76,6 +77,35 @@ def test_backoff_rejects_nonsense() -> None:
         next(backoff_delays(0, 10))
     with pytest.raises(ValueError):
         next(backoff_delays(1, 10, factor=0.5))
+
+
+def test_reconnects_number_attempts_with_growing_delays_until_reset() -> None:
+    """Attempt n waits the n-th backoff delay; a reset starts again from attempt 1 and the first delay;
+    an immediate attempt (a shutdown notice) waits 0 s and leaves the delays where they were."""
+    reconnects = Reconnects(0.5, 4.0, rng=_Top())
+    assert [reconnects.next() for _ in range(5)] == [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 4.0)]
+    reconnects.reset()
+    assert reconnects.next(immediate=True) == (1, 0.0)
+    assert reconnects.next() == (2, 0.5)
+
+
+def test_control_messages_are_binance_json() -> None:
+    """SUBSCRIBE/UNSUBSCRIBE are `{"method", "params", "id"}` as binance.md §1.3 shows them."""
+    text = control_message("SUBSCRIBE", ("btcusdt@aggTrade", "btcusdt@depth"), 1)
+    assert text == '{"method":"SUBSCRIBE","params":["btcusdt@aggTrade","btcusdt@depth"],"id":1}'
+    assert orjson.loads(control_message("UNSUBSCRIBE", ["btcusdt@depth"], 312)) == {
+        "method": "UNSUBSCRIBE",
+        "params": ["btcusdt@depth"],
+        "id": 312,
+    }
+
+
+def test_resubscribe_is_unsubscribe_then_subscribe_of_one_stream() -> None:
+    """A silent stream is restarted by two messages naming it alone, UNSUBSCRIBE first."""
+    assert resubscribe_messages("btcusdt@depth@100ms") == [
+        ("UNSUBSCRIBE", ("btcusdt@depth@100ms",)),
+        ("SUBSCRIBE", ("btcusdt@depth@100ms",)),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import websockets
 
 from collector.fake.generators import synthetic_symbols
 from collector.fake.server import FakeExchange
-from collector.localservices import free_port
+from collector.local.servers import free_port
 from collector.queue import keys
 from collector.queue.symbols import read_symbols, write_symbols
 from collector.streams.connection import SILENCE_FACTOR

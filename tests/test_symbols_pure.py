@@ -25,9 +25,10 @@ from collector.settings import SYMBOL_PATTERN, Settings, load_settings
 from collector.streams.lag import LagStats
 from collector.streams.ledger import GapLedger
 from collector.streams.limits import AttemptWindow, ConnectionAttempts
-from collector.streams.placement import Carried, plan_placement, subscription_messages
+from collector.streams.placement import Carried, plan_placement
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
+from collector.streams.subscriptions import subscription_messages
 from collector.streams.symbols import preview, with_symbols
 
 BASES = {"spot": "wss://s", "futures": "wss://f"}

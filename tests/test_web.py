@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.db.connection import ensure_database
 from collector.errors import ConfigError
-from collector.localservices import free_port
+from collector.local.servers import free_port
 from collector.queue import counters, keys
 from collector.queue.batches import BatchQueue
 from collector.queue.connections import ConnectionRecord

@@ -9,7 +9,7 @@ import psycopg2
 import psycopg2.errors
 
 from collector.book.rebuild import plan_book, rebuild
-from collector.book.render import as_json, as_text, staleness_note
+from collector.book.render import as_json, as_text, boundary_note
 from collector.book.replay import BookUnavailable
 from collector.db.connection import connect
 from collector.errors import ConfigError, FrameError, ServiceUnavailable
@@ -28,7 +28,10 @@ def run(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Print the book; a time before any snapshot or inside a gap raises `ConfigError` (one line)."""
+    """Print the book; a time it is not exact at raises `ConfigError` (one line saying why, exit 2).
+
+    That is a time before any snapshot, inside a gap or after the recording (`book_at`).
+    """
     out, err = out or sys.stdout, err or sys.stderr
     if depth < 0:
         raise ConfigError(f"--depth {depth}: give a number of levels a side, or 0 for all of them")
@@ -44,7 +47,7 @@ def run(
         conn.close()
     levels = depth or None
     print(as_json(result, levels) if json else as_text(result, levels), file=out)
-    note = staleness_note(result)
+    note = boundary_note(result)
     if note is not None:
         print(note, file=err)
     return 0

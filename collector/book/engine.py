@@ -122,6 +122,12 @@ class LocalBook:
         except KeyError as missing:
             raise FrameError(f"depth snapshot has no {missing}") from None
 
+    def copy(self) -> LocalBook:
+        """An independent book in the same state."""
+        book = LocalBook(self.market, self.update_id)
+        book.bids, book.asks, book.synced = dict(self.bids), dict(self.asks), self.synced
+        return book
+
     def classify(self, diff: Diff) -> Outcome:
         """What `apply` would do with `diff`; the book is not changed."""
         if not self.synced:

@@ -1,4 +1,4 @@
-"""The book as the CLI prints it: a two-sided text ladder, or Binance-shaped JSON. Pure."""
+"""The book as the CLI prints it: a headline and a two-sided ladder, or JSON with the same facts. Pure."""
 
 from __future__ import annotations
 
@@ -10,21 +10,35 @@ _TITLES = ("bid qty", "bid", "ask", "ask qty")
 
 
 def as_json(result: BookAt, depth: int | None) -> str:
-    """`{"bids": [[price, qty], …], "asks": …, "last_update_id": …}`, best levels first, Binance's strings."""
+    """What the book is, where it came from, then `bids` and `asks` best first, in Binance's strings.
+
+    Times are ISO 8601 UTC to the millisecond (`iso`), the form `--at` reads back.
+    """
     bids, asks = result.top(depth)
+    snapshot = result.snapshot
     return json.dumps(
-        {"bids": [list(level) for level in bids], "asks": [list(level) for level in asks],
-         "last_update_id": result.last_update_id}
-    )  # fmt: skip
+        {
+            "market": result.market,
+            "symbol": result.symbol,
+            "at": iso(result.at),
+            "as_of": iso(result.as_of),
+            "last_update_id": result.last_update_id,
+            "snapshot": {"last_update_id": snapshot.last_update_id, "time": iso(snapshot.time)},
+            "diffs_applied": result.applied,
+            "diffs_skipped": {"stale": result.stale, "duplicate": result.duplicates},
+            "bids": [list(level) for level in bids],
+            "asks": [list(level) for level in asks],
+        }
+    )
 
 
 def headline(result: BookAt) -> str:
-    """What the book is and where it came from, in one line."""
+    """What the book is and where it came from, in one line: the facts `as_json` gives."""
     snapshot = result.snapshot
     return (
         f"{result.market} {result.symbol} at {iso(result.at)}: last_update_id={result.last_update_id}"
-        f" (snapshot {snapshot.last_update_id} at {iso(snapshot.time)} + {result.applied} diffs;"
-        f" skipped {result.stale} stale, {result.duplicates} duplicate)"
+        f" as of {iso(result.as_of)}, from snapshot {snapshot.last_update_id} at {iso(snapshot.time)}"
+        f" + {result.applied} diffs (skipped {result.stale} stale, {result.duplicates} duplicate)"
     )
 
 
@@ -49,12 +63,17 @@ def as_text(result: BookAt, depth: int | None) -> str:
     return "\n".join(lines)
 
 
-def staleness_note(result: BookAt) -> str | None:
-    """A warning when no stored diff after the time confirms the book, else None."""
+def boundary_note(result: BookAt) -> str | None:
+    """A warning when the book is exact at its time only, not after it (nothing stored proves it
+    unchanged after), else None."""
     if result.followed:
         return None
-    last = result.last_event_time or result.snapshot.time
+    if result.gap_follows:
+        return (
+            f"note: the stored diffs break right after {iso(result.as_of)} (u={result.last_update_id}):"
+            " the book is exact at that instant, not after it"
+        )
     return (
-        f"note: no diff is stored after {iso(result.at)}; the book is as of {iso(last)}"
-        f" (u={result.last_update_id}) and later updates, if any, were not recorded"
+        f"note: no stored diff follows {iso(result.as_of)}:"
+        " the book is exact at that instant, later ones are unknown"
     )

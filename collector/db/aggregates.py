@@ -3,7 +3,7 @@
 Each is defined once, here, as plain data: a source table, its time column, the grouping columns
 and the measures. `plain_view_sql` renders it as an ordinary PostgreSQL view (computed at query
 time); `collector.db.timescale` renders the same definition as a continuous aggregate. Both give
-the same column names, types and values, so every query in the README works on either database.
+the same column names, types and values, so every query in docs/schema.md works on either database.
 
 Bucket boundaries: one-minute buckets aligned on UTC minutes. `time_bucket('1 minute', t)` and
 `date_bin('1 minute', t, '2000-01-01 00:00+00')` give the same instant for every `t`, whatever

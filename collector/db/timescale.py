@@ -1,5 +1,6 @@
-"""All TimescaleDB SQL lives here: whether it can be used, hypertables, compression, retention and the
-continuous aggregates, brought in line with the settings by `collector init-db`.
+"""All TimescaleDB SQL lives here: whether it can be used, hypertables, compression, retention (and the
+pruning of `ingest_ranges` that follows it) and the continuous aggregates, brought in line with the
+settings by `collector init-db`.
 
 TimescaleDB works only when the server preloads its library (`shared_preload_libraries`); without
 that, `CREATE EXTENSION` ends the session with FATAL, and in a database where the extension already
@@ -345,6 +346,84 @@ def plan_aggregate(aggregate: Aggregate, state: AggregateState, policy: RefreshP
     return changes
 
 
+# --- ingest_ranges: pruned at the retention of the table each range describes ----------------------
+#
+# `collector audit` reads a table's rows through its ranges, so a range must go when its rows go and
+# not before. The procedure reads each table's `drop_after` from the catalog at every run: it follows
+# a retention policy changed by init-db or by hand, and a table without one keeps its ranges, as it
+# keeps its rows. Same horizon as the policy (now() - drop_after); the policy drops whole chunks, so
+# rows outlive their ranges by at most one chunk interval, never the other way round.
+
+PRUNE_PROCEDURE: Final = "prune_ingest_ranges"
+PRUNE_SCHEDULE: Final = timedelta(hours=1)
+PRUNE_BODY: Final = """
+DELETE FROM ingest_ranges AS r
+USING timescaledb_information.jobs AS j
+WHERE j.proc_name = 'policy_retention'
+  AND j.hypertable_schema = current_schema()
+  AND j.hypertable_name = r.table_name
+  AND r.last_received_at < now() - (j.config->>'drop_after')::interval
+"""
+
+
+@dataclass(frozen=True)
+class PruneJobState:
+    body: str | None  # the procedure's body in pg_proc, None: missing
+    scheduled: bool  # a job runs it
+
+
+def prune_procedure_sql() -> str:
+    # TimescaleDB calls a job's procedure with (job_id, config). The search path is the one init-db
+    # ran with, so the background job finds the same tables.
+    return (
+        f"CREATE OR REPLACE PROCEDURE {PRUNE_PROCEDURE}(job_id integer, config jsonb) "
+        f"LANGUAGE sql SET search_path FROM CURRENT AS $${PRUNE_BODY}$$"
+    )
+
+
+def plan_prune_job(state: PruneJobState) -> list[Change]:
+    """The procedure (replaced when its body changed) and the job that runs it every PRUNE_SCHEDULE."""
+    changes: list[Change] = []
+    if state.body != PRUNE_BODY:
+        line = "ingest_ranges: prune procedure updated" if state.scheduled else ""
+        changes.append(Change(prune_procedure_sql(), line))
+    if not state.scheduled:
+        changes.append(
+            Change(
+                f"SELECT add_job('{PRUNE_PROCEDURE}', {interval(PRUNE_SCHEDULE)})",
+                f"ingest_ranges: every {human(PRUNE_SCHEDULE)}, ranges older than their table's "
+                f"retention are dropped ({PRUNE_PROCEDURE})",
+            )
+        )
+    return changes
+
+
+def read_prune_job(cur: Cursor) -> PruneJobState:
+    cur.execute(
+        "SELECT prosrc FROM pg_proc WHERE proname = %s AND pronamespace = current_schema()::regnamespace",
+        (PRUNE_PROCEDURE,),
+    )
+    found = cur.fetchone()
+    cur.execute(
+        "SELECT count(*) FROM timescaledb_information.jobs"
+        " WHERE proc_name = %s AND proc_schema = current_schema()",
+        (PRUNE_PROCEDURE,),
+    )
+    return PruneJobState(body=found[0] if found else None, scheduled=cur.fetchone()[0] > 0)
+
+
+def read_retention(cur: Cursor) -> dict[str, timedelta]:
+    """Each hypertable's retention (`drop_after` of its policy); empty without TimescaleDB."""
+    support = read_support(cur)
+    if not (support.created and support.preloaded):  # no policy runs: nothing is dropped
+        return {}
+    return {
+        name: job["drop_after"]
+        for (name, proc), job in _read_jobs(cur).items()
+        if proc == "policy_retention" and "drop_after" in job
+    }
+
+
 # --- storage_usage: disk use per table, the same view on both -------------------------------------
 
 STORAGE_VIEW: Final = "storage_usage"
@@ -478,7 +557,8 @@ def apply(cur: Cursor, settings: Settings) -> tuple[bool, list[str]]:
     Returns whether TimescaleDB is in use and one line per change made. Runs inside init-db's
     transaction, after the tables exist.
     """
-    decision = decide(read_support(cur), settings.timescale)
+    support = read_support(cur)
+    decision = decide(support, settings.timescale)
     if decision.warning:
         logger.warning("initdb.timescale %s", decision.warning)
     lines: list[str] = []
@@ -492,6 +572,9 @@ def apply(cur: Cursor, settings: Settings) -> tuple[bool, list[str]]:
         policy = hypertable_policy(settings)
         for table in TIME_COLUMNS:
             lines += _execute(cur, plan_hypertable(table, hypertables.get(table), policy))
+    if decision.use or support.created:
+        # With TIMESCALE=off the hypertables' retention policies still drop chunks: so go the ranges.
+        lines += _execute(cur, plan_prune_job(read_prune_job(cur)))
     cur.execute("SELECT pg_get_viewdef(to_regclass(%s))", (STORAGE_VIEW,))
     lines += _execute(cur, plan_storage_view(cur.fetchone()[0], decision.use))
     states = read_aggregates(cur, decision.use)

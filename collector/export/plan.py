@@ -38,6 +38,9 @@ class Relation:
     name: str
     time_column: str
     market_column: str | None  # None: futures data only (no market column)
+    # What `--symbol` compares with: a column, or for stream_gaps the symbol that starts its stream name
+    # (`btcusdt@depth@100ms` -> BTCUSDT; a market-wide stream such as `!markPrice@arr` matches none).
+    symbol_sql: str = "symbol"
 
 
 # Time columns as in collector.db.schema.TIME_COLUMNS (a test keeps them equal); importing the schema
@@ -56,7 +59,7 @@ RELATIONS: Final = {
         Relation("liquidations_1m", "bucket", None),
         # The gap ledger (collector.gaps): what was not received.
         Relation("depth_gaps", "detected_at", "market"),
-        Relation("stream_gaps", "started_at", "market"),
+        Relation("stream_gaps", "started_at", "market", "upper(split_part(stream, '@', 1))"),
     )
 }
 
@@ -180,7 +183,9 @@ def _where(plan: ExportPlan, *, with_times: bool = True) -> sql.Composable:
             sql.SQL("{} = {}").format(sql.Identifier(plan.relation.market_column), sql.Literal(plan.market))
         )
     if plan.symbol is not None:
-        conditions.append(sql.SQL("symbol = {}").format(sql.Literal(plan.symbol)))
+        conditions.append(
+            sql.SQL("{} = {}").format(sql.SQL(plan.relation.symbol_sql), sql.Literal(plan.symbol))
+        )
     time_column = sql.Identifier(plan.relation.time_column)
     if with_times and plan.start is not None:
         conditions.append(sql.SQL("{} >= {}").format(time_column, sql.Literal(plan.start)))

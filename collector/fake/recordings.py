@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import collector
 from collector.fake.generators import AGG_TRADES, DEPTH_UPDATES, Event, Market
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RECORDINGS_DIR = Path(collector.__file__).parents[1] / "tests/fixtures/cryptofeed"
+# Package data (pyproject.toml), so an installed collector and its Docker image have them too.
+DEFAULT_RECORDINGS_DIR = Path(__file__).resolve().parent / "data" / "cryptofeed"
 WS_FILES: dict[Market, str] = {"spot": "BINANCE.ws.1.0", "futures": "BINANCE_FUTURES.ws.1.0"}
 HTTP_FILES: dict[Market, str] = {"spot": "BINANCE.http.0.0", "futures": "BINANCE_FUTURES.http.0.0"}
 

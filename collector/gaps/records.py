@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from collector.binance.rows import make_envelope
+from collector.queue.envelope import make_envelope
 
 
 @dataclass

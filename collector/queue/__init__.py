@@ -1,1 +1,1 @@
-"""Redis: the key layout, the Lua scripts of reliable delivery, and shared counters."""
+"""Redis: the key layout, the envelope each queued item is, the Lua scripts of reliable delivery, counters."""

@@ -16,7 +16,8 @@ from collector.queue import keys
 from collector.queue.summary import SharedSummary
 
 # What a run adds to the summary, in the order of `DrainTotals`' counts.
-FIELDS: Final = ("runs", "envelopes", "inserted", "duplicates", "dead_letters")
+# `filtered`: rows left out before the insert (COIN-M), the FILTERED of `collector audit`.
+FIELDS: Final = ("runs", "envelopes", "inserted", "duplicates", "filtered", "dead_letters")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class DrainTotals:
     envelopes: int
     inserted: int
     duplicates: int
+    filtered: int  # rows left out before the insert (COIN-M rows, KEEP_COIN_M_ROWS=false)
     dead_letters: int
 
 

@@ -12,7 +12,7 @@
 | `collector:stream:last_us` | HASH | stream process | web, status | field `<market>:<stream>` -> receive time (µs) of its last event |
 | `collector:connections` | HASH | stream process | web, status | field `<connection id>` -> JSON `ConnectionRecord` of that WebSocket connection (`collector.queue.connections`) |
 | `collector:drain:last_success_us` | HASH | drain | web, status | field `<table>` -> time (µs) of the last batch committed |
-| `collector:drain:summary:<table>` | HASH | drain (`collector.queue.drain_summary`, every worker process) | drain | `since_us` and what that table's drains did since then (`runs`, `envelopes`, `inserted`, `duplicates`, `dead_letters`): the next `drain.summary` log line, summed over every process |
+| `collector:drain:summary:<table>` | HASH | drain (`collector.queue.drain_summary`, every worker process) | drain | `since_us` and what that table's drains did since then (`runs`, `envelopes`, `inserted`, `duplicates`, `filtered`, `dead_letters`): the next `drain.summary` log line, summed over every process |
 | `collector:metrics:<counter>` | HASH | everyone (HINCRBY) | web `/metrics` | field = label value(s) joined by `|`, value = counter |
 | `collector:lock:alerts` | STRING | alert task (`collector.queue.locks`) | alert task | token of the one alert evaluation allowed to run |
 | `collector:alerts` | pub/sub channel | alert task | subscribers | one JSON message per alert |

@@ -21,10 +21,10 @@ import redis
 import requests
 
 from collector.binance.rest import Market, RestRequest, depth_request, open_interest_request
-from collector.binance.rows import make_envelope
 from collector.errors import RateLimited, RestError
 from collector.queue import deadletter, keys
 from collector.queue.deadletter import DeadLetter
+from collector.queue.envelope import make_envelope
 from collector.rest.client import RestClient, RestResponse
 from collector.settings import Settings
 

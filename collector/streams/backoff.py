@@ -26,3 +26,26 @@ def backoff_delays(
     while True:
         yield draw() * ceiling
         ceiling = min(ceiling * factor, max_s)
+
+
+class Reconnects:
+    """Numbered reconnect attempts and their delays; `reset()` once a connection worked.
+
+    Attempt 1 is the first reconnect after a connection that worked; the number and the delay grow
+    together while attempts fail, so a log line's `attempt` says how far the backoff has gone.
+    """
+
+    def __init__(self, initial_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self._initial_s, self._max_s, self._rng = initial_s, max_s, rng
+        self.reset()
+
+    def reset(self) -> None:
+        """Start again from attempt 1 and WS_BACKOFF_INITIAL_S."""
+        self.attempt = 0
+        self._delays = backoff_delays(self._initial_s, self._max_s, rng=self._rng)
+
+    def next(self, immediate: bool = False) -> tuple[int, float]:
+        """The next attempt's number and delay; `immediate` (a server's shutdown notice) waits 0 s
+        and leaves the delays where they were."""
+        self.attempt += 1
+        return self.attempt, 0.0 if immediate else next(self._delays)

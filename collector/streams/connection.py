@@ -1,21 +1,20 @@
-"""One WebSocket connection held for ever: connect, hand every frame to the handler, reconnect.
+"""One stream connection held for ever across sockets: connect, replace, reconnect, stop.
 
-The asyncio shell around `websockets`; what a frame means is the handler's business. Guarantees:
-- The receive loop awaits only the socket: no Redis, no parsing beyond routing (a slow consumer is
-  disconnected by Binance, binance.md §7 #6).
+What one open socket does (receive, watch for silence, follow the subscriptions) is
+`collector.streams.live`'s; what a frame means is the handler's. Guarantees:
 - `stop()` closes gracefully and keeps reading until the server's close frame, so every frame the
   server sent before it is still handed to the handler.
 - Make-before-break: before Binance's 24-hour cut (WS_ROTATE_AFTER_S) and on a `serverShutdown`
-  notice, a replacement is opened and receiving before the old connection is closed, so nothing
-  falls between them; the overlap's repeats are absorbed downstream (unique keys, depth tracker).
-- Silence is noticed in seconds: a connection that delivers no data frame for many times its own
-  usual gap between frames (at least WS_SILENCE_MIN_S, at most WS_IDLE_TIMEOUT_S) is closed and
-  reopened. Server pings are answered by the library and are not data.
-- No client pings: they count against Binance's 5 messages/s limit (binance.md §7 #3).
-- The streams can change while the connection is open (`change_streams`): the socket is told with
-  SUBSCRIBE/UNSUBSCRIBE, at most one message per CONTROL_MESSAGE_INTERVAL_S, and the streams it
-  keeps are not touched; every later connection opens with the new list.
-- Handshakes keep to Binance's connection attempts per 5 minutes (`collector.streams.limits`).
+  notice, a replacement is opened and receiving before the old socket is closed, so nothing falls
+  between them; the overlap's repeats are absorbed downstream (unique keys, depth tracker).
+- A socket closed by the server, the network or the silence watchdog is reopened with jittered
+  backoff (`collector.streams.backoff`), afresh after a socket that worked; handshakes keep to
+  Binance's connection attempts per 5 minutes (`collector.streams.limits`).
+- The streams can change while the connection is open (`change_streams`): the open socket follows
+  with SUBSCRIBE/UNSUBSCRIBE, and every later socket opens with the new list.
+- One log line per connect (`ws.connected`), and one per disconnect or failed connect
+  (`ws.disconnected`, `ws.connect_failed`) that, when a reconnect follows, carries its `attempt`
+  (1 after a socket that worked, counting up while they fail) and its `delay_s`.
 """
 
 from __future__ import annotations
@@ -24,35 +23,23 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final, Protocol
 
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import WebSocketException
 
 from collector.settings import Settings
-from collector.streams.backoff import backoff_delays
+from collector.streams.backoff import Reconnects
 from collector.streams.limits import ATTEMPTS_PER_WINDOW, ATTEMPTS_WINDOW_S, ConnectionAttempts
-from collector.streams.placement import Method, subscription_messages
+from collector.streams.live import Closed, LiveSocket, ReceiveHandler, open_socket
+from collector.streams.silence import SilencePolicy, restart_watch
 from collector.streams.state import ConnectionState
 
 logger = logging.getLogger(__name__)
 
-MAX_FRAME_BYTES: Final = 16 * 2**20  # a full `!markPrice@arr` frame is ~200 KB; leave ample room
-# Frames websockets may hold unread before it stops reading the socket; the kernel buffers more.
-MAX_QUEUED_FRAMES: Final = 4096
 CLOSE_TIMEOUT_S: Final = 5.0
-# recv() returns queued frames without suspending, so under load one connection could hold the
-# event loop for thousands of frames; yielding this often keeps the sink and other sockets served.
-YIELD_EVERY_FRAMES: Final = 64
-# Bytes one socket read takes (asyncio's default is 256 KiB). websockets parses a whole read at once,
-# so after any pause a full read of every connection lands in one loop turn: at ~300 B a frame, 256
-# KiB on each of a dozen connections is ~10,000 frames, a quarter of a second (bench/streams_many.py).
-# The rest waits in the kernel's buffer for the next turn; nothing is lost. Only plain-socket
-# transports expose this: CPython's TLS transport (wss://) reads into its own 256 KiB buffer.
-READ_CHUNK_BYTES: Final = 32 * 1024
 # A connection that stayed up this long counts as healthy: the next failure starts the backoff
 # again from WS_BACKOFF_INITIAL_S. A server that accepts and drops at once keeps backing off, which
 # also keeps us under Binance's 300 connection attempts per 5 minutes per IP (binance.md §2).
@@ -62,18 +49,6 @@ STABLE_AFTER_S: Final = 30.0
 REPLACEMENT_FIRST_FRAME_S: Final = 10.0
 # A replacement that could not be opened is tried again this often while the old one still lives.
 REPLACEMENT_RETRY_S: Final = 5.0
-# Silence: the usual gap between frames is a slow moving average; a connection is silent after
-# SILENCE_FACTOR of them. Until SILENCE_WARMUP_FRAMES arrived the average means little, and only
-# WS_IDLE_TIMEOUT_S applies.
-SILENCE_FACTOR: Final = 50.0
-SILENCE_EWMA_WEIGHT: Final = 0.01
-SILENCE_WARMUP_FRAMES: Final = 100
-# Subscription messages: Binance allows 5 incoming messages a second on spot, 10 on USD-M, pings
-# and pongs included (binance.md §2); one every 500 ms keeps far below either.
-CONTROL_MESSAGE_INTERVAL_S: Final = 0.5
-
-# What the connection calls for each frame: (frame bytes exactly as received, receive time in µs).
-ReceiveHandler = Callable[[bytes, int], None]
 
 
 class ConnectionEvents(Protocol):
@@ -115,48 +90,9 @@ class ConnectionOptions:
             rotate_after_s=settings.ws_rotate_after_s,
         )
 
-
-class _Live:
-    """One physical connection: its socket, its receive loop and watchdog, and what it has seen."""
-
-    __slots__ = (
-        "changed",
-        "control_id",
-        "first_frame",
-        "frames",
-        "gap_s",
-        "last_frame",
-        "next_control",
-        "opened",
-        "opened_us",
-        "receiving",
-        "source",
-        "subscribed",
-        "subscriber",
-        "watchdog",
-        "ws",
-    )
-
-    def __init__(self, ws: ClientConnection, source: str, streams: tuple[str, ...]) -> None:
-        self.ws = ws
-        self.source = source  # distinguishes the two connections of one plan during a replacement
-        self.opened = self.last_frame = time.monotonic()
-        self.opened_us = time.time_ns() // 1000
-        self.frames = 0
-        self.gap_s = 0.0  # moving average of the gap between frames
-        self.first_frame = asyncio.Event()
-        self.receiving: asyncio.Task[None] | None = None
-        self.watchdog: asyncio.Task[None] | None = None
-        self.next_control = 0.0  # monotonic time the next subscription message may be sent
-        self.control_id = 0
-        self.subscribed = set(streams)  # what this socket carries: its URL's streams, then SUBSCRIBEs
-        self.changed = asyncio.Event()  # the state's streams changed: bring `subscribed` in line
-        self.subscriber: asyncio.Task[None] | None = None
-
-    def silence_limit_s(self, options: ConnectionOptions) -> float:
-        if self.frames < SILENCE_WARMUP_FRAMES:
-            return options.idle_timeout_s
-        return min(options.idle_timeout_s, max(options.silence_min_s, SILENCE_FACTOR * self.gap_s))
+    @property
+    def silence(self) -> SilencePolicy:
+        return SilencePolicy(self.silence_min_s, self.idle_timeout_s)
 
 
 class StreamConnection:
@@ -182,13 +118,12 @@ class StreamConnection:
         self._rng = rng
         self._events = events
         self._attempts = attempts  # shared by the process's connections (one budget per IP)
-        self._open_sockets: set[ClientConnection] = set()
-        self._lives: set[_Live] = set()
+        self._lives: set[LiveSocket] = set()
+        self._silence = options.silence
         self._generation = 0
         self._stopping = False
         self._stop_event = asyncio.Event()
         self._notice = asyncio.Event()  # the server announced its shutdown: replace the connection
-        self._silence_closed = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> asyncio.Task[None]:
@@ -199,8 +134,8 @@ class StreamConnection:
         """Close gracefully, handing over every frame received before the close; idempotent."""
         self._stopping = True
         self._stop_event.set()
-        for ws in list(self._open_sockets):
-            await ws.close(1000, "client stopping")
+        for live in list(self._lives):
+            await live.ws.close(1000, "client stopping")
         task = self._task
         if task is not None and not task.done():
             try:
@@ -217,21 +152,10 @@ class StreamConnection:
         after is not touched. A removed stream's counters stay (they are totals of this run), but it is
         no longer watched for silence.
         """
-        state = self.state
-        before = state.streams
-        removed = set(before).difference(streams)
-        state.streams, state.url = streams, url
-        for name in set(streams).difference(before):
-            # Counters are totals of this run and stay; a stream back after a delisting starts its
-            # pace afresh, or its old last event would make it look silent since then.
-            stats = state.stats_for(name)
-            stats.last_message_us, stats.gap_us, stats.silenced_at_us = None, 0.0, None
-        for name in removed:
-            gone = state.stream_stats.get(name)
-            if gone is not None:
-                gone.silenced_at_us = None
+        restart_watch(self.state, streams)
+        self.state.streams, self.state.url = streams, url
         for live in self._lives:
-            live.changed.set()
+            live.subscriptions.changed.set()
 
     def request_handover(self) -> None:
         """The server announced its shutdown: open a replacement now, then close this connection."""
@@ -239,49 +163,86 @@ class StreamConnection:
 
     async def run(self) -> None:
         """Connect, receive, replace before the server's cut, reconnect with backoff until `stop()`."""
-        delays = self._new_delays()
-        live: _Live | None = None
+        options = self._options
+        reconnects = Reconnects(options.backoff_initial_s, options.backoff_max_s, self._rng)
+        live: LiveSocket | None = None
         while not self._stopping:
             if live is None:
                 self.state.state = "connecting"
-                live = await self._connect()
-                if live is None:
-                    if not self._stopping:
-                        await self._pause(next(delays))
-                    continue
+                opened = await self._connect()
+                if isinstance(opened, LiveSocket):
+                    live = opened
+                elif opened is not None and not self._stopping:
+                    attempt, delay = reconnects.next()
+                    logger.warning(
+                        "ws.connect_failed id=%s url=%s error=%s attempt=%d delay_s=%.2f",
+                        self.state.id,
+                        self.state.url,
+                        opened,
+                        attempt,
+                        delay,
+                    )
+                    await self._pause(delay)
+                continue
             received_before = self.state.messages
-            up_s, live = await self._hold(live)
-            if live is not None or self._stopping:
-                continue  # replaced make-before-break: no gap, no backoff
+            ended = await self._hold(live)
+            if isinstance(ended, LiveSocket):
+                live = ended  # replaced make-before-break: no gap, no backoff
+                continue
+            live = None
+            if self._stopping:
+                self._log_closed(ended)
+                continue
             # A connection that delivered data worked: the next failure starts the backoff afresh,
             # so a server that drops connections every few seconds does not push the delay up.
             delivered = self.state.messages > received_before
             noticed = self._notice.is_set()
-            if noticed or delivered or up_s >= self._options.stable_after_s:
-                delays = self._new_delays()
+            if noticed or delivered or ended.up_s >= options.stable_after_s:
+                reconnects.reset()
             self._notice.clear()
-            await self._pause(0.0 if noticed else next(delays))
+            attempt, delay = reconnects.next(immediate=noticed)
+            self._log_closed(ended, attempt, delay)
+            await self._pause(delay)
         self.state.state = "stopped"
+
+    def _log_closed(self, ended: Closed, attempt: int = 0, delay_s: float = 0.0) -> None:
+        """The connection's one disconnect line; with the reconnect that follows, if one does."""
+        silence = f" {ended.silence.describe()}" if ended.silence is not None else ""
+        retry = f" attempt={attempt} delay_s={delay_s:.2f}" if attempt else ""
+        logger.log(
+            logging.WARNING if ended.silence is not None else logging.INFO,
+            "ws.disconnected id=%s cause=%s code=%s reason=%s after_s=%.1f%s%s",
+            self.state.id,
+            ended.cause,
+            ended.code,
+            ended.reason or "-",
+            ended.up_s,
+            silence,
+            retry,
+        )
 
     async def _pause(self, delay: float) -> None:
         self.state.state = "backoff"
         self.state.reconnects += 1
-        logger.info("ws.reconnecting id=%s delay_s=%.2f", self.state.id, delay)
+        await self._sleep(delay)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if `stop()` comes first (-> True)."""
         try:
-            await asyncio.wait_for(self._stop_event.wait(), delay)
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
         except TimeoutError:
-            pass
+            return False
+        return True
 
-    def _new_delays(self) -> Iterator[float]:
-        return backoff_delays(self._options.backoff_initial_s, self._options.backoff_max_s, rng=self._rng)
-
-    async def _connect(self) -> _Live | None:
-        """Open one physical connection and start receiving on it; None when it could not be opened."""
+    async def _connect(self) -> LiveSocket | str | None:
+        """Open one physical connection and start receiving on it: the live connection, the error that
+        kept it from opening, or None when `stop()` came first."""
         state = self.state
         if not await self._wait_attempt_slot():
             return None
         streams = state.streams  # the ones the URL names, read together with it below
-        opening = asyncio.create_task(self._open())
+        options = self._options
+        opening = asyncio.create_task(open_socket(state.url, options.open_timeout_s, options.close_timeout_s))
         stopping = asyncio.create_task(self._stop_event.wait())
         await asyncio.wait([opening, stopping], return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
@@ -291,22 +252,17 @@ class StreamConnection:
         try:
             ws = opening.result()
         except (OSError, TimeoutError, WebSocketException) as error:
-            state.last_error = f"connect: {type(error).__name__}: {error}"
-            logger.warning("ws.connect_failed id=%s url=%s error=%s", state.id, state.url, state.last_error)
-            return None
-        transport = ws.transport
-        if hasattr(transport, "max_size"):  # asyncio's selector transport reads this much per turn
-            transport.max_size = READ_CHUNK_BYTES
+            failure = f"{type(error).__name__}: {error}"
+            state.last_error = f"connect: {failure}"
+            return failure
         self._generation += 1
-        live = _Live(ws, f"{state.id}#{self._generation}", streams)
-        self._open_sockets.add(ws)
+        source = f"{state.id}#{self._generation}"
+        on_silent = partial(self._events.stream_silent, state) if self._events is not None else None
+        live = LiveSocket(ws, source, streams, state, self._silence, on_silent)
         self._lives.add(live)
         if self._events is not None:
             self._events.source_opened(live.source)
-        handler = self._handler_for(live.source, self.request_handover)
-        live.receiving = asyncio.create_task(self._receive(live, handler))
-        live.watchdog = asyncio.create_task(self._watchdog(live))
-        live.subscriber = asyncio.create_task(self._subscriber(live))
+        live.start(self._handler_for(source, self.request_handover))
         state.state = "connected"
         state.connected_since_us = time.time_ns() // 1000
         logger.info("ws.connected id=%s url=%s streams=%d", state.id, state.url, len(state.streams))
@@ -316,8 +272,8 @@ class StreamConnection:
             self._events.connection_opened(state)
         return live
 
-    async def _hold(self, live: _Live) -> tuple[float, _Live | None]:
-        """Until `live` closes (-> its uptime, None) or is replaced (-> its uptime, the replacement)."""
+    async def _hold(self, live: LiveSocket) -> Closed | LiveSocket:
+        """Until `live` closes (-> how) or is replaced make-before-break (-> the replacement)."""
         assert live.receiving is not None
         rotate_at = live.opened + self._options.rotate_after_s
         while True:
@@ -328,23 +284,31 @@ class StreamConnection:
             )
             notice.cancel()
             if live.receiving in done:
-                return self._closed(live), None
+                return self._closed(live)
             if self._stopping:
                 continue  # stop() closes every socket: the receive loop ends by itself
             reason = "server shutdown notice" if self._notice.is_set() else "age"
             self._notice.clear()
             replacement = await self._connect()
-            if replacement is None:
+            if not isinstance(replacement, LiveSocket):
+                if replacement is not None:  # the old connection still delivers: no outage yet
+                    logger.warning(
+                        "ws.replacement_failed id=%s url=%s error=%s retry_in_s=%.1f",
+                        self.state.id,
+                        self.state.url,
+                        replacement,
+                        REPLACEMENT_RETRY_S,
+                    )
                 rotate_at = time.monotonic() + REPLACEMENT_RETRY_S
                 continue
             if live.receiving.done() and self._events is not None:
                 # The old one ended while the replacement was opening: the streams had a short hole.
-                self._events.connection_lost(self.state, self._loss_cause())
+                self._events.connection_lost(self.state, self._loss_cause(live))
                 self._events.connection_opened(self.state)
             await self._replace(live, replacement, reason)
-            return time.monotonic() - live.opened, replacement
+            return replacement
 
-    async def _replace(self, old: _Live, new: _Live, reason: str) -> None:
+    async def _replace(self, old: LiveSocket, new: LiveSocket, reason: str) -> None:
         """Close `old` once `new` delivers (or has had time to); every frame `old` got is handed over."""
         assert old.receiving is not None and new.receiving is not None
         first = asyncio.create_task(new.first_frame.wait())
@@ -366,40 +330,28 @@ class StreamConnection:
             old.receiving.cancel()
         self._forget(old)
 
-    def _closed(self, live: _Live) -> float:
+    def _closed(self, live: LiveSocket) -> Closed:
         """Bookkeeping for a connection that ended by itself (server, network, silence or stop())."""
         self._forget(live)
-        state, ws = self.state, live.ws
-        up_s = time.monotonic() - live.opened
-        cause = self._loss_cause()
-        if self._events is not None and not self._open_sockets:
-            self._events.connection_lost(state, cause)
-        code = ws.close_code if ws.close_code is not None else 1006
-        reason = ws.close_reason or ""
+        ended = live.ended(self._loss_cause(live))
+        if self._events is not None and not self._lives:
+            self._events.connection_lost(self.state, ended.cause)
         if not self._stopping:
-            state.last_error = f"closed: code={code} reason={reason}"
-        logger.info(
-            "ws.disconnected id=%s code=%s reason=%s after_s=%.1f", state.id, code, reason or "-", up_s
-        )
-        self._silence_closed = False
-        return up_s
+            self.state.last_error = f"closed: code={ended.code} reason={ended.reason}"
+        return ended
 
-    def _forget(self, live: _Live) -> None:
-        if live.watchdog is not None:
-            live.watchdog.cancel()
-        if live.subscriber is not None:
-            live.subscriber.cancel()
-        self._open_sockets.discard(live.ws)
+    def _forget(self, live: LiveSocket) -> None:
+        live.forget()
         self._lives.discard(live)
         if self._events is not None:
             self._events.source_closed(live.source)
 
-    def _loss_cause(self) -> str:
+    def _loss_cause(self, live: LiveSocket) -> str:
         if self._stopping:
             return "shutdown"
         if self._notice.is_set():
             return "server_shutdown"
-        return "silence" if self._silence_closed else "disconnect"
+        return "silence" if live.silence is not None else "disconnect"
 
     async def _wait_attempt_slot(self) -> bool:
         """Wait until this handshake fits the attempts per 5 minutes; False when stopped meanwhile."""
@@ -415,144 +367,4 @@ class StreamConnection:
             ATTEMPTS_PER_WINDOW,
             ATTEMPTS_WINDOW_S,
         )
-        try:
-            await asyncio.wait_for(self._stop_event.wait(), wait_s)
-        except TimeoutError:
-            return True
-        return False
-
-    async def _subscriber(self, live: _Live) -> None:
-        """Keep what `live` is subscribed to equal to the state's streams, for as long as it is open."""
-        try:
-            while True:
-                live.changed.clear()
-                messages = subscription_messages(live.subscribed, self.state.streams)
-                for method, names in messages:
-                    await self._send_control(live, method, names)
-                    if method == "SUBSCRIBE":
-                        live.subscribed.update(names)
-                    else:
-                        live.subscribed.difference_update(names)
-                if messages:
-                    logger.info(
-                        "ws.subscriptions_synced id=%s source=%s messages=%d streams=%d",
-                        self.state.id,
-                        live.source,
-                        len(messages),
-                        len(live.subscribed),
-                    )
-                await live.changed.wait()
-        except ConnectionClosed:
-            return  # the next connection opens with the state's URL, which names the current streams
-
-    async def _send_control(self, live: _Live, method: Method, names: tuple[str, ...]) -> None:
-        """Send one SUBSCRIBE/UNSUBSCRIBE once the connection's message budget allows it."""
-        while (wait_s := live.next_control - time.monotonic()) > 0:
-            await asyncio.sleep(wait_s)
-        live.next_control = time.monotonic() + CONTROL_MESSAGE_INTERVAL_S  # before the send: no overlap
-        live.control_id += 1
-        await live.ws.send(
-            orjson.dumps({"method": method, "params": list(names), "id": live.control_id}).decode()
-        )
-
-    async def _open(self) -> ClientConnection:
-        return await connect(
-            self.state.url,
-            open_timeout=self._options.open_timeout_s,
-            ping_interval=None,  # no client pings (see the module docstring)
-            compression=None,  # Binance streams are not compressed; skip the negotiation
-            max_size=MAX_FRAME_BYTES,
-            max_queue=MAX_QUEUED_FRAMES,
-            close_timeout=self._options.close_timeout_s,
-        )
-
-    async def _receive(self, live: _Live, handler: ReceiveHandler) -> None:
-        """The hot loop: frame, receive time, handler. Ends when the connection is closed."""
-        recv = live.ws.recv
-        clock = time.time_ns
-        monotonic = time.monotonic
-        weight = SILENCE_EWMA_WEIGHT
-        batch = YIELD_EVERY_FRAMES
-        try:
-            frame = await recv(decode=False)
-            handler(frame, clock() // 1000)
-            live.last_frame = monotonic()
-            live.frames = 1
-            live.first_frame.set()
-            while True:
-                frame = await recv(decode=False)
-                handler(frame, clock() // 1000)
-                now = monotonic()
-                live.gap_s += (now - live.last_frame - live.gap_s) * weight
-                live.last_frame = now
-                live.frames += 1
-                batch -= 1
-                if not batch:
-                    # recv() does not suspend while frames are queued; let the sink flush meanwhile.
-                    batch = YIELD_EVERY_FRAMES
-                    await asyncio.sleep(0)
-        except ConnectionClosed:
-            return
-
-    async def _watchdog(self, live: _Live) -> None:
-        """Close a connection that stopped delivering data (silent stalls, binance.md §7 #5), and
-        resubscribe a stream that stopped while the rest of its connection goes on."""
-        while True:
-            limit = live.silence_limit_s(self._options)
-            silent = time.monotonic() - live.last_frame
-            if silent < limit:
-                await self._resubscribe_silent_streams(live)
-            else:
-                logger.warning(
-                    "ws.silent id=%s silent_s=%.1f usual_gap_s=%.3f limit_s=%.1f",
-                    self.state.id,
-                    silent,
-                    live.gap_s,
-                    limit,
-                )
-                self.state.last_error = f"silent for {silent:.0f}s"
-                self._silence_closed = True
-                await live.ws.close(1000, "silent")
-                return
-            await asyncio.sleep(min(limit - silent, max(self._options.silence_min_s / 2, 0.05)))
-
-    async def _resubscribe_silent_streams(self, live: _Live) -> None:
-        """A stream with a steady pace that has been quiet for 50 of its usual gaps is resubscribed.
-
-        Only streams that push on a clock (diff depth, mark price): a quiet market leaves trade and
-        liquidation streams silent for minutes, and that is no outage.
-        """
-        now_us = time.time_ns() // 1000
-        stream_stats = self.state.stream_stats
-        for stream in self.state.streams:  # a stream removed with its symbol is not watched any more
-            stats = stream_stats.get(stream)
-            if stats is None or stats.silenced_at_us is not None or stats.last_message_us is None:
-                continue
-            if "@depth" not in stream and "markPrice" not in stream:
-                continue
-            if stats.messages < SILENCE_WARMUP_FRAMES or time.monotonic() < live.next_control:
-                continue
-            limit_us = max(self._options.silence_min_s * 1e6, SILENCE_FACTOR * stats.gap_us)
-            # Measured on this connection only: a stream that was out with its previous connection
-            # is that connection's outage, already recorded, and gets its chance on this one.
-            if now_us - max(stats.last_message_us, live.opened_us) < limit_us:
-                continue
-            stats.silenced_at_us = now_us
-            logger.warning(
-                "ws.stream_silent id=%s stream=%s silent_s=%.1f usual_gap_s=%.3f action=resubscribe",
-                self.state.id,
-                stream,
-                (now_us - stats.last_message_us) / 1e6,
-                stats.gap_us / 1e6,
-            )
-            if self._events is not None:
-                self._events.stream_silent(self.state, stream, stats.last_message_us)
-            # Reserved before sending, so the subscriber task waits behind these two messages.
-            live.next_control = time.monotonic() + 2 * CONTROL_MESSAGE_INTERVAL_S
-            for method in ("UNSUBSCRIBE", "SUBSCRIBE"):
-                live.control_id += 1
-                message = orjson.dumps({"method": method, "params": [stream], "id": live.control_id})
-                try:
-                    await live.ws.send(message.decode())
-                except ConnectionClosed:
-                    return
+        return not await self._sleep(wait_s)

@@ -27,11 +27,11 @@ from typing import Any, Final
 import orjson
 import redis.asyncio
 
-from collector.binance.rows import make_envelope
 from collector.binance.streams import stream_symbol, table_for_stream
 from collector.gaps.depth import Decisions, DepthTracker
 from collector.gaps.records import DepthGap, StreamGap
 from collector.queue import counters, keys
+from collector.queue.envelope import make_envelope
 from collector.streams.backoff import backoff_delays
 from collector.streams.sink import Sink
 from collector.streams.state import ConnectionState

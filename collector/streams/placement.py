@@ -1,4 +1,4 @@
-"""Where streams go when the symbol list changes, and the messages that move them. Pure.
+"""Where streams go when the symbol list changes. Pure.
 
 The rules follow Binance's connection limits (binance.md §1.2, §2, §7 #3, #4):
 - a connection carries streams of one family only (spot; USD-M `/public` or `/market`: a stream on the
@@ -6,25 +6,18 @@ The rules follow Binance's connection limits (binance.md §1.2, §2, §7 #3, #4)
 - a stream that stays is never moved: its connection is not touched, so its depth chain has no hole;
 - removed streams are unsubscribed where they are; new ones fill the connections of their family that
   have room, in the order the connections were planned, and only then are new connections opened;
-- a connection left with no stream is closed: it would receive nothing and be judged silent;
-- SUBSCRIBE/UNSUBSCRIBE carry many names each (up to 200 are accepted, binance.md §7 #3), because
-  the per-connection message budget (5/s spot, 10/s USD-M) counts messages, not names.
+- a connection left with no stream is closed: it would receive nothing and be judged silent.
+The SUBSCRIBE/UNSUBSCRIBE messages that carry a change to an open socket are
+`collector.streams.subscriptions`' business.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
 
 from collector.binance.streams import ConnectionPlan, Family, StreamSpec, combined_url
 from collector.settings import Market
-
-Method = Literal["SUBSCRIBE", "UNSUBSCRIBE"]
-
-# Names per SUBSCRIBE/UNSUBSCRIBE: 200 were accepted on the live hosts (binance.md §7 #3); half that
-# leaves room should Binance lower it, and a new listing adds a handful of streams anyway.
-MAX_NAMES_PER_MESSAGE: Final = 100
 
 
 @dataclass(frozen=True)
@@ -122,21 +115,3 @@ def plan_placement(
             url = combined_url(base, family, chunk)
             opened.append(ConnectionPlan(connection_id, market, family, url, chunk))
     return Placement(tuple(changes), tuple(opened), tuple(closed))
-
-
-def subscription_messages(
-    subscribed: Collection[str], wanted: Sequence[str], max_names: int = MAX_NAMES_PER_MESSAGE
-) -> list[tuple[Method, tuple[str, ...]]]:
-    """The messages that turn a socket subscribed to `subscribed` into one carrying `wanted`.
-
-    Unsubscriptions go first, so the socket never holds more streams than its cap, even for a moment.
-    """
-    wanted_set = set(wanted)
-    removed = sorted(name for name in subscribed if name not in wanted_set)
-    added = [name for name in dict.fromkeys(wanted) if name not in subscribed]
-    steps: tuple[tuple[Method, list[str]], ...] = (("UNSUBSCRIBE", removed), ("SUBSCRIBE", added))
-    messages: list[tuple[Method, tuple[str, ...]]] = []
-    for method, names in steps:
-        for index in range(0, len(names), max_names):
-            messages.append((method, tuple(names[index : index + max_names])))
-    return messages

@@ -26,7 +26,6 @@ import redis.asyncio
 
 from collector.binance.streams import ConnectionPlan, connection_plans, log_stream_substitutions
 from collector.queue.client import async_redis_client, check_redis, redis_client
-from collector.rest.resync import snapshot_fetcher
 from collector.settings import Settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
 from collector.streams.handler import FrameHandler
@@ -34,6 +33,7 @@ from collector.streams.lag import LoopLagMonitor
 from collector.streams.ledger import GapLedger
 from collector.streams.limits import ConnectionAttempts
 from collector.streams.placement import Carried, Placement
+from collector.streams.resync import snapshot_fetcher
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
 from collector.streams.symbols import SymbolFollower, exchange_info_fetcher, resolve_symbols, with_symbols

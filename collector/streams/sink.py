@@ -23,9 +23,9 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
-from collector.binance.rows import make_envelope
 from collector.queue import counters, deadletter, keys
 from collector.queue.deadletter import DeadLetter
+from collector.queue.envelope import make_envelope
 from collector.queue.stream_stats import StreamStatsWriter
 from collector.retry import is_transient
 from collector.settings import Settings

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from collector.db.connection import check_postgres
 from collector.errors import ConfigError, ServiceUnavailable
 from collector.queue.client import check_redis, redis_client
 from collector.settings import Settings
@@ -62,14 +63,19 @@ def make_app(settings: Settings) -> web.Application:
 def run(settings: Settings) -> None:
     """Serve on WEB_HOST:WEB_PORT until SIGTERM or SIGINT.
 
-    Redis down at start is no reason not to serve: /health is where an operator (or a container
-    healthcheck) learns it, with 503 and the reason, until Redis is back.
+    Redis or PostgreSQL down at start is no reason not to serve: /health is where an operator (or a
+    container healthcheck) learns it, with 503 and the reason, until the service is back. Each one
+    down gets one warning line at start, before `web.listening`.
     """
     try:
         check_redis(settings)
         report_redis(up=True)
     except ServiceUnavailable as error:
         report_redis(up=False, error=error)  # one warning; /health answers 503 until it is back
+    try:
+        check_postgres(settings)
+    except ServiceUnavailable as error:
+        logger.warning("web.postgres_unreachable error=%s (/health answers 503 until it is back)", error)
     asyncio.run(_serve(settings))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from collector.localservices import NO_STACK
+from collector.local.stack import NO_STACK
 from collector.queue.client import redis_client
 from collector.queue.loop_lag import LoopLag
 from collector.rest.planner import MarketRestState, rest_state

@@ -1,7 +1,7 @@
-"""Start and stop a private Redis and PostgreSQL under a folder of ours, for `make run` and the tests.
+"""`collector services up|down|env`: a private, persistent Redis and PostgreSQL for `make run`.
 
-Used only when REDIS_URL / DATABASE_URL are not configured. PostgreSQL's `initdb` and `postgres`
-refuse to run as root, so as root the cluster is created and run as the `postgres` system user.
+A tool for running the collector on one machine without docker (`make run`, `make services-up`);
+docker-compose runs its own. Used only when REDIS_URL / DATABASE_URL are not configured.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
 import shutil
 import socket
 import subprocess
@@ -17,153 +16,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+
+from collector.local.servers import START_TIMEOUT_S, LocalService, start_postgres, wait_for_port
+from collector.local.stack import pid_alive, pid_from_file, running_stack
 
 logger = logging.getLogger(__name__)
 
-POSTGRES_SYSTEM_USER = "postgres"
-START_TIMEOUT_S = 30
-
-
-@dataclass
-class LocalService:
-    """A server we started: how to reach it and how to stop it."""
-
-    name: str
-    url: str
-    port: int
-    data_dir: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    def stop(self) -> None:
-        if self.name == "postgresql":
-            _run_as_pg_owner(
-                [pg_bin("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"], check=False
-            )
-        elif self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
-
-
-def pg_bin(name: str) -> str:
-    """Path of a PostgreSQL server binary (Debian keeps them out of PATH)."""
-    found = shutil.which(name)
-    if found:
-        return found
-    bindir = subprocess.run(
-        ["pg_config", "--bindir"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    return str(Path(bindir) / name)
-
-
-def timescaledb_installed() -> bool:
-    """True when this machine's PostgreSQL has the TimescaleDB extension files (loader and control)."""
-    try:
-        dirs = subprocess.run(
-            ["pg_config", "--sharedir", "--pkglibdir"], capture_output=True, text=True, check=True
-        ).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return False
-    share, lib = Path(dirs[0]), Path(dirs[1])
-    return (share / "extension" / "timescaledb.control").exists() and (lib / "timescaledb.so").exists()
-
-
-def _run_as_pg_owner(command: list[str], check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", POSTGRES_SYSTEM_USER, "--", *command]
-    return subprocess.run(command, check=check, capture_output=True)
-
-
-def start_redis(data_dir: Path, port: int | None = None, persistent: bool = False) -> LocalService:
-    """Run `redis-server` on 127.0.0.1; with `persistent`, an append-only file in `data_dir`."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise FileNotFoundError("redis-server is not installed (apt-get install -y redis-server)")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
-    args += ["--appendonly", "yes" if persistent else "no", "--daemonize", "no", "--logfile", "redis.log"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port)
-    return LocalService("redis", f"redis://127.0.0.1:{port}/0", port, data_dir, process)
-
-
-def start_postgres(
-    data_dir: Path, port: int | None = None, durable: bool = True, timescaledb: bool | None = None
-) -> LocalService:
-    """Create (once) and start a PostgreSQL cluster in `data_dir`, trusting local connections.
-
-    `timescaledb`: preload the TimescaleDB library (None: whenever it is installed), without which
-    the extension cannot be created.
-    """
-    port = port or free_port()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        owner = pwd.getpwnam(POSTGRES_SYSTEM_USER)
-        os.chown(data_dir, owner.pw_uid, owner.pw_gid)
-        # The system user must be able to reach the folder through every parent.
-        for parent in data_dir.resolve().parents:
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                parent.chmod(mode | 0o001)
-    data_dir.chmod(0o700)
-    if not (data_dir / "PG_VERSION").exists():
-        _run_as_pg_owner(
-            [
-                pg_bin("initdb"),
-                "-D",
-                str(data_dir),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]
-        )
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {data_dir} -c max_connections=200"
-    if timescaledb is None:
-        timescaledb = timescaledb_installed()
-    if timescaledb:
-        # Telemetry off: these servers have no internet, and the project's data is not to be reported.
-        options += " -c shared_preload_libraries=timescaledb -c timescaledb.telemetry_level=off"
-    if not durable:
-        # Throwaway test clusters: skip fsync; crash safety of the test data does not matter.
-        options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    log = data_dir / "postgres.log"
-    _run_as_pg_owner(
-        [pg_bin("pg_ctl"), "-D", str(data_dir), "-l", str(log), "-o", options, "-w", "-t", "60", "start"]
-    )
-    wait_for_port(port)
-    return LocalService("postgresql", f"postgresql://postgres@127.0.0.1:{port}/collector", port, data_dir)
-
-
-# --- `collector services up|down|env`: long-lived servers for `make run` -------------------------
-#
-# Unlike the throwaway servers above, these outlive the command that starts them (Redis daemonizes,
-# `pg_ctl` detaches the postmaster), keep their data under `<dir>/redis` and `<dir>/postgres`, and
-# are found again through their pid files, so `up` is idempotent and `down` works from any shell.
+# Unlike the throwaway servers of `collector.local.servers`, these outlive the command that starts
+# them (Redis daemonizes, `pg_ctl` detaches the postmaster), keep their data under `<dir>/redis` and
+# `<dir>/postgres`, and are found again through their pid files, so `up` is idempotent and `down`
+# works from any shell.
 
 # Off the system defaults (6379/5432) so a Redis or PostgreSQL installed as a system service
 # does not clash with ours.
@@ -216,21 +78,6 @@ def services_config(environ: dict[str, str] | None = None) -> ServicesConfig:
     )
 
 
-def _alive(pid: int) -> bool:
-    """True when `pid` runs (a zombie left by a parent that never reaps it does not count)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user (the postgres system user)
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc: trust kill(0)
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
-
-
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -253,19 +100,11 @@ def _write_state(root: Path, **ports: int) -> None:
     (root / _STATE_FILE).write_text(json.dumps(state, sort_keys=True) + "\n")
 
 
-def _pid_from_file(path: Path) -> int | None:
-    try:
-        first = path.read_text().split("\n", 1)[0].strip()
-    except OSError:
-        return None
-    return int(first) if first.isdigit() else None
-
-
 def running_redis(root: Path) -> tuple[int, int] | None:
     """(pid, port) of the Redis started under `root`, or None when it does not run."""
-    pid = _pid_from_file(root / DATA_DIRS["redis"] / "redis.pid")
+    pid = pid_from_file(root / DATA_DIRS["redis"] / "redis.pid")
     port = _read_state(root).get("redis_port")
-    if pid is None or port is None or not _alive(pid):
+    if pid is None or port is None or not pid_alive(pid):
         return None
     return pid, port
 
@@ -280,24 +119,7 @@ def running_postgres(root: Path) -> tuple[int, int] | None:
     if len(lines) < 4 or not lines[0].strip().isdigit() or not lines[3].strip().isdigit():
         return None
     pid, port = int(lines[0]), int(lines[3])
-    return (pid, port) if _alive(pid) else None
-
-
-# The stacks `scripts/stack.sh` starts: (what the user typed, the name of its pid and env files).
-STACKS: Final = (("make run", "run"), ("make demo", "demo"))
-# What operator commands say when neither runs and nothing is configured (they use the defaults).
-NO_STACK: Final = "no local stack running (make run / make demo)"
-
-
-def running_stack(root: Path) -> tuple[str, Path] | None:
-    """The `make run` / `make demo` stack running from `root` (its honcho pid is alive): its name
-    and the env file its processes use, or None."""
-    for label, name in STACKS:
-        pid = _pid_from_file(root / f"{name}.pid")
-        env_file = root / f"{name}.env"
-        if pid is not None and _alive(pid) and env_file.exists():
-            return label, env_file
-    return None
+    return (pid, port) if pid_alive(pid) else None
 
 
 def _redis_url(port: int, config: ServicesConfig) -> str:
@@ -380,9 +202,9 @@ def _redis_down(root: Path) -> bool:
     # SIGTERM makes Redis flush and fsync the append-only file before it exits.
     os.kill(pid, 15)
     deadline = time.monotonic() + STOP_TIMEOUT_S
-    while _alive(pid) and time.monotonic() < deadline:
+    while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if pid_alive(pid):
         logger.warning("services.redis_kill pid=%s reason=no exit after %ss", pid, STOP_TIMEOUT_S)
         os.kill(pid, 9)
     return True
@@ -398,6 +220,26 @@ def _postgres_down(root: Path) -> bool:
     while running_postgres(root) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     return True
+
+
+_DOWN = {"redis": _redis_down, "postgresql": _postgres_down}
+
+
+def _up(root: Path, config: ServicesConfig) -> None:
+    """Start each configured server that does not run; on a failure, stop those this call started
+    (a Redis left without its PostgreSQL would outlive the failed start) and raise."""
+    started: list[str] = []
+    try:
+        for name in config.services:
+            port, new = _redis_up(root, config) if name == "redis" else _postgres_up(root, config)
+            started += [name] if new else []
+            state = "started" if new else "already running"
+            print(f"{name}: {state} on 127.0.0.1:{port} (data in {root / DATA_DIRS[name]})", file=sys.stderr)
+    except BaseException:
+        for name in reversed(started):
+            _DOWN[name](root)
+            print(f"{name}: stopped again (this start failed)", file=sys.stderr)
+        raise
 
 
 def _print_urls(root: Path, config: ServicesConfig) -> bool:
@@ -430,20 +272,18 @@ def services_command(action: str, directory: str) -> int:
     """`collector services up|down|env --dir DIR`: manage a private Redis and PostgreSQL in DIR.
 
     `up` starts whichever of them does not run yet (ports LOCAL_REDIS_PORT / LOCAL_POSTGRES_PORT,
-    default 16379 / 15432) and prints `REDIS_URL=...` and `DATABASE_URL=...` on stdout; `env` only
-    prints them (exit 1 when one is not running); `down` stops both. Every action is idempotent.
-    Progress goes to stderr so stdout can be saved as an env file. Exit 2 on an error, with one line.
+    default 16379 / 15432) and prints `REDIS_URL=...` and `DATABASE_URL=...` on stdout; an `up` that
+    fails stops again what it started. `env` only prints them (exit 1 when one is not running); `down`
+    stops them. LOCAL_SERVICES names the ones each action handles (default both). Every action is
+    idempotent. Progress goes to stderr (`NAME: started ...`, which scripts/stack.sh reads) so stdout
+    can be saved as an env file. Exit 2 on an error, with one line.
     """
     root = Path(directory)
     try:
         config = services_config()
         if action == "up":
             root.mkdir(parents=True, exist_ok=True)
-            for name in config.services:
-                port, started = _redis_up(root, config) if name == "redis" else _postgres_up(root, config)
-                state = "started" if started else "already running"
-                where = root / DATA_DIRS[name]
-                print(f"{name}: {state} on 127.0.0.1:{port} (data in {where})", file=sys.stderr)
+            _up(root, config)
             return 0 if _print_urls(root, config) else 2
         if action == "env":
             stack = running_stack(root)
@@ -451,8 +291,8 @@ def services_command(action: str, directory: str) -> int:
                 return _print_stack_urls(*stack)
             return 0 if _print_urls(root, config) else 1
         if action == "down":
-            for name, stop in (("redis", _redis_down), ("postgresql", _postgres_down)):
-                print(f"{name}: {'stopped' if stop(root) else 'not running'}", file=sys.stderr)
+            for name in config.services:
+                print(f"{name}: {'stopped' if _DOWN[name](root) else 'not running'}", file=sys.stderr)
             return 0
         raise ValueError(f"unknown action {action!r} (up, down or env)")
     except (ValueError, RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as error:
