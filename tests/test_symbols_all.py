@@ -22,7 +22,7 @@ from collector.fake.server import FakeExchange
 from collector.local.servers import free_port
 from collector.queue import keys
 from collector.queue.symbols import read_symbols, write_symbols
-from collector.streams.connection import SILENCE_FACTOR
+from collector.streams.silence import SilencePolicy
 from tests.processes import TIMEOUT_FACTOR, Process, stream_process, wait_until
 from tests.test_fake_exchange import quiet_while
 
@@ -131,8 +131,8 @@ def past_silence_limit(client: redis.Redis, streams: set[tuple[str, str]]) -> bo
     due_us = 0
     for times in received.values():
         usual_gap_us = (times[-1] - times[0]) / (len(times) - 1)
-        limit_s = max(SILENCE_MIN_S, SILENCE_FACTOR * usual_gap_us / 1e6)
-        due_us = max(due_us, times[-1] + int((limit_s + SILENCE_NOTICE_S) * 1e6))
+        limit_us = SilencePolicy(SILENCE_MIN_S, idle_s=60).stream_limit_us(usual_gap_us)  # idle_s: unused
+        due_us = max(due_us, times[-1] + int(limit_us + SILENCE_NOTICE_S * 1e6))
     records = [orjson.loads(v) for v in client.hgetall(keys.CONNECTIONS).values()]
     return all((r["last_message_us"] or 0) > due_us for r in records)
 
