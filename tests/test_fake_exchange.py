@@ -24,7 +24,7 @@ from collector.fake.generators import ForceOrders, MarkPrices
 from collector.fake.names import PathFamily, parse_stream
 from collector.fake.server import FakeExchange
 from tests.conftest import FakeFactory
-from tests.processes import wait_until
+from tests.processes import until
 
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
 SILENCE_S = 2.0  # how long a silent stream must stay silent
@@ -94,9 +94,7 @@ async def recv_written(ws: websockets.ClientConnection) -> list[str]:
 
 async def written(fake: FakeExchange, count: int) -> None:
     """Wait until the fake has written `count` data frames in all (its max_events, say)."""
-    await asyncio.to_thread(
-        wait_until, lambda: fake.ledger()["data_frames_sent"] >= count, 10, f"{count} frames written", 0.01
-    )
+    await until(lambda: fake.ledger()["data_frames_sent"] >= count, 10, f"{count} frames written")
 
 
 async def quiet_while(

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,7 @@ import websockets
 
 from collector.fake.server import FakeExchange
 from tests.conftest import FakeFactory
-from tests.processes import wait_until
+from tests.processes import until
 from tests.test_fake_exchange import (
     TIMEOUT_FACTOR,
     check_chain,
@@ -47,11 +46,6 @@ async def recv_until_closed(ws: websockets.ClientConnection, timeout: float = 10
                 frames.append(json.loads(await ws.recv()))
     except websockets.ConnectionClosed:
         return frames, time.monotonic()
-
-
-async def until(condition: Callable[[], object], what: str, timeout_s: float = 10.0) -> None:
-    """`wait_until` from a coroutine: the event loop goes on reading while a thread polls."""
-    await asyncio.to_thread(wait_until, condition, timeout_s, what, 0.01)
 
 
 def data_count(log: list[tuple[float, str, Any]]) -> int:
@@ -182,7 +176,7 @@ def test_silence_keeps_pings_and_loses_exactly_the_ledgered_events(make_fake: Fa
                 asyncio.create_task(read_answering_pings(silent, log)),
                 asyncio.create_task(arrival_times(futures, futures_times)),
             ]
-            await until(lambda: data_count(log) >= 10, "10 data frames on the connection to silence")
+            await until(lambda: data_count(log) >= 10, 10, "10 data frames on the connection to silence")
             asked = time.monotonic()
             silenced = await asyncio.to_thread(fake.silence, silence_s, "spot")
             started = time.monotonic()
@@ -190,13 +184,14 @@ def test_silence_keeps_pings_and_loses_exactly_the_ledgered_events(make_fake: Fa
                 readers.append(asyncio.create_task(arrival_times(late, late_times)))
                 await until(
                     lambda: resumed(log, asked + silence_s) == set(streams),
-                    "data again on every stream of the silenced connection",
                     silence_s + 10,
+                    "data again on every stream of the silenced connection",
                 )
                 await asyncio.to_thread(fake.pause)
                 # Paused, the silenced connection gets nothing more than what is already written.
                 await until(
                     lambda: data_count(log) == ledger_connection(fake.ledger(), silenced[0])["data_frames"],
+                    10,
                     "every frame written to the silenced connection received",
                 )
                 for reader in readers:
@@ -260,10 +255,10 @@ def test_silence_counts_lost_mark_prices_and_liquidations(make_fake: FakeFactory
             await asyncio.to_thread(fake.silence, 0.5 * TIMEOUT_FACTOR)
             for price in ("100", "101", "102"):
                 await asyncio.to_thread(fake.liquidation, "BTCUSDT", "SELL", price, "1")
-            await until(lambda: not any(c["silenced"] for c in fake.connections()), "the silence over")
+            await until(lambda: not any(c["silenced"] for c in fake.connections()), 10, "the silence over")
             await asyncio.to_thread(fake.liquidation, "BTCUSDT", "BUY", "103", "2")
             await until(
-                lambda: any(order[3] == "103" for order in fake.ledger()["force_orders"]), "103 written"
+                lambda: any(order[3] == "103" for order in fake.ledger()["force_orders"]), 10, "103 written"
             )
             after = [json.loads(f) for f in await recv_written(ws)]
         return frames, after, body
