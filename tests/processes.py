@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -113,3 +114,13 @@ def wait_until(
             return last
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+async def until(
+    condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.02
+) -> None:
+    """`wait_until` inside a running event loop: poll between the loop's other tasks, not blocking them."""
+    deadline = time.monotonic() + timeout_s * TIMEOUT_FACTOR
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        await asyncio.sleep(interval_s)

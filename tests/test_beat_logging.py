@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import re
 import shlex
-import time
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
+from collector.queue.keys import TABLES
+from collector.schedule import QUEUE_INGEST
 from collector.settings import Settings
-from tests.processes import BIN, TIMEOUT_FACTOR, Process, wait_until
+from tests.processes import BIN, Process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +37,7 @@ def test_beat_logs_the_rest_plan_and_not_every_task_it_sends(
     """The beat line logs `rest.plan` for each market at start, but not Celery's "Sending due task"
     line for each of the drains it sends every second."""
     env = {"REDIS_URL": settings.redis_url, "DATABASE_URL": settings.database_url}
+    client = redis.Redis.from_url(settings.redis_url)
     beat = Process("beat", _beat_argv(procfile, tmp_path / "celerybeat-schedule"), env, tmp_path)
     try:
         wait_until(
@@ -42,9 +45,16 @@ def test_beat_logs_the_rest_plan_and_not_every_task_it_sends(
             30,
             f"the REST plan announced (beat log: {beat.log_path})",
         )
-        time.sleep(3 * TIMEOUT_FACTOR)  # three rounds of drains sent
+        # No worker runs: every drain beat sends stays in the ingest queue (a list of that name), so
+        # three rounds of them there prove beat has sent them, and would have logged them by then.
+        wait_until(
+            lambda: client.llen(QUEUE_INGEST) >= 3 * len(TABLES),
+            30,
+            f"three rounds of drains sent (beat log: {beat.log_path})",
+        )
     finally:
         beat.stop()
+        client.close()
     log = beat.log()
     assert "Sending due task" not in log, log
     assert "Traceback" not in log, log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -23,10 +24,10 @@ from collector.fake.generators import ForceOrders, MarkPrices
 from collector.fake.names import PathFamily, parse_stream
 from collector.fake.server import FakeExchange
 from tests.conftest import FakeFactory
+from tests.processes import until
 
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
 SILENCE_S = 2.0  # how long a silent stream must stay silent
-QUIET_S = 1.0  # no frame for this long = the fake has stopped sending
 
 
 def deadline(seconds: float) -> float:
@@ -52,13 +53,9 @@ async def recv_json(ws: websockets.ClientConnection, timeout: float = 10.0) -> A
         return json.loads(await ws.recv())
 
 
-async def recv_until_quiet(ws: websockets.ClientConnection, quiet_s: float = QUIET_S) -> list[str]:
-    """Every frame until none arrives for `quiet_s`.
-
-    Tests drain a connection (or cap the fake with max_events) before closing it: a websockets
-    client stops reading when its queue is full, so a close frame queued behind a full-speed flood
-    would only arrive after close_timeout.
-    """
+async def recv_until_quiet(ws: websockets.ClientConnection, quiet_s: float) -> list[str]:
+    """Every frame until none arrives for `quiet_s`: for a test that checks nothing comes over a
+    period. To read what the fake has written, `recv_written` needs no period."""
     frames: list[str] = []
     while True:
         try:
@@ -66,6 +63,56 @@ async def recv_until_quiet(ws: websockets.ClientConnection, quiet_s: float = QUI
                 frames.append(str(await ws.recv()))
         except TimeoutError:
             return frames
+
+
+_barrier_ids = itertools.count(1_000_000)  # far from the ids the tests send themselves
+
+
+async def recv_written(ws: websockets.ClientConnection) -> list[str]:
+    """Every frame the server wrote to `ws` before it got a request sent now (its reply left out).
+
+    The fake writes the reply on the same socket behind them, so the reply proves they have all
+    arrived, with no quiet period to wait out. Once the fake has stopped writing (paused, or its
+    max_events written: `written`), that is everything. Tests drain a connection before closing it:
+    a websockets client stops reading when its queue is full, so a close frame queued behind a
+    full-speed flood would only arrive after close_timeout.
+    """
+    request_id = next(_barrier_ids)
+    await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": request_id}))
+    frames: list[str] = []
+    while True:
+        async with asyncio.timeout(deadline(10)):
+            frame = str(await ws.recv())
+        try:
+            message = json.loads(frame)
+        except ValueError:
+            message = None  # a malformed frame sent on purpose
+        if isinstance(message, dict) and message.get("id") == request_id and "stream" not in message:
+            return frames
+        frames.append(frame)
+
+
+async def written(fake: FakeExchange, count: int) -> None:
+    """Wait until the fake has written `count` data frames in all (its max_events, say)."""
+    await until(lambda: fake.ledger()["data_frames_sent"] >= count, 10, f"{count} frames written")
+
+
+async def quiet_while(
+    sockets: list[websockets.ClientConnection], witness: websockets.ClientConnection, frames: int
+) -> None:
+    """Assert that none of `sockets` receives anything while `witness` receives `frames` frames.
+
+    The fake paces each connection alike, so the witness's frames measure the quiet period by what
+    the fake demonstrably produced meanwhile, not by the test's clock. Cancelling recv() loses no
+    frame (websockets' documentation).
+    """
+    late = [asyncio.create_task(ws.recv()) for ws in sockets]
+    for _ in range(frames):
+        await recv_json(witness)
+    assert not any(task.done() for task in late), [task.result() for task in late if task.done()]
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
 
 
 async def request_reply(ws: websockets.ClientConnection, request: dict[str, Any]) -> tuple[Any, list[Any]]:
@@ -100,6 +147,8 @@ def test_spot_combined_envelope_and_payload_formats(make_fake: FakeFactory) -> N
                 frame = await recv_json(ws)
                 assert set(frame) == {"stream", "data"}
                 seen[frame["stream"]].append(frame["data"])
+            await asyncio.to_thread(fake.pause)
+            await recv_written(ws)  # a close queued behind unread frames would wait for close_timeout
         return seen
 
     seen = asyncio.run(run())
@@ -128,6 +177,8 @@ def test_futures_payloads_carry_current_fields(make_fake: FakeFactory) -> None:
         async with websockets.connect(public) as ws_public, websockets.connect(market) as ws_market:
             depth = [await recv_json(ws_public) for _ in range(10)]
             other = [await recv_json(ws_market) for _ in range(10)]
+            await asyncio.to_thread(fake.pause)
+            await asyncio.gather(recv_written(ws_public), recv_written(ws_market))
         return depth, other
 
     depth, other = asyncio.run(run())
@@ -157,7 +208,8 @@ def test_depth_chains_and_trade_ids_stay_valid_across_replay_loops(make_fake: Fa
         async def run() -> list[dict[str, Any]]:
             base = fake.spot_ws_url if path.startswith("/stream") else fake.futures_ws_url
             async with websockets.connect(base + path) as ws:
-                return [json.loads(frame) for frame in await recv_until_quiet(ws, 0.5)]
+                await written(fake, count)
+                return [json.loads(frame) for frame in await recv_written(ws)]
 
         frames = asyncio.run(run())
         assert len(frames) == count
@@ -208,7 +260,7 @@ def sync_and_compare(fake: FakeExchange, market: str, symbols: list[str]) -> Non
             snapshots = {s: (await asyncio.to_thread(http, "GET", rest + s))[2] for s in symbols}
             await receive_until(lambda: all(len(v) >= 40 for v in buffered.values()))
             await asyncio.to_thread(fake.pause)
-            for frame in await recv_until_quiet(ws):
+            for frame in await recv_written(ws):
                 data = json.loads(frame)["data"]
                 buffered[data["s"]].append(data)
         for symbol in symbols:
@@ -253,6 +305,7 @@ def test_futures_snapshot_is_consistent_with_the_diff_stream(make_fake: FakeFact
 def test_wrong_paths_and_bad_names_are_acknowledged_then_silent(make_fake: FakeFactory) -> None:
     """Like Binance, wrong-path streams and bad names get a SUBSCRIBE ack and then no data at all."""
     fake = make_fake(rate=500)
+    witness_url = f"{fake.spot_ws_url}/stream?streams=btcusdt@aggTrade"  # a stream that is served
     silent = {
         f"{fake.futures_ws_url}/public/stream": ["btcusdt@aggTrade", "!markPrice@arr@1s", "!forceOrder@arr"],
         f"{fake.futures_ws_url}/market/stream": ["btcusdt@depth", "markPrice@arr@1s", "forceOrder@arr"],
@@ -260,24 +313,34 @@ def test_wrong_paths_and_bad_names_are_acknowledged_then_silent(make_fake: FakeF
         f"{fake.spot_ws_url}/stream": ["BTCUSDT@aggTrade", "btcusdt@depth@500ms", "xyzusdt@aggTrade"],
     }
 
-    async def probe(base: str, names: list[str], via_url: bool) -> list[str]:
+    async def probe(
+        stack: contextlib.AsyncExitStack, base: str, names: list[str], via_url: bool
+    ) -> websockets.ClientConnection:
         url = f"{base}?streams={'/'.join(names)}" if via_url else base
-        async with websockets.connect(url) as ws:
-            if not via_url:
-                reply, _ = await request_reply(ws, {"method": "SUBSCRIBE", "params": names, "id": 7})
-                assert reply == {"result": None, "id": 7}
-            listed, _ = await request_reply(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 8})
-            assert listed["result"] == names
-            return await recv_until_quiet(ws, SILENCE_S)
+        ws = await stack.enter_async_context(websockets.connect(url))
+        if not via_url:
+            reply, _ = await request_reply(ws, {"method": "SUBSCRIBE", "params": names, "id": 7})
+            assert reply == {"result": None, "id": 7}
+        listed, _ = await request_reply(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 8})
+        assert listed["result"] == names
+        return ws
 
-    async def run() -> list[list[str]]:
-        probes = [probe(base, names, via) for base, names in silent.items() for via in (True, False)]
-        return list(await asyncio.gather(*probes))
+    async def run() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            probes = await asyncio.gather(
+                *(probe(stack, base, names, via) for base, names in silent.items() for via in (True, False))
+            )
+            witness = await stack.enter_async_context(websockets.connect(witness_url))
+            await quiet_while(probes, witness, int(SILENCE_S * 500))  # SILENCE_S at the fake's rate
+            await asyncio.to_thread(fake.pause)
+            await recv_written(witness)
 
-    assert asyncio.run(run()) == [[]] * 8
+    asyncio.run(run())
     ledger = fake.ledger()
-    assert ledger["data_frames_sent"] == 0
-    assert all(c["data_frames"] == 0 for c in ledger["connections"])
+    # The witness, opened last, got every data frame sent; the 8 probes none.
+    [witness] = [c for c in ledger["connections"] if c["data_frames"] > 0]
+    assert witness["id"] == max(c["id"] for c in ledger["connections"]) and len(ledger["connections"]) == 9
+    assert ledger["data_frames_sent"] == witness["data_frames"]
 
 
 def test_live_subscribe_unsubscribe_and_list(make_fake: FakeFactory) -> None:
@@ -297,9 +360,12 @@ def test_live_subscribe_unsubscribe_and_list(make_fake: FakeFactory) -> None:
             reply, _ = await request_reply(
                 ws, {"method": "UNSUBSCRIBE", "params": ["btcusdt@aggTrade"], "id": 3}
             )
-            assert reply == {"result": None, "id": 3}
-            await recv_until_quiet(ws, 0.3)  # frames already in flight
-            assert await recv_until_quiet(ws, 0.5) == []
+            assert reply == {"result": None, "id": 3}  # frames written before it were read with it
+            witness_url = f"{fake.futures_ws_url}/market/stream?streams=btcusdt@aggTrade"
+            async with websockets.connect(witness_url) as witness:
+                await quiet_while([ws], witness, 100)  # 0.5 s at 200 a second
+                await asyncio.to_thread(fake.pause)
+                await recv_written(witness)
 
     asyncio.run(run())
 
@@ -335,12 +401,12 @@ def test_ledger_lists_exactly_what_clients_received_with_max_events(make_fake: F
         "/sushiusdt@aggTrade"
     )
 
-    async def receive(url: str) -> list[str]:
-        async with websockets.connect(url) as ws:
-            return await recv_until_quiet(ws)
-
     async def run() -> list[list[str]]:
-        return list(await asyncio.gather(receive(spot_url), receive(market_url)))
+        fake.pause()  # both clients are open before the first of the 600 frames is written
+        async with websockets.connect(spot_url) as spot, websockets.connect(market_url) as market:
+            await asyncio.to_thread(fake.resume)
+            await written(fake, 600)
+            return [await recv_written(spot), await recv_written(market)]
 
     spot_frames, market_frames = asyncio.run(run())
     assert len(spot_frames) + len(market_frames) == 600
@@ -382,7 +448,8 @@ def test_all_market_stream_on_two_connections_is_ledgered_once(make_fake: FakeFa
             await request_reply(first, {"method": "LIST_SUBSCRIPTIONS", "id": 1})
             await request_reply(second, {"method": "LIST_SUBSCRIPTIONS", "id": 1})
             await asyncio.to_thread(fake.resume)
-            return list(await asyncio.gather(recv_until_quiet(first, 1.5), recv_until_quiet(second, 1.5)))
+            await written(fake, 4)
+            return [await recv_written(first), await recv_written(second)]
 
     first, second = asyncio.run(run())
     assert len(first) == len(second) == 2 and sorted(first) == sorted(second)  # the same two frames
@@ -403,7 +470,7 @@ def test_two_connections_on_one_depth_stream_see_the_same_valid_chain(make_fake:
             for ws in (first, second):
                 got.append([(await recv_json(ws))["data"] for _ in range(60)])
             await asyncio.to_thread(fake.pause)
-            await asyncio.gather(recv_until_quiet(first, 0.3), recv_until_quiet(second, 0.3))
+            await asyncio.gather(recv_written(first), recv_written(second))
             return got
 
     first, second = asyncio.run(run())
@@ -514,7 +581,8 @@ def test_liquidation_injection_reaches_matching_subscribers(make_fake: FakeFacto
             body = {"symbol": "BTCUSDT", "side": "BUY", "price": "64000", "quantity": "1.5"}
             status, _, answer = await asyncio.to_thread(http, "POST", f"{fake.control_url}/liquidation", body)
             assert status == 200 and answer["event"]["o"]["S"] == "BUY"
-            return await recv_until_quiet(ws), await recv_until_quiet(ws_other, 0.3)
+            await written(fake, 4)  # two liquidations, each on two streams
+            return await recv_written(ws), await recv_written(ws_other)
 
     frames, other_frames = asyncio.run(run())
     assert other_frames == []
@@ -558,7 +626,8 @@ def test_malformed_frames_are_sent_and_counted(make_fake: FakeFactory) -> None:
 
     async def run() -> list[str]:
         async with websockets.connect(f"{fake.spot_ws_url}/stream?streams=btcusdt@aggTrade") as ws:
-            return await recv_until_quiet(ws)
+            await written(fake, 20)
+            return await recv_written(ws)
 
     frames = asyncio.run(run())
     valid, broken = [], 0
@@ -636,14 +705,15 @@ def test_pause_resume_rate_and_connections_over_http(make_fake: FakeFactory) -> 
             assert listing["connections"][0]["path"] == "/spot/stream"
             assert listing["connections"][0]["silent"] == ["BAD@aggTrade"]
             assert (await asyncio.to_thread(http, "POST", f"{control}/pause"))[0] == 200
-            await recv_until_quiet(ws, 0.3)
+            await recv_written(ws)
+            # Nothing over a period, while paused: no connection gets data that could mark it.
             assert await recv_until_quiet(ws, 0.5) == []
             assert (await asyncio.to_thread(http, "POST", f"{control}/rate?value=0"))[0] == 200
             assert (await asyncio.to_thread(http, "POST", f"{control}/resume"))[0] == 200
             frames = [await recv_json(ws) for _ in range(2000)]  # full speed now
             assert all(f["stream"] == "ethusdt@aggTrade" for f in frames)
             await asyncio.to_thread(fake.pause)
-            await recv_until_quiet(ws, 0.3)
+            await recv_written(ws)
         assert (await asyncio.to_thread(http, "POST", f"{control}/rate?value=-1"))[0] == 400
         assert (await asyncio.to_thread(http, "POST", f"{control}/malformed?count=x"))[0] == 400
 
@@ -654,7 +724,9 @@ def test_server_pings_and_closes_when_pongs_stop(make_fake: FakeFactory) -> None
     """The server pings on its interval; a client that never answers is closed, one that does stays."""
     fake = make_fake(rate=10, ping_interval_s=0.3)
 
-    async def silent_client() -> tuple[int, int | None]:
+    async def silent_client(answering_open: asyncio.Event, closed: asyncio.Event) -> tuple[int, int | None]:
+        # Opened after the answering client: its pong deadline falls after that one's.
+        await answering_open.wait()
         pings = 0
         async with aiohttp.ClientSession() as session:
             async with session.ws_connect(f"{fake.spot_ws_url}/stream", autoping=False) as ws:
@@ -663,19 +735,27 @@ def test_server_pings_and_closes_when_pongs_stop(make_fake: FakeFactory) -> None
                     if message.type == aiohttp.WSMsgType.PING:
                         pings += 1
                     elif message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                        closed.set()
                         return (
                             pings,
                             ws.close_code if message.type is aiohttp.WSMsgType.CLOSED else message.data,
                         )
 
-    async def answering_client() -> Any:
+    async def answering_client(answering_open: asyncio.Event, silent_closed: asyncio.Event) -> Any:
         async with websockets.connect(f"{fake.spot_ws_url}/stream") as ws:
-            await asyncio.sleep(1.5)
+            answering_open.set()
+            # The silent client, opened later, was closed for its missing pongs: this one has been
+            # through its own pong deadline by then, answering.
+            async with asyncio.timeout(deadline(10)):
+                await silent_closed.wait()
             reply, _ = await request_reply(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 5})
             return reply
 
     async def run() -> tuple[tuple[int, int | None], Any]:
-        return await asyncio.gather(silent_client(), answering_client())
+        answering_open, silent_closed = asyncio.Event(), asyncio.Event()
+        return await asyncio.gather(
+            silent_client(answering_open, silent_closed), answering_client(answering_open, silent_closed)
+        )
 
     (pings, close_code), reply = asyncio.run(run())
     assert pings >= 2 and close_code == 1008

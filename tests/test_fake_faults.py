@@ -15,13 +15,14 @@ import websockets
 
 from collector.fake.server import FakeExchange
 from tests.conftest import FakeFactory
+from tests.processes import until
 from tests.test_fake_exchange import (
     TIMEOUT_FACTOR,
     check_chain,
     deadline,
     http,
     recv_json,
-    recv_until_quiet,
+    recv_written,
 )
 
 Frames = list[dict[str, Any]]
@@ -45,6 +46,15 @@ async def recv_until_closed(ws: websockets.ClientConnection, timeout: float = 10
                 frames.append(json.loads(await ws.recv()))
     except websockets.ConnectionClosed:
         return frames, time.monotonic()
+
+
+def data_count(log: list[tuple[float, str, Any]]) -> int:
+    return sum(1 for _, kind, _ in log if kind == "data")
+
+
+def resumed(log: list[tuple[float, str, Any]], since: float) -> set[str]:
+    """The streams with a data frame received after `since`."""
+    return {frame["stream"] for t, kind, frame in log if kind == "data" and t > since}
 
 
 def data_of(frames: list[str] | Frames, stream: str) -> list[Any]:
@@ -75,7 +85,7 @@ def test_withheld_depth_events_are_missing_exactly_as_the_ledger_lists_them(make
             assert (status, body) == (200, {"ok": True})
             later = [[json.dumps(await recv_json(ws)) for _ in range(40)] for ws in (spot, second, futures)]
             await asyncio.to_thread(fake.pause)
-            rest = await asyncio.gather(*(recv_until_quiet(ws, 0.5) for ws in (spot, second, futures)))
+            rest = await asyncio.gather(*(recv_written(ws) for ws in (spot, second, futures)))
         spot_frames, second_frames, futures_frames = (
             a + b + c for a, b, c in zip(early, later, rest, strict=True)
         )
@@ -146,7 +156,8 @@ def test_silence_keeps_pings_and_loses_exactly_the_ledgered_events(make_fake: Fa
     """A silenced spot connection gets pings but no data; its losses are ledgered; other connections flow."""
     silence_s = 1.2 * TIMEOUT_FACTOR
     fake = make_fake(rate=200, ping_interval_s=0.2)
-    url = f"{fake.spot_ws_url}/stream?streams=ethusdt@aggTrade/btcusdt@aggTrade/btcusdt@depth@100ms"
+    streams = ["ethusdt@aggTrade", "btcusdt@aggTrade", "btcusdt@depth@100ms"]
+    url = f"{fake.spot_ws_url}/stream?streams={'/'.join(streams)}"
     futures_url = f"{fake.futures_ws_url}/market/stream?streams=btcusdt@aggTrade"
     late_url = f"{fake.spot_ws_url}/stream?streams=btcusdt@depth"
 
@@ -165,16 +176,24 @@ def test_silence_keeps_pings_and_loses_exactly_the_ledgered_events(make_fake: Fa
                 asyncio.create_task(read_answering_pings(silent, log)),
                 asyncio.create_task(arrival_times(futures, futures_times)),
             ]
-            while sum(1 for _, kind, _ in log if kind == "data") < 10:
-                await asyncio.sleep(0.01)
+            await until(lambda: data_count(log) >= 10, 10, "10 data frames on the connection to silence")
             asked = time.monotonic()
             silenced = await asyncio.to_thread(fake.silence, silence_s, "spot")
             started = time.monotonic()
             async with websockets.connect(late_url) as late:  # opened after the silence began
                 readers.append(asyncio.create_task(arrival_times(late, late_times)))
-                await asyncio.sleep(max(0.0, asked + silence_s + 0.5 - time.monotonic()))
+                await until(
+                    lambda: resumed(log, asked + silence_s) == set(streams),
+                    silence_s + 10,
+                    "data again on every stream of the silenced connection",
+                )
                 await asyncio.to_thread(fake.pause)
-                await asyncio.sleep(0.5)
+                # Paused, the silenced connection gets nothing more than what is already written.
+                await until(
+                    lambda: data_count(log) == ledger_connection(fake.ledger(), silenced[0])["data_frames"],
+                    10,
+                    "every frame written to the silenced connection received",
+                )
                 for reader in readers:
                     reader.cancel()
         return log, asked, started, silenced, futures_times, late_times
@@ -232,13 +251,16 @@ def test_silence_counts_lost_mark_prices_and_liquidations(make_fake: FakeFactory
                 frames.append(await recv_json(ws))
             # Paused, only injected liquidations flow: three during a second silence, one after it.
             await asyncio.to_thread(fake.pause)
-            frames += [json.loads(f) for f in await recv_until_quiet(ws, 0.3)]
+            frames += [json.loads(f) for f in await recv_written(ws)]
             await asyncio.to_thread(fake.silence, 0.5 * TIMEOUT_FACTOR)
             for price in ("100", "101", "102"):
                 await asyncio.to_thread(fake.liquidation, "BTCUSDT", "SELL", price, "1")
-            await asyncio.sleep(0.7 * TIMEOUT_FACTOR)
+            await until(lambda: not any(c["silenced"] for c in fake.connections()), 10, "the silence over")
             await asyncio.to_thread(fake.liquidation, "BTCUSDT", "BUY", "103", "2")
-            after = [json.loads(f) for f in await recv_until_quiet(ws, 0.3)]
+            await until(
+                lambda: any(order[3] == "103" for order in fake.ledger()["force_orders"]), 10, "103 written"
+            )
+            after = [json.loads(f) for f in await recv_written(ws)]
         return frames, after, body
 
     frames, after, body = asyncio.run(run())
@@ -287,7 +309,7 @@ def test_server_shutdown_notice_then_close_lets_a_replacement_lose_nothing(make_
                 futures_frames, futures_closed_at = await recv_until_closed(futures)
                 more = [await recv_json(new) for _ in range(20)]
                 await asyncio.to_thread(fake.pause)
-                more += [json.loads(f) for f in await recv_until_quiet(new, 0.5)]
+                more += [json.loads(f) for f in await recv_written(new)]
         return {
             "ids": ids,
             "body": body,
@@ -338,7 +360,7 @@ def test_connections_are_cut_at_max_connection_age(make_fake: FakeFactory) -> No
     fake = make_fake(rate=50, max_connection_age_s=age_s)
 
     async def lifetime(stream: str, delay_s: float) -> tuple[int | None, float, int]:
-        await asyncio.sleep(delay_s)
+        await asyncio.sleep(delay_s)  # staggered opening: each age is counted from its own start
         opened = time.monotonic()
         async with websockets.connect(f"{fake.spot_ws_url}/stream?streams={stream}") as ws:
             frames, closed_at = await recv_until_closed(ws)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import redis
 
 from collector.binance.streams import ConnectionPlan
@@ -11,6 +9,7 @@ from collector.queue import keys
 from collector.queue.connections import ConnectionRecord, read_connections
 from collector.queue.locks import alerts_lock, drain_lock
 from collector.streams.state import ConnectionState
+from tests.processes import wait_until
 
 
 def _state() -> ConnectionState:
@@ -56,7 +55,7 @@ def test_a_lock_has_one_holder_and_only_the_holder_releases_it(redis_conn: redis
 
     expiring, successor = alerts_lock(redis_conn, 50), alerts_lock(redis_conn, 60_000)
     assert expiring.acquire()
-    time.sleep(0.1)
+    wait_until(lambda: not redis_conn.exists(keys.ALERTS_LOCK), 5, "the 50 ms lock expired", interval_s=0.01)
     assert successor.acquire()
     assert not expiring.extend() and not expiring.release()
     assert redis_conn.get(keys.ALERTS_LOCK) == successor.token.encode()

@@ -216,9 +216,11 @@ def test_many_symbols_at_default_intervals_never_get_429(settings: Settings, tmp
         try:
             wait_until(lambda: client.llen(keys.queue("open_interest")) > 0, 60, "the first poll")
             started_s = time.time()
-            # Run past a minute's edge and long enough for a full open-interest cycle of 107 s to
-            # be half done, with depth snapshots of both markets flowing.
-            time.sleep(70)
+            wait_until(
+                lambda: _ran_long_enough(fake, client, int(started_s // 60)),
+                120,
+                "a minute's edge passed, half an open-interest cycle polled, snapshots of both markets",
+            )
             elapsed_s = time.time() - started_s
             stats = _stats(fake)
             plans = {m.decode(): orjson.loads(v) for m, v in client.hgetall(keys.REST_PLAN).items()}
@@ -251,6 +253,18 @@ def test_many_symbols_at_default_intervals_never_get_429(settings: Settings, tmp
     expected_spot = 1500 * elapsed_s / plans["spot"]["intervals_s"]["depth_snapshots"]
     assert 0.8 * expected_spot <= len(spot_snapshots) <= 1.1 * expected_spot + 60
     assert max(Counter(snapshots).values()) == 1
+
+
+def _ran_long_enough(fake: FakeExchange, client: redis.Redis, first_minute: int) -> bool:
+    """Polled into a later minute than the first (the limit is per minute), half of the 500 futures
+    symbols' open interest asked (a full cycle is 107 s), and depth snapshots of both markets queued."""
+    minutes = [int(m) for m in _stats(fake)["futures"]["weight_by_minute"]]
+    snapshot_markets = {market for market, _ in _symbols_queued(client, "depth_snapshots")}
+    return (
+        max(minutes, default=first_minute) > first_minute
+        and len(set(_symbols_queued(client, "open_interest"))) >= 250
+        and snapshot_markets == {"spot", "futures"}
+    )
 
 
 def _symbols_queued(client: redis.Redis, table: str) -> list[Any]:
@@ -317,7 +331,7 @@ def test_ticks_send_what_is_due_and_nothing_while_paused(settings: Settings, red
         sent: Counter[str] = Counter()
         while time.time() - started < 5.9:
             sent.update(run_tick(local, redis_conn).sent)
-            time.sleep(0.25)
+            time.sleep(0.25)  # the beat's pace, sped up: what each tick finds due is what is counted
         assert sent["open_interest/futures"] in (6, 7)  # 3 symbols every 3 s, the first at once
         assert sent["depth_snapshots/futures"] == 1 and sent["depth_snapshots/spot"] == 1
         assert _symbols_queued(redis_conn, "open_interest").count("ETHUSDT") == 2
@@ -410,7 +424,7 @@ def test_the_minute_summary_adds_up_every_worker_process(
         planner._report(first, one)
         planner._report(second, other)
         assert not [r for r in caplog.records if "rest.polls" in r.getMessage()]
-        time.sleep(0.6)
+        time.sleep(0.6)  # past SUMMARY_EVERY_S on the summary's own clock: the interval is under test
         planner._report(first, planner.TickSummary())
     lines = [r.getMessage() for r in caplog.records if "rest.polls" in r.getMessage()]
     assert len(lines) == 1

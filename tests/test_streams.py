@@ -37,7 +37,7 @@ from collector.streams.runner import serve as serve_process
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
 from tests.conftest import FakeFactory
-from tests.processes import TIMEOUT_FACTOR, stream_process, wait_until
+from tests.processes import TIMEOUT_FACTOR, stream_process, until, wait_until
 
 STREAM_TABLES = ("agg_trades", "depth_updates", "mark_prices", "force_orders")
 SHUTDOWN_FLUSH_S = 10.0
@@ -211,20 +211,10 @@ def reconnect_attempts(text: str, connection_id: str | None = None) -> list[tupl
     ]
 
 
-def settle(measure: Callable[[], object], what: str, quiet_s: float = 0.5) -> object:
-    """Wait until `measure()` stops changing for `quiet_s` (the pipes have emptied)."""
-    last: list[object] = [object()]
-    since = [time.monotonic()]
-
-    def steady() -> bool:
-        value = measure()
-        if value != last[0]:
-            last[0], since[0] = value, time.monotonic()
-            return False
-        return time.monotonic() - since[0] >= quiet_s
-
-    wait_until(steady, 30, what, interval_s=0.1)
-    return last[0]
+def all_stored(client: redis.Redis, fake: FakeExchange) -> bool:
+    """Whether every event the fake's ledger says it wrote is queued in Redis."""
+    stored, sent = stored_keys(client), ledger_keys(fake.ledger())
+    return all(set(stored[table]) >= set(sent[table]) for table in STREAM_TABLES)
 
 
 # --- behaviour -----------------------------------------------------------------------------------
@@ -297,7 +287,7 @@ def test_rotation_replaces_connections_without_a_hole(
     with FakeExchange(rate=500.0, max_events=12000) as fake:
         with InProcess(stream_settings(redis_url, fake, ws_rotate_after_s=0.7)):
             wait_until(lambda: fake.ledger()["data_frames_sent"] == 12000, 60, "the fake to send everything")
-            settle(lambda: total_queued(client), "the queues to settle")
+            wait_until(lambda: all_stored(client, fake), 30, "every event sent queued")
         ledger = fake.ledger()
     assert caplog.text.count("reason=age") >= 6, "too few rotations to prove anything"
     assert reconnect_attempts(caplog.text) == []
@@ -383,14 +373,6 @@ def test_dropped_connections_reconnect_and_keep_delivering(
     assert {attempt for attempt, _ in reconnect_attempts(text)} == {1}  # each followed delivered data
     assert text.count("ws.connected id=") >= 2 * len(ids)
     assert all(state["state"] == "stopped" for state in connection_states(client).values())
-
-
-async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll `condition` on the running loop until it holds; fail naming `what` after the deadline."""
-    deadline = time.monotonic() + timeout_s * TIMEOUT_FACTOR
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 def test_each_reconnect_attempt_is_one_log_line(
@@ -621,7 +603,7 @@ def test_nothing_is_lost_while_redis_is_down(
             server = start_redis(workdir / "redis", port=port, persistent=True)
             wait_until(lambda: "sink.redis_recovered" in caplog.text, 30, "the recovery")
             fake.pause()
-            settle(lambda: total_queued(client), "the last events")
+            wait_until(lambda: all_stored(client, fake), 30, "every event sent queued")
         ledger = ledger_keys(fake.ledger())
         stored = stored_keys(client)
         for table in STREAM_TABLES:
