@@ -23,6 +23,7 @@ from collector.book import book_at
 from collector.book.engine import Market
 from collector.book.replay import from_ms
 from collector.db.connection import connect
+from collector.db.init import init_db
 from collector.drain import Drainer
 from collector.fake.generators import DepthGen
 from collector.fake.recordings import (
@@ -41,6 +42,13 @@ COLLECTOR = str(Path(sys.executable).with_name("collector"))
 BASE_MS = 1_764_000_000_000
 STEP_MS = 100  # between generated diffs, as on a @100ms stream
 SNAPSHOT_LAG_MS = 50  # a snapshot is taken this long after the diff it includes last
+
+
+def book_database(settings: Settings) -> Settings:
+    """The test database with the schema made by init-db; each book test module makes it its `db`
+    fixture (`db = pytest.fixture(book_database, name="db")`)."""
+    init_db(settings)
+    return settings
 
 
 def diff_envelope(market: Market, symbol: str, data: bytes, received_ms: int) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -27,6 +26,7 @@ from collector.fake.recordings import (
 from collector.settings import Settings
 from tests.bookdata import (
     BASE_MS,
+    book_database,
     cli,
     diff_envelope,
     generate,
@@ -37,11 +37,7 @@ from tests.bookdata import (
     to_time,
 )
 
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Settings]:
-    init_db(settings)
-    yield settings
+db = pytest.fixture(book_database, name="db")
 
 
 # --- the engine on the recorded real sequences ------------------------------------------------------

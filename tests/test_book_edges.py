@@ -8,7 +8,6 @@ that meets the resync snapshot, or strictly after the last recorded event.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,10 +16,10 @@ import pytest
 from collector.book import AfterRecording, BeforeFirstSnapshot, Diff, InsideGap, LocalBook, SnapshotRef
 from collector.book.engine import Market
 from collector.book.replay import Replay, Verdict, from_ms, iso
-from collector.db.init import init_db
 from collector.fake.recordings import DepthReplay, load_recordings
 from collector.settings import Settings
 from tests.bookdata import (
+    book_database,
     cli,
     diff_envelope,
     generate,
@@ -32,11 +31,7 @@ from tests.bookdata import (
     to_time,
 )
 
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Settings]:
-    init_db(settings)
-    yield settings
+db = pytest.fixture(book_database, name="db")
 
 
 @pytest.mark.parametrize("market", ["spot", "futures"])

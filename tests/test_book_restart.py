@@ -10,7 +10,6 @@ again from the resync.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -19,11 +18,20 @@ import pytest
 from collector.book import Diff, InsideGap, LocalBook, SnapshotRef
 from collector.book.engine import Market
 from collector.book.replay import Replay, Verdict, from_ms, iso
-from collector.db.init import init_db
 from collector.fake.generators import DepthGen
 from collector.gaps.depth import DepthTracker
 from collector.settings import Settings
-from tests.bookdata import STEP_MS, Recording, cli, generate, levels, rebuild, store_rows, to_time
+from tests.bookdata import (
+    STEP_MS,
+    Recording,
+    book_database,
+    cli,
+    generate,
+    levels,
+    rebuild,
+    store_rows,
+    to_time,
+)
 
 SYMBOL = "ETHUSDT"
 RUN1, RUN2 = 60, 150  # diffs per run: the second passes the first's last id at its diff 60
@@ -31,10 +39,7 @@ RESTART_MS = 180_000  # from run 1's last diff to run 2's first: within the 10 m
 RECEIVE_MS = 5  # each diff is received this long after its E (as `Recording.envelopes` stamps it)
 
 
-@pytest.fixture
-def db(settings: Settings) -> Iterator[Settings]:
-    init_db(settings)
-    yield settings
+db = pytest.fixture(book_database, name="db")
 
 
 def book_after(market: Market, count: int) -> tuple[int, list[tuple[str, ...]], list[tuple[str, ...]]]:

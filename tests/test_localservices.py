@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 import redis
 
-from collector.local.servers import free_port, timescaledb_installed
+from collector.local.servers import free_port, port_open, timescaledb_installed
 from collector.local.services import running_postgres, running_redis, services_command, services_config
 
 LOCAL_VARIABLES = ("LOCAL_SERVICES", "LOCAL_DATABASE_NAME", "LOCAL_REDIS_DB")
@@ -44,14 +44,6 @@ def _up(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str],
     code = services_command("up", str(root))
     out, err = capsys.readouterr()
     return code, out.splitlines(), err
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_up_starts_persistent_servers_and_prints_their_urls(
@@ -136,7 +128,7 @@ def test_down_stops_both_and_the_data_survives_a_restart(
     assert result.returncode == 0, result.stderr
     assert "redis: stopped" in result.stderr and "postgresql: stopped" in result.stderr
     assert running_redis(root) is None and running_postgres(root) is None
-    assert not _port_open(redis_port) and not _port_open(postgres_port)
+    assert not port_open(redis_port) and not port_open(postgres_port)
 
     assert services_command("down", str(root)) == 0
     assert "redis: not running" in capsys.readouterr().err
@@ -191,7 +183,7 @@ def test_an_up_that_fails_stops_what_it_started(
         f"collector services: postgresql: port {postgres_port} is taken by another program; "
         "set LOCAL_POSTGRES_PORT to a free port",
     ]
-    assert running_redis(root) is None and not _port_open(redis_port)
+    assert running_redis(root) is None and not port_open(redis_port)
 
 
 def test_local_services_selects_which_servers_up_handles(

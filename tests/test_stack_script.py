@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from collector.db.init import init_db
-from collector.local.servers import free_port
+from collector.local.servers import free_port, port_open
 from collector.local.services import running_postgres, running_redis, services_command
 from collector.queue.batches import inflight_length
 from collector.settings import Settings
@@ -62,14 +62,6 @@ def test_a_start_with_a_bad_setting_leaves_the_env_file_as_it_was(
     assert sorted(path.name for path in var.iterdir()) == [env_file.name]
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("redis_already_ran", [False, True], ids=["redis-started", "redis-was-running"])
 def test_a_failed_start_stops_the_local_servers_it_started(
     tmp_path: Path, redis_already_ran: bool, monkeypatch: pytest.MonkeyPatch
@@ -95,11 +87,11 @@ def test_a_failed_start_stops_the_local_servers_it_started(
         if redis_already_ran:
             assert lines[0].startswith("redis: already running on ")
             assert "stopped" not in done.stderr
-            assert running_redis(var) is not None and _port_open(redis_port)
+            assert running_redis(var) is not None and port_open(redis_port)
         else:
             assert lines[0].startswith(f"redis: started on 127.0.0.1:{redis_port} ")
             assert lines[-1] == "make run: the start failed; stopped the local redis it had started"
-            assert running_redis(var) is None and not _port_open(redis_port)
+            assert running_redis(var) is None and not port_open(redis_port)
     finally:
         services_command("down", str(var))
 
@@ -150,7 +142,7 @@ def test_ctrl_c_during_the_start_stops_the_local_servers_it_started(
     assert (
         err.splitlines()[-1] == "make run: the start was interrupted; stopped the local redis it had started"
     )
-    assert running_redis(tmp_path / "var") is None and not _port_open(redis_port)
+    assert running_redis(tmp_path / "var") is None and not port_open(redis_port)
 
 
 def test_a_good_start_writes_the_env_file_then_starts_the_procfile(

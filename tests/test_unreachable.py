@@ -28,6 +28,7 @@ import pytest
 import redis
 
 from collector.db.init import init_db
+from collector.local.servers import port_open
 from collector.queue import keys
 from collector.settings import load_settings
 from tests.conftest import TIMEOUT_FACTOR, FakeFactory
@@ -110,17 +111,12 @@ def _listens(name: str, *argv: str, port_variable: str = "") -> Callable[[World,
         args = [a.replace("{port}", str(port)) for a in argv]
         process = world.start(name, *args, **({port_variable: str(port)} if port_variable else {}))
         try:
-            wait_until(lambda: _accepts(port) or process.popen.poll() is not None, 60, f"{name} listening")
+            wait_until(lambda: port_open(port) or process.popen.poll() is not None, 60, f"{name} listening")
             assert process.popen.poll() is None, process.log()
         finally:
             _stopped_cleanly(process)
 
     return works
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _streams_record(world: World, _: tuple[str, ...]) -> None:
@@ -330,18 +326,10 @@ def test_operator_commands_say_no_local_stack_runs(
     defaults and its one line starts by saying no local stack runs (as `collector status` does)."""
     defaults = {"redis": ("Redis at redis://127.0.0.1:6379/0", 6379)}
     defaults["postgresql"] = ("PostgreSQL at postgresql://postgres@127.0.0.1:5432/collector", 5432)
-    if any(_accepts(port) for _, port in defaults.values()):
+    if any(port_open(port) for _, port in defaults.values()):
         pytest.skip("a Redis or PostgreSQL answers on its default port here")
     (tmp_path / "var").mkdir()
-    env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME", "LANG") if k in os.environ}
-    done = subprocess.run(
-        [str(BIN / "collector"), *argv],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60 * TIMEOUT_FACTOR,
-    )
+    done = _collector(tmp_path, argv)
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert done.stderr.startswith(
         f"collector: no local stack running (make run / make demo); {defaults[services[0]][0]} is unreachable"
@@ -368,19 +356,26 @@ def test_a_bad_argument_is_named_before_a_service_that_is_down(
     """Both services down and a bad argument: the one line names the argument (what the operator typed
     wrong is fixed first), not the services the command never got to try."""
     port = closed_port()
-    env = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME", "LANG") if k in os.environ}
-    env |= {
-        "REDIS_URL": f"redis://127.0.0.1:{port}/0",
-        "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/collector",
-    }
-    done = subprocess.run(
-        [str(BIN / "collector"), *argv],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60 * TIMEOUT_FACTOR,
+    done = _collector(
+        tmp_path,
+        argv,
+        REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/collector",
     )
     assert done.returncode == 2 and done.stdout == "", done.stderr
     assert len(done.stderr.splitlines()) == 1 and named in done.stderr, done.stderr
     assert "unreachable" not in done.stderr, done.stderr
+
+
+def _collector(cwd: Path, argv: tuple[str, ...], **env: str) -> subprocess.CompletedProcess[str]:
+    """`collector ARGV` in `cwd` with only what it needs of this environment (no developer's .env,
+    REDIS_URL or credentials) plus `env`."""
+    kept = {k: os.environ[k] for k in ("PATH", "PYTHONPATH", "HOME", "LANG") if k in os.environ}
+    return subprocess.run(
+        [str(BIN / "collector"), *argv],
+        env=kept | env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60 * TIMEOUT_FACTOR,
+    )

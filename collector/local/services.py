@@ -10,14 +10,13 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from collector.local.servers import START_TIMEOUT_S, LocalService, start_postgres, wait_for_port
+from collector.local.servers import START_TIMEOUT_S, LocalService, port_open, start_postgres, wait_for_port
 from collector.local.stack import pid_alive, pid_from_file, running_stack
 
 logger = logging.getLogger(__name__)
@@ -78,14 +77,6 @@ def services_config(environ: dict[str, str] | None = None) -> ServicesConfig:
     )
 
 
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _read_state(root: Path) -> dict[str, int]:
     try:
         data = json.loads((root / _STATE_FILE).read_text())
@@ -131,7 +122,7 @@ def _database_url(port: int, config: ServicesConfig) -> str:
 
 
 def _refuse_taken_port(name: str, port: int, variable: str) -> None:
-    if _port_open(port):
+    if port_open(port):
         raise RuntimeError(f"{name}: port {port} is taken by another program; set {variable} to a free port")
 
 
