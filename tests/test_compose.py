@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -330,7 +331,8 @@ def test_healthchecks_match_the_commands() -> None:
 
 
 def test_streams_healthcheck_reports_connected_connections(redis_url: str) -> None:
-    """The streams probe fails until a connection reports itself connected in Redis, then passes."""
+    """The streams probe fails until a connection reports itself connected in Redis with a recent
+    message, then passes; a connected record whose last message is old (left by a crashed run) fails."""
     probe = _healthcheck(_services()["streams"])
     assert probe[:3] == ["CMD", "python", "-c"]
     env = {**os.environ, "REDIS_URL": redis_url}
@@ -342,7 +344,15 @@ def test_streams_healthcheck_reports_connected_connections(redis_url: str) -> No
     client = redis.Redis.from_url(redis_url)
     client.hset(keys.CONNECTIONS, "spot-0", '{"state": "backoff"}')
     assert run_probe() == 1
-    client.hset(keys.CONNECTIONS, "futures-market-0", '{"state": "connected"}')
+    stale_us = int((time.time() - 2 * Settings.model_fields["health_max_message_age_s"].default) * 1e6)
+    client.hset(
+        keys.CONNECTIONS, "futures-market-0", json.dumps({"state": "connected", "last_message_us": stale_us})
+    )
+    assert run_probe() == 1
+    fresh_us = int(time.time() * 1e6)
+    client.hset(
+        keys.CONNECTIONS, "futures-market-0", json.dumps({"state": "connected", "last_message_us": fresh_us})
+    )
     client.close()
     assert run_probe() == 0
 
