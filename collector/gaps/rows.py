@@ -48,10 +48,6 @@ ROW_TYPES: dict[str, type[tuple[Any, ...]]] = {
 }
 
 
-def _opt_us(record: dict[str, Any], key: str) -> int | None:
-    return None if record.get(key) is None else int_field(record, key)
-
-
 def _depth_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
     """A gap record of the stream process (collector.gaps.records.DepthGap)."""
     record = as_object(envelope.get("frame"), "depth gap record")
@@ -61,7 +57,7 @@ def _depth_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) ->
         symbol_value(record.get("symbol")),
         opt_int_field(record, "last_update_id"),
         opt_int_field(record, "next_update_id"),
-        _opt_us(record, "resynced_at_us"),
+        opt_int_field(record, "resynced_at_us"),
         opt_int_field(record, "resync_update_id"),
         text_field(record, "cause"),
     )
@@ -79,7 +75,7 @@ def _stream_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -
         int_field(record, "started_at_us"),
         envelope_market(envelope),
         stream,
-        _opt_us(record, "ended_at_us"),
+        opt_int_field(record, "ended_at_us"),
         text_field(record, "cause"),
         connection if isinstance(connection, str) else None,
     )
