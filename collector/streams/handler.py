@@ -13,6 +13,7 @@ from typing import Final
 from collector.queue.deadletter import DeadLetter
 from collector.streams.ledger import GapLedger
 from collector.streams.routing import route_message
+from collector.streams.silence import SILENCE_EWMA_WEIGHT
 from collector.streams.sink import Sink
 from collector.streams.state import ConnectionState
 
@@ -22,8 +23,6 @@ logger = logging.getLogger(__name__)
 # and then one in every N, with the running count.
 DEADLETTER_LOG_FIRST: Final = 10
 DEADLETTER_LOG_EVERY: Final = 1000
-# Weight of the newest gap in a stream's moving average (its usual pace, for silence detection).
-STREAM_GAP_WEIGHT: Final = 0.01
 
 
 class FrameHandler:
@@ -59,7 +58,7 @@ class FrameHandler:
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)
             if stats.last_message_us is not None:
-                stats.gap_us += (received_at_us - stats.last_message_us - stats.gap_us) * STREAM_GAP_WEIGHT
+                stats.gap_us += (received_at_us - stats.last_message_us - stats.gap_us) * SILENCE_EWMA_WEIGHT
             stats.messages += 1
             stats.last_message_us = received_at_us
             if stats.silenced_at_us is not None:

@@ -22,7 +22,8 @@ from collector.streams.state import ConnectionState, StreamStats
 
 # A connection is silent after this many of its usual gaps between frames.
 SILENCE_FACTOR: Final = 50.0
-# Weight of the newest gap in the moving average: slow, so one burst or lull barely moves it.
+# Weight of the newest gap in the moving averages, a connection's (`Pace`) and each stream's (the
+# frame handler keeps `StreamStats.gap_us`): slow, so one burst or lull barely moves them.
 SILENCE_EWMA_WEIGHT: Final = 0.01
 # Frames (or a stream's events) before its average is trusted.
 SILENCE_WARMUP_FRAMES: Final = 100
