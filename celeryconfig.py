@@ -22,15 +22,10 @@ except ConfigError as error:
     raise SystemExit(2) from None
 
 
-def _starting_worker_or_beat() -> bool:
-    """True in `celery ... worker|beat` (not in `collector web`, `collector trigger`, Flower)."""
-    return os.path.basename(sys.argv[0]) == "celery" and bool({"worker", "beat"} & set(sys.argv[1:]))
-
-
-if _starting_worker_or_beat():
+if os.path.basename(sys.argv[0]) == "celery":  # not `collector web`, `collector trigger`, Flower
     # Without Redis (the broker) Celery retries forever, a traceback each time; a worker without
-    # PostgreSQL would take drains it cannot do. One line naming each service that is down, exit 2
-    # (collector.preflight says which each needs and why).
+    # PostgreSQL would take drains it cannot do. One line naming each service that is down, exit 2.
+    # `celery_needs` says what `worker` and `beat` need and why; other sub-commands need nothing here.
     try:
         check_services(_settings, celery_needs(sys.argv[1:]))
     except ServiceUnavailable as error:
