@@ -198,7 +198,6 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     plan = plan_export(
         args.relation, args.market, args.symbol, args.start, args.end, args.format, args.output
     )
-    check_services(settings, COMMAND_NEEDS["export"])  # after the arguments: see CHECKED_BY_THE_COMMAND
     result = export(settings, plan, report=lambda line: print(line, file=sys.stderr, flush=True))
     print(summary_line(result), file=sys.stderr)
     return 0
@@ -219,7 +218,6 @@ def _cmd_gaps(args: argparse.Namespace, settings: Settings) -> int:
 
     now = datetime.now(UTC)
     since = parse_time(args.since, "--since") if args.since else now - DEFAULT_SINCE
-    check_services(settings, COMMAND_NEEDS["gaps"])
     conn = connect(settings)
     try:
         rows = read_gaps(conn, since, args.market, args.symbol.upper() if args.symbol else None)

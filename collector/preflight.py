@@ -48,7 +48,9 @@ COMMAND_NEEDS: dict[str, tuple[Service, ...]] = {
 
 # Commands that check what they need themselves, at the right moment: `init-db` connects to the
 # server's maintenance database first (its own may not exist yet); the operator commands check their
-# arguments first, so a wrong option or time is named whatever the state of the services.
+# arguments first, so a wrong option or time is named whatever the state of the services. `gaps`,
+# `export` and `book` need no check of their own: connecting is their first use of PostgreSQL, and
+# `collector.db.connection.connect` refuses in the same one line.
 CHECKED_BY_THE_COMMAND = frozenset({"init-db", "trigger", "gaps", "audit", "export", "book"})
 
 # Queues whose tasks use PostgreSQL: the drains write to it, the alert task reads from it. The REST

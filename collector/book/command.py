@@ -13,7 +13,6 @@ from collector.book.render import as_json, as_text, boundary_note
 from collector.book.replay import BookUnavailable
 from collector.db.connection import connect
 from collector.errors import ConfigError, FrameError, ServiceUnavailable
-from collector.preflight import COMMAND_NEEDS, check_services
 from collector.settings import Settings
 
 DEFAULT_DEPTH = 10
@@ -37,7 +36,6 @@ def run(
     if depth < 0:
         raise ConfigError(f"--depth {depth}: give a number of levels a side, or 0 for all of them")
     request = plan_book(market, symbol, at)
-    check_services(settings, COMMAND_NEEDS["book"])  # after the arguments: a bad time is named first
     conn = connect(settings)
     try:
         result = rebuild(conn, request)
