@@ -70,15 +70,45 @@ def tag_of(raw: bytes) -> tuple[str, int, int] | None:
     return match.group(2).decode(), int(match.group(3)), int(match.group(1))
 
 
+def tag_from(envelope: dict[str, object], received_at_us: int) -> tuple[str, int, int] | None:
+    """`tag_of` for an envelope already parsed (the drain parses each one anyway): no second look. Pure."""
+    run = envelope.get("run")
+    seq = envelope.get("seq")
+    if type(run) is not str or type(seq) is not int:
+        return None
+    return run, seq, received_at_us
+
+
 def contiguous_ranges(tags: Iterable[tuple[str, int, int]]) -> list[SeqRange]:
-    """The tags of one batch as contiguous ranges per run (a batch is normally one range). Pure."""
+    """The tags of one batch as contiguous ranges per run (a batch is normally one range). Pure.
+
+    Each range's received times are those of its lowest and highest number. Tags come in queue
+    order, which is numbering order: consecutive ones are gathered first, in one pass, so only a
+    handful of pieces (usually one) is sorted and merged.
+    """
+    pieces: list[SeqRange] = []
+    current: str | None = None  # the run of the piece being gathered, in plain locals (the hot loop)
+    first = last = first_received = last_received = 0
+    for run, seq, received in tags:
+        if run == current and seq == last + 1:
+            last, last_received = seq, received
+            continue
+        if current is not None:
+            pieces.append(SeqRange(current, first, last, first_received, last_received))
+        current, first, last, first_received, last_received = run, seq, seq, received, received
+    if current is not None:
+        pieces.append(SeqRange(current, first, last, first_received, last_received))
     ranges: list[SeqRange] = []
-    for run, seq, received in sorted(tags):
-        last = ranges[-1] if ranges else None
-        if last is not None and last.run == run and seq <= last.last + 1:
-            ranges[-1] = SeqRange(run, last.first, max(seq, last.last), last.first_received_us, received)
-        else:
-            ranges.append(SeqRange(run, seq, seq, received, received))
+    for piece in sorted(pieces, key=lambda p: (p.run, p.first, p.first_received_us)):
+        previous = ranges[-1] if ranges else None
+        if previous is None or previous.run != piece.run or piece.first > previous.last + 1:
+            ranges.append(piece)
+        elif piece.last > previous.last or (
+            piece.last == previous.last and piece.last_received_us > previous.last_received_us
+        ):
+            ranges[-1] = SeqRange(
+                piece.run, previous.first, piece.last, previous.first_received_us, piece.last_received_us
+            )
     return ranges
 
 
@@ -119,16 +149,38 @@ ORDER BY first_received_at
 """
 
 
-def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
-    """Inside the batch's transaction; logs a hole before a range (the loss, as it is found)."""
-    for index, piece in enumerate(ranges):
-        counts = astuple(outcome) if index == 0 else (0, 0, 0, 0)
-        cur.execute(
-            "SELECT max(last_seq), max(last_received_at) FROM ingest_ranges"
-            " WHERE table_name = %s AND run = %s AND first_seq < %s",
-            (table, piece.run, piece.first),
-        )
-        previous_last, previous_received = cur.fetchone()
+# The range of the run drained just below a new one (one backward index probe of
+# `ingest_ranges_by_run`, however long the run), and whether a range already starts inside it.
+NEIGHBOURS_SQL: Final = """
+SELECT below.last_seq, below.last_received_at,
+       EXISTS (SELECT 1 FROM ingest_ranges
+               WHERE table_name = %(table)s AND run = %(run)s AND first_seq BETWEEN %(first)s AND %(last)s)
+FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+    SELECT last_seq, last_received_at FROM ingest_ranges
+    WHERE table_name = %(table)s AND run = %(run)s AND first_seq < %(first)s
+    ORDER BY first_seq DESC LIMIT 1) AS below ON true
+"""
+# Every range below: only when the nearest one leaves a hole, which an earlier, longer range (a
+# re-delivered batch) may still cover.
+BELOW_SQL: Final = (
+    "SELECT max(last_seq), max(last_received_at) FROM ingest_ranges"
+    " WHERE table_name = %(table)s AND run = %(run)s AND first_seq < %(first)s"
+)
+
+
+def check_ranges(cur: Cursor, table: str, ranges: list[SeqRange]) -> bool:
+    """Before a batch is written: logs a hole before a range (the loss, as it is found), and says
+    whether the batch's numbers were drained before (a re-delivered batch, whose rows may be stored)."""
+    drained_before = False
+    for piece in ranges:
+        params = {"table": table, "run": piece.run, "first": piece.first, "last": piece.last}
+        cur.execute(NEIGHBOURS_SQL, params)
+        previous_last, previous_received, starts_inside = cur.fetchone()
+        if previous_last is not None and piece.first > previous_last + 1:
+            cur.execute(BELOW_SQL, params)
+            previous_last, previous_received = cur.fetchone()
+        if starts_inside or (previous_last is not None and previous_last >= piece.first):
+            drained_before = True
         if previous_last is not None and piece.first > previous_last + 1:
             logger.error(
                 "audit.lost_events table=%s run=%s count=%d seq=%d..%d received_after=%s "
@@ -140,6 +192,13 @@ def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: Batc
                 piece.first - 1,
                 previous_received.isoformat() if previous_received else "?",
             )
+    return drained_before
+
+
+def insert_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
+    """Inside the batch's transaction: its ranges, with what it made of them on the first."""
+    for index, piece in enumerate(ranges):
+        counts = astuple(outcome) if index == 0 else (0, 0, 0, 0)
         cur.execute(
             INSERT_RANGES,
             (
@@ -152,6 +211,12 @@ def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: Batc
                 *counts,
             ),
         )
+
+
+def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
+    """Inside the batch's transaction; logs a hole before a range (the loss, as it is found)."""
+    check_ranges(cur, table, ranges)
+    insert_ranges(cur, table, ranges, outcome)
 
 
 def find_losses(cur: Cursor, since: datetime, table: str | None = None) -> list[Loss]:

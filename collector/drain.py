@@ -20,18 +20,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psycopg2
+import psycopg2.errors
 import redis
 from psycopg2.extensions import connection as Connection
 
-from collector.audit import BatchOutcome, contiguous_ranges, record_ranges, tag_of
-from collector.binance.rows import Row
-from collector.db.copy import CopyResult, copy_rows, copy_text
+from collector.audit import (
+    BatchOutcome,
+    SeqRange,
+    check_ranges,
+    contiguous_ranges,
+    insert_ranges,
+    tag_from,
+    tag_of,
+)
+from collector.db.copy import LINE_WRITERS, CopyResult, copy_direct, copy_staged
+from collector.db.schema import UPSERT_COLUMNS
 from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.queue.deadletter import DeadLetter
 from collector.queue.drain_summary import DrainSummaries
-from collector.queue.envelope import parse_envelope, split_envelope
+from collector.queue.envelope import extractor, open_envelope, split_envelope
 from collector.queue.locks import RedisLock, drain_lock
 from collector.settings import Settings
 
@@ -42,12 +51,17 @@ logger = logging.getLogger(__name__)
 class BatchRows:
     """What one claimed batch turns into: rows to write, dead letters, and filtered COIN-M rows."""
 
-    rows: list[Row] = field(default_factory=list)
-    owners: list[int] = field(default_factory=list)  # index of the envelope each row came from
+    lines: list[str] = field(default_factory=list)  # one row each, in COPY text format
+    owners: list[int] = field(default_factory=list)  # index of the envelope each line came from
     dead_letters: list[DeadLetter] = field(default_factory=list)
     coin_m_skipped: int = 0
-    rendered: bytes = b""  # the rows in COPY text format
+    rendered: bytes = b""  # the lines, joined and encoded: the COPY buffer
     tags: list[tuple[str, int, int]] = field(default_factory=list)  # audited envelopes (run, seq, received)
+
+    @property
+    def count(self) -> int:
+        """Rows to write."""
+        return len(self.lines)
 
 
 @dataclass
@@ -82,21 +96,36 @@ def dead_letter(reason: str, table: str, raw: bytes) -> DeadLetter:
 
 
 def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
-    """Parse and render a batch; pure. Envelopes that cannot be stored become dead letters."""
+    """Parse and render a batch; pure. Envelopes that cannot be stored become dead letters.
+
+    Each envelope is parsed once: its audit tag, rows and COPY lines all come from that one parse.
+    """
     out = BatchRows()
+    extract = extractor(table)
+    write = LINE_WRITERS[table]
+    lines, owners, tags = out.lines, out.owners, out.tags
     for index, raw in enumerate(batch):
-        tag = tag_of(raw)
-        if tag is not None:  # counted as drained whatever becomes of it: row, duplicate or dead letter
-            out.tags.append(tag)
         try:
-            parsed = parse_envelope(table, raw, keep_coin_m)
+            envelope, received_at = open_envelope(raw)
+        except FrameError as error:
+            tag = tag_of(raw)  # counted as drained whatever becomes of it: row, duplicate or dead letter
+            if tag is not None:
+                tags.append(tag)
+            out.dead_letters.append(dead_letter(str(error), table, raw))
+            continue
+        tag = tag_from(envelope, received_at)
+        if tag is not None:
+            tags.append(tag)
+        try:
+            rows, skipped = extract(envelope, received_at, keep_coin_m)
+            rendered = [write(row) for row in rows]
         except FrameError as error:
             out.dead_letters.append(dead_letter(str(error), table, raw))
             continue
-        out.rows.extend(parsed.rows)
-        out.owners.extend([index] * len(parsed.rows))
-        out.coin_m_skipped += parsed.skipped_coin_m
-    out.rendered = copy_text(out.rows)
+        lines += rendered
+        owners += [index] * len(rendered)
+        out.coin_m_skipped += skipped
+    out.rendered = "".join(lines).encode()
     return out
 
 
@@ -119,14 +148,22 @@ def split_by_run(items: list[bytes]) -> list[list[bytes]]:
 
 
 def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchRows) -> CopyResult:
-    """COPY the batch in one transaction; if PostgreSQL rejects a value, isolate the culprits.
+    """Write the batch and its audit ranges in one transaction; if PostgreSQL rejects a value, isolate
+    the culprits.
 
+    The rows are COPYed straight into the table unless the batch may collide: the gap ledger (whose
+    records merge), a batch whose numbers were drained before (re-delivered after a drain died between
+    its commit and its acknowledgement), or one that turns out to (`UniqueViolation`: the same event
+    received twice); those go through the staging table and `ON CONFLICT`.
     A `DataError` (say a `\\u0000` in a payload, which JSONB refuses) would otherwise fail the whole
     batch forever. Then each envelope is written on its own and the rejected ones become dead letters.
     """
+    ranges = contiguous_ranges(parsed.tags)
     try:
-        result = copy_rows(conn, table, parsed.rows, parsed.rendered)
-        _record_ranges(conn, table, parsed, result)
+        with conn.cursor() as cur:
+            drained_before = check_ranges(cur, table, ranges)
+        result = _copy(conn, table, parsed, may_collide=drained_before or table in UPSERT_COLUMNS)
+        _record_ranges(conn, table, parsed, ranges, result)
         conn.commit()
         return result
     except psycopg2.DataError as error:
@@ -135,12 +172,12 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
             "drain.batch_rejected table=%s error=%s action=isolate", table, str(error).splitlines()[0]
         )
     staged = inserted = 0
-    by_owner: dict[int, list[Row]] = {}
-    for owner, row in zip(parsed.owners, parsed.rows, strict=True):
-        by_owner.setdefault(owner, []).append(row)
-    for owner, rows in by_owner.items():
+    by_owner: dict[int, list[str]] = {}
+    for owner, line in zip(parsed.owners, parsed.lines, strict=True):
+        by_owner.setdefault(owner, []).append(line)
+    for owner, lines in by_owner.items():
         try:
-            result = copy_rows(conn, table, rows)
+            result = copy_staged(conn, table, "".join(lines).encode(), len(lines))
             conn.commit()
         except psycopg2.DataError as error:
             conn.rollback()
@@ -150,18 +187,33 @@ def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchR
         staged += result.staged
         inserted += result.inserted
     result = CopyResult(staged, inserted)
-    _record_ranges(conn, table, parsed, result)
+    _record_ranges(conn, table, parsed, ranges, result)
     conn.commit()
     return result
 
 
-def _record_ranges(conn: Connection, table: str, parsed: BatchRows, result: CopyResult) -> None:
-    if parsed.tags:
+def _copy(conn: Connection, table: str, parsed: BatchRows, may_collide: bool) -> CopyResult:
+    """The batch's rows, straight into the table when they should all be new, else (or when they turn
+    out not to be) through the staging table. Leaves the transaction open."""
+    if may_collide:
+        return copy_staged(conn, table, parsed.rendered, parsed.count)
+    try:
+        return copy_direct(conn, table, parsed.rendered, parsed.count)
+    except psycopg2.errors.UniqueViolation:
+        conn.rollback()  # nothing written yet in this transaction but the COPY that failed
+        logger.info("drain.batch_collides table=%s rows=%d action=stage", table, parsed.count)
+        return copy_staged(conn, table, parsed.rendered, parsed.count)
+
+
+def _record_ranges(
+    conn: Connection, table: str, parsed: BatchRows, ranges: list[SeqRange], result: CopyResult
+) -> None:
+    if ranges:
         outcome = BatchOutcome(
             result.inserted, result.duplicates, parsed.coin_m_skipped, len(parsed.dead_letters)
         )
         with conn.cursor() as cur:
-            record_ranges(cur, table, contiguous_ranges(parsed.tags), outcome)
+            insert_ranges(cur, table, ranges, outcome)
 
 
 # A drain runs every second per table: its summary goes out at INFO once a minute per table, with
