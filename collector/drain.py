@@ -14,6 +14,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,11 +26,13 @@ import redis
 from psycopg2.extensions import connection as Connection
 
 from collector.audit import (
+    HEAD_BYTES,
     BatchOutcome,
     SeqRange,
     check_ranges,
     contiguous_ranges,
     insert_ranges,
+    same_run,
     tag_from,
     tag_of,
 )
@@ -137,12 +140,15 @@ def split_by_run(items: list[bytes]) -> list[list[bytes]]:
     """
     parts: list[list[bytes]] = []
     current: object = object()  # no run matches it
+    head: re.Pattern[bytes] | None = None  # the head of an envelope of `current`
     for raw in items:
-        tag = tag_of(raw)
-        run = None if tag is None else tag[0]
-        if run != current:
-            parts.append([])
-            current = run
+        if head is None or head.match(raw, 0, HEAD_BYTES) is None:
+            tag = tag_of(raw)
+            run = None if tag is None else tag[0]
+            if run != current:
+                parts.append([])
+                current = run
+                head = None if run is None else same_run(run)
         parts[-1].append(raw)
     return parts
 
