@@ -3,8 +3,9 @@
 Guarantees:
 - Nothing is lost: a batch leaves Redis only after PostgreSQL committed its rows. If PostgreSQL is
   down, or the worker dies mid-batch, the batch stays in flight and the next drain recovers it.
-- Nothing is stored twice: every table has a natural unique key and rows are inserted with
-  `ON CONFLICT DO NOTHING`, so a re-delivered or duplicated batch inserts only what is new.
+- Nothing is stored twice: every table has a natural unique key. A batch is COPYed straight into
+  its table; one that may repeat stored rows (re-delivered, as its audit ranges show, or found to
+  collide) goes through a staging table and `ON CONFLICT DO NOTHING`, inserting only what is new.
 - One drain per table at a time, through a Redis lock (`collector:lock:drain:<table>`) whose
   expiry frees the table when its holder died.
 - An envelope that cannot be stored (bad JSON, missing field, a value PostgreSQL rejects) goes to
