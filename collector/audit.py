@@ -229,12 +229,6 @@ def insert_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: Batc
         )
 
 
-def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
-    """Inside the batch's transaction; logs a hole before a range (the loss, as it is found)."""
-    check_ranges(cur, table, ranges)
-    insert_ranges(cur, table, ranges, outcome)
-
-
 def find_losses(cur: Cursor, since: datetime, table: str | None = None) -> list[Loss]:
     """Every hole in the drained ranges received since `since`, oldest first."""
     table_filter = "AND table_name = %(table)s" if table else ""
