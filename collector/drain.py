@@ -134,24 +134,25 @@ def build_rows(table: str, batch: list[bytes], keep_coin_m: bool) -> BatchRows:
 
 
 def split_by_run(items: list[bytes]) -> list[list[bytes]]:
-    """A batch cut where the stream process's run changes (a restart inside one batch). Pure.
+    """A batch as one part per stream-process run, in the order the runs first appear. Pure.
 
     `collector audit` books each batch's rows (stored, duplicate, filtered) to its run; a batch that
-    spans two runs is written as two parts so each run gets exactly its own rows.
+    spans two runs (a restart inside one batch, or several stream processes sharing a queue) is
+    written as one part per run so each run gets exactly its own rows. Each run's envelopes keep
+    their order; envelopes of different runs are different events (or repeats that the natural
+    keys absorb whichever part comes first).
     """
-    parts: list[list[bytes]] = []
-    current: object = object()  # no run matches it
-    head: re.Pattern[bytes] | None = None  # the head of an envelope of `current`
+    parts: dict[str | None, list[bytes]] = {}
+    part: list[bytes] = []
+    head: re.Pattern[bytes] | None = None  # the head of an envelope of the last run seen
     for raw in items:
         if head is None or head.match(raw, 0, HEAD_BYTES) is None:
             tag = tag_of(raw)
             run = None if tag is None else tag[0]
-            if run != current:
-                parts.append([])
-                current = run
-                head = None if run is None else same_run(run)
-        parts[-1].append(raw)
-    return parts
+            part = parts.setdefault(run, [])
+            head = None if run is None else same_run(run)
+        part.append(raw)
+    return list(parts.values())
 
 
 def write_batch(conn: Connection, table: str, batch: list[bytes], parsed: BatchRows) -> CopyResult:

@@ -15,7 +15,7 @@ from collector.audit import RunBalance, drained_balances
 from collector.db.connection import connect
 from collector.db.copy import timestamp
 from collector.db.init import init_db
-from collector.drain import Drainer, build_rows, write_batch
+from collector.drain import Drainer, build_rows, split_by_run, write_batch
 from collector.errors import FrameError
 from collector.queue import keys
 from collector.queue.batches import BatchQueue, inflight_length
@@ -173,3 +173,21 @@ def test_timestamp_literals() -> None:
     assert timestamp(253_402_300_799_999_999) == "9999-12-31 23:59:59.999999+00"
     with pytest.raises(FrameError, match="time out of range"):
         timestamp(253_402_300_800_000_000)
+
+
+def test_interleaved_runs_are_written_as_one_part_each(settings: Settings, redis_conn: redis.Redis) -> None:
+    """Two stream processes feeding one queue interleave their envelopes: a batch is written as one
+    part per run (not one per change of run), and each run is credited with exactly its own rows."""
+    init_db(settings)
+    one = [_tagged(factories.agg_trade(i), "r1", i + 1) for i in range(40)]
+    two = [_tagged(factories.agg_trade(i, symbol="ETHUSDT"), "r2", i + 1) for i in range(40)]
+    mixed = [envelope for pair in zip(one, two, strict=True) for envelope in pair]
+    assert split_by_run(mixed) == [one, two]
+    redis_conn.rpush(keys.queue("agg_trades"), *mixed)
+    result = Drainer(settings, redis_conn, lambda: connect(settings)).drain("agg_trades")
+    assert (result.batches, result.inserted) == (1, 80)
+    balances = _balances(settings)
+    assert [(b.drained, b.rows_inserted, b.highest) for b in (balances["r1"], balances["r2"])] == [
+        (40, 40, 40),
+        (40, 40, 40),
+    ]
