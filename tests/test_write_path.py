@@ -11,7 +11,7 @@ import psycopg2
 import pytest
 import redis
 
-from collector.audit import RunBalance, drained_balances
+from collector.audit import RunBalance, SeqRange, check_ranges, drained_balances
 from collector.db.connection import connect
 from collector.db.copy import timestamp
 from collector.db.init import init_db
@@ -191,3 +191,28 @@ def test_interleaved_runs_are_written_as_one_part_each(settings: Settings, redis
         (40, 40, 40),
         (40, 40, 40),
     ]
+
+
+def test_range_check_reads_a_few_ranges_however_long_the_run(settings: Settings) -> None:
+    """Checking a batch's numbers against `ingest_ranges` probes the neighbouring ranges only: a run
+    of 20,000 drained batches is not read again for each new one (it was, which grew without end)."""
+    init_db(settings)
+    conn = connect(settings)
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO ingest_ranges (table_name, run, first_seq, last_seq, first_received_at,"
+            " last_received_at) SELECT 'agg_trades', 'r1', 10 * i + 1, 10 * i + 10, now(), now()"
+            " FROM generate_series(0, 19999) AS i"
+        )
+        cur.execute("ANALYZE ingest_ranges")
+        conn.commit()
+        batch = [SeqRange("r1", 200_001, 200_010, 1, 2)]
+        assert check_ranges(cur, "agg_trades", batch) is False
+        assert check_ranges(cur, "agg_trades", [SeqRange("r1", 199_995, 200_004, 1, 2)]) is True
+        cur.execute(
+            "SELECT pg_stat_get_xact_tuples_fetched('ingest_ranges'::regclass)"
+            " + pg_stat_get_xact_tuples_returned('ingest_ranges'::regclass)"
+        )
+        read = cur.fetchone()[0]
+    conn.close()
+    assert read <= 10, read
