@@ -99,7 +99,7 @@ INSERT_SQL = {
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _LAST_SECOND = 253_402_300_799  # 9999-12-31 23:59:59, the last second Python's datetime can write
 _SECONDS: dict[int, str] = {}  # "YYYY-MM-DD HH:MM:SS." by second since the epoch
-_SECONDS_KEPT = 100_000
+_SECONDS_KEPT = 10_000  # about 1 MB; a batch needs the few seconds its rows span
 
 
 def _second(second: int) -> str:
