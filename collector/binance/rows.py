@@ -140,7 +140,12 @@ def int_field(event: dict[str, Any], key: str) -> int:
 
 def opt_int_field(event: dict[str, Any], key: str) -> int | None:
     """`int_field`, or None when the key is missing or null."""
-    return None if event.get(key) is None else int_field(event, key)
+    value = event.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= _BIGINT_MAX:  # int_field's check, inline
+        raise FrameError(f"field {key!r} is not a non-negative integer: {value!r}")
+    return value
 
 
 def _ms_to_us(event: dict[str, Any], key: str) -> int:
