@@ -315,6 +315,16 @@ class Settings(BaseSettings):
             raise _refuse(f"at most {SPOT_DEPTH_LIMIT_MAX} (got {value})")
         return value
 
+    @field_validator("drain_idle_wait_s")
+    @classmethod
+    def _wait_within_the_slot(cls, value: float, info: ValidationInfo) -> float:
+        # An idle loop renews its slot (collector.queue.loops) between waits: a wait as long as the
+        # slot's life would lose the slot every time it waited in vain.
+        ttl = info.data.get("drain_lock_ttl_s")
+        if ttl and value * 2 > ttl:
+            raise _refuse(f"{value:g} s must be at most half DRAIN_LOCK_TTL_S ({ttl} s)")
+        return value
+
     @field_validator("timescale_aggregate_lookback_h")
     @classmethod
     def _lookback_within_retention(cls, value: int, info: ValidationInfo) -> int:

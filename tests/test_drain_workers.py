@@ -237,10 +237,10 @@ def _stop(worker: Process) -> tuple[int, float]:
 def test_warm_shutdown_cuts_a_blocking_wait_short(
     settings: Settings, redis_conn: redis.Redis, tmp_path: Path
 ) -> None:
-    """SIGTERM to a worker whose loop blocks on Redis for up to 30 s ends the wait at once: the worker
+    """SIGTERM to a worker whose loop blocks on Redis for up to 15 s ends the wait at once: the worker
     exits cleanly long before the wait would have timed out."""
     init_db(settings)
-    env = _env(settings, DRAIN_LOOPS="1", DRAIN_IDLE_WAIT_S="30")
+    env = _env(settings, DRAIN_LOOPS="1", DRAIN_IDLE_WAIT_S="15")
     worker = celery_worker(env, tmp_path, name="idle", concurrency=2, queues="ingest")
     try:
         _send_loop(env)
@@ -251,7 +251,7 @@ def test_warm_shutdown_cuts_a_blocking_wait_short(
         worker.stop()
     assert code == 0, worker.log()
     _assert_clean(worker.log())
-    assert took_s < 25, f"the stop waited out the blocking wait ({took_s:.1f} s)"
+    assert took_s < 12, f"the stop waited out the blocking wait ({took_s:.1f} s)"
     assert not redis_conn.zrange(keys.DRAIN_LOOPS, 0, -1)  # the slot was given back
 
 
