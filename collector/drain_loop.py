@@ -94,9 +94,9 @@ class DrainLoop:
         ttl_ms = int(self._settings.drain_lock_ttl_s * 1000)
         slot = LoopSlot(self._redis, self._settings.drain_loops, ttl_ms)
         if not slot.acquire():
-            counters.incr(self._redis, "drain_loops", "busy")
+            counters.incr(self._redis, "drain_loop_runs", "busy")
             return "busy"
-        counters.incr(self._redis, "drain_loops", "started")
+        counters.incr(self._redis, "drain_loop_runs", "started")
         logger.debug("drain.loop_started member=%s", slot.member)
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drain-loop") as writer:

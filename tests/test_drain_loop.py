@@ -196,7 +196,7 @@ def test_loop_drains_every_shard_then_waits_on_redis_for_more(
     assert outcome == "stopped"
     assert all(inflight_length(redis_conn, "agg_trades", (k,)) == 0 for k in (0, 1, 5))
     assert not redis_conn.keys("collector:lock:drain:*") and not running_loops(redis_conn, 0)
-    assert int(redis_conn.hget(keys.metric("drain_loops"), "started") or 0) == 1
+    assert int(redis_conn.hget(keys.metric("drain_loop_runs"), "started") or 0) == 1
 
 
 def test_one_shot_drain_takes_every_shard_and_a_loop_leaves_a_busy_shard(

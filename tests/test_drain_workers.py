@@ -49,7 +49,7 @@ def _counts(settings: Settings) -> tuple[int, int]:
 
 
 def _loops(client: redis.Redis, outcome: str) -> int:
-    return int(client.hget(keys.metric("drain_loops"), outcome) or 0)
+    return int(client.hget(keys.metric("drain_loop_runs"), outcome) or 0)
 
 
 def _blocked_on_redis(client: redis.Redis) -> bool:
