@@ -153,10 +153,13 @@ class DrainLoop:
                 future = self._drainer.submit(writer, conn, held.queue, batch, parts, result)
                 pending, last = (future, lane), lane
         finally:
-            if pending is not None:
-                pending[0].result()
-            self._let_go_all()
-            self._summarise(force=True)
+            try:
+                if pending is not None:
+                    pending[0].result()  # raises again if it failed: the batch stays in flight
+            finally:
+                # Even after a failed write: its batch stays in flight and the next holder recovers it.
+                self._let_go_all()
+                self._summarise(force=True)
 
     def _next_batch(
         self, lanes: list[Lane], last: Lane | None, pending: tuple[Future[None], Lane] | None

@@ -216,3 +216,35 @@ def test_one_shot_drain_takes_every_shard_and_a_loop_leaves_a_busy_shard(
     assert result.lock_busy and result.inserted == 50 and result.remaining == 50
     holder.release()
     assert drainer.drain("agg_trades").inserted == 50 and _count(db, "agg_trades") == 100
+
+
+def test_a_failed_write_gives_the_shard_up_and_the_next_loop_recovers_it(
+    settings: Settings, redis_conn: redis.Redis, db
+) -> None:
+    """A write PostgreSQL refuses ends the loop with the error, its batch in flight and every lock and
+    slot given back at once (not left to expire); the next loop writes the batch, once."""
+    redis_conn.rpush(keys.queue("agg_trades"), *[factories.agg_trade(i) for i in range(100)])
+    with db.cursor() as cur:
+        cur.execute("ALTER TABLE agg_trades RENAME TO agg_trades_away")
+    waiter = redis.Redis.from_url(settings.redis_url)
+
+    def loop() -> DrainLoop:
+        return DrainLoop(
+            settings,
+            redis_conn,
+            lambda: connect(settings),
+            wait=lambda timeout_s: wait_for_work(waiter, timeout_s),
+            stopping=lambda: (
+                redis_conn.llen(keys.queue("agg_trades")) + inflight_length(redis_conn, "agg_trades") == 0
+            ),
+        )
+
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        loop().run()
+    assert inflight_length(redis_conn, "agg_trades") == 100
+    assert not redis_conn.keys("collector:lock:drain:*") and not running_loops(redis_conn, 0)
+    with db.cursor() as cur:
+        cur.execute("ALTER TABLE agg_trades_away RENAME TO agg_trades")
+    assert loop().run() == "stopped"
+    assert _count(db, "agg_trades") == 100 and inflight_length(redis_conn, "agg_trades") == 0
+    waiter.close()
