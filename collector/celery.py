@@ -54,6 +54,16 @@ def _master_handles_the_stop_signal(**_: Any) -> None:
     stopping.install()
 
 
+@signals.worker_before_create_process.connect  # type: ignore[untyped-decorator]
+def _pool_size_for_the_children(sender: Any, **_: Any) -> None:
+    """Tell the pool processes about to be forked how many they are: a drain loop leaves one free."""
+    from collector.tasks import stopping
+
+    size = getattr(sender, "_processes", None)  # billiard's Pool keeps its size there
+    if isinstance(size, int):
+        os.environ[stopping.POOL_PROCESSES_ENV] = str(size)
+
+
 @signals.worker_shutting_down.connect  # type: ignore[untyped-decorator]
 def _tell_the_pool_processes(**_: Any) -> None:
     """A warm (or cold) shutdown begins: drain loops end after their batch (collector.tasks.stopping).

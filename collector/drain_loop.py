@@ -9,8 +9,9 @@ the very same steps (lock, recover, claim, write, acknowledge):
 - Shards share the loops: a loop goes round the shards with work in turn, one batch each, and holds
   a shard's lock only while a batch of that shard is claimed or being written, so another loop (in
   any process, on any host) takes the shard between two batches; a table's shards drain in parallel.
-- At most DRAIN_LOOPS loops run at once, everywhere (`collector.queue.loops`): the pool that runs
-  the alert task always keeps a free process.
+- At most DRAIN_LOOPS loops run at once, everywhere, and on each worker node at most its pool
+  processes less one (`collector.queue.loops`): the pool that runs the alert task always keeps a
+  free process.
 - `stopping()` (a warm shutdown) ends the loop once the batch being written is committed and
   acknowledged; the loop also ends after DRAIN_LOOP_MAX_S, for a fresh task to take over.
 """
@@ -32,7 +33,7 @@ from collector.queue import counters, keys
 from collector.queue.batches import Batch, BatchQueue
 from collector.queue.drain_summary import DrainSummaries
 from collector.queue.locks import RedisLock, drain_lock
-from collector.queue.loops import LoopSlot
+from collector.queue.loops import LoopSlot, node_most
 from collector.queue.shards import Lane, lane_lengths, present_lanes
 from collector.settings import Settings
 
@@ -75,8 +76,12 @@ class DrainLoop:
         wait: Callable[[float], object],
         stopping: Callable[[], bool],
         clock: Callable[[], float] = time.monotonic,
+        node: str = "",
+        pool_processes: int | None = None,
     ) -> None:
         self._settings = settings
+        self._node = node  # the Celery worker node, whose pool the loop must not fill
+        self._pool_processes = pool_processes
         self._redis = client
         self._connect = connect
         self._wait = wait
@@ -92,7 +97,8 @@ class DrainLoop:
     def run(self) -> Outcome:
         """Drain until stopped or DRAIN_LOOP_MAX_S; "busy" at once when DRAIN_LOOPS loops already run."""
         ttl_ms = int(self._settings.drain_lock_ttl_s * 1000)
-        slot = LoopSlot(self._redis, self._settings.drain_loops, ttl_ms)
+        most = self._settings.drain_loops
+        slot = LoopSlot(self._redis, most, ttl_ms, self._node, node_most(self._pool_processes, most))
         if not slot.acquire():
             counters.incr(self._redis, "drain_loop_runs", "busy")
             return "busy"

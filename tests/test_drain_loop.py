@@ -20,7 +20,7 @@ from collector.drain import Drainer
 from collector.drain_loop import DrainLoop, Outcome, pick_order
 from collector.queue import keys
 from collector.queue.batches import BatchQueue, inflight_length
-from collector.queue.loops import LoopSlot, running_loops
+from collector.queue.loops import LoopSlot, node_most, running_loops
 from collector.queue.shards import present_lanes, shard_of, shard_of_stream, shard_run, wait_for_work
 from collector.settings import Settings, load_settings
 from collector.streams.sink import Sink, SinkOptions
@@ -128,6 +128,17 @@ def test_loop_slots_hold_across_processes_and_expire(redis_conn: redis.Redis) ->
     dying = LoopSlot(redis_conn, 2, 200)  # its process is "killed": never renewed nor released
     assert dying.acquire()
     wait_until(lambda: LoopSlot(redis_conn, 2, 30_000).acquire(), 10, "the dead holder's slot to expire")
+
+
+def test_a_worker_node_keeps_one_pool_process_free(redis_conn: redis.Redis) -> None:
+    """Within DRAIN_LOOPS overall, one worker node runs at most its pool processes less one (at least
+    one), so the alert task there always finds a process; another node takes the loops it may not."""
+    assert [node_most(size, 4) for size in (None, 1, 2, 3, 8)] == [4, 1, 1, 2, 4]
+    first = LoopSlot(redis_conn, 4, 30_000, "ingest@a", node_most(2, 4))
+    assert first.acquire() and not LoopSlot(redis_conn, 4, 30_000, "ingest@a", node_most(2, 4)).acquire()
+    assert LoopSlot(redis_conn, 4, 30_000, "ingest@b", node_most(2, 4)).acquire()
+    first.release()
+    assert LoopSlot(redis_conn, 4, 30_000, "ingest@a", node_most(2, 4)).acquire()
 
 
 def test_sink_sends_each_symbol_to_one_shard_numbered_per_shard(redis_url: str) -> None:

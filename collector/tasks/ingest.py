@@ -84,6 +84,8 @@ def drain_loop() -> None:
         _connection,
         wait=lambda timeout_s: stopping.interruptible(lambda: wait_for_work(waiter, timeout_s), False),
         stopping=stopping.requested,
+        node=drain_loop.request.hostname or "",
+        pool_processes=stopping.pool_processes(),
     )
     try:
         outcome = _guarded("loop", loop.run)

@@ -10,6 +10,7 @@ waiting connection is then thrown away), so `make stop` never waits out a blocki
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from types import FrameType
@@ -49,6 +50,16 @@ def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
 def install() -> None:
     """Handle STOP_SIGNAL in this process (and in the pool processes it forks afterwards)."""
     signal.signal(STOP_SIGNAL, _on_stop_signal)
+
+
+# Set by the master before it forks each pool process (`collector.celery`); inherited by the child.
+POOL_PROCESSES_ENV: Final = "COLLECTOR_POOL_PROCESSES"
+
+
+def pool_processes() -> int | None:
+    """How many processes this worker's pool has; None when unknown (a solo or thread pool)."""
+    value = os.environ.get(POOL_PROCESSES_ENV, "")
+    return int(value) if value.isdigit() else None
 
 
 def interruptible(wait: Callable[[], T], default: T) -> T:
