@@ -8,7 +8,7 @@
 | `collector:inflight:<shard>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
 | `collector:inflight_seq:<shard>` | STRING | drain (claim script) | drain | counter numbering the shard's batches |
 | `collector:lock:drain:<shard>` | STRING | drain (`collector.queue.locks`: SET NX PX, Lua release) | drain | token (`<host>/<pid>/<uuid>`) of the one drain allowed to write the shard |
-| `collector:drain:wake` | LIST | stream process (one token per flush, trimmed to a few) | drain loops (BLPOP with a timeout) | work has arrived: wakes one idle drain loop |
+| `collector:drain:wake` | LIST | stream process (one token per flush), REST tasks (one per body); trimmed to a few | drain loops (BLPOP with a timeout) | work has arrived: wakes one idle drain loop |
 | `collector:drain:loops` | ZSET | drain loops (`collector.queue.loops`, Lua) | drain loops, status | member `<host>/<pid>/<uuid>` of each running drain loop, score = when its slot expires (ms); at most DRAIN_LOOPS members |
 | `collector:drain:loops:<node>` | ZSET | drain loops (`collector.queue.loops`, Lua) | drain loops | the same, for the loops of one Celery worker node (`ingest@host`): at most its pool processes less one; expires with its last slot |
 | `collector:deadletter` | LIST | stream process, drain, REST tasks (`collector.queue.deadletter.push`) | operators (`collector.queue.deadletter.read`) | JSON `{reason, source, market, table, symbol, connection, run, seq, received_at_us, dead_at_us, frame or frame_b64}` of what could not be stored; `frame` is the exact bytes received (base64 in `frame_b64` when not UTF-8), null fields where unknown |
