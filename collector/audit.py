@@ -1,12 +1,13 @@
 """Every event accounted for: envelope sequence numbers, drained ranges, and the holes between them.
 
-The stream process numbers the envelopes it queues, per table, within its run
-(`"run":"<id>","seq":<n>` in the envelope head; `collector.streams.sink`). Each drain batch records,
-in the same transaction as its rows, the contiguous ranges of numbers it consumed (stored,
-duplicate, filtered or dead-lettered alike) in `ingest_ranges`. Queues are first in, first out, so
-once later numbers of a run are drained, a number never drained was lost between the stream process
-and PostgreSQL: Redis lost it (a restart without persistence, a FLUSHALL, an eviction). The loss is
-reported with its exact count and the receive times around it.
+The stream process numbers the envelopes it queues, per table and queue shard, within its run
+(`"run":"<id>","seq":<n>` in the envelope head; `collector.streams.sink`; shard k > 0 numbers as the
+run `<id>.s<k>`, so each shard, drained at its own pace, is its own first-in-first-out sequence).
+Each drain batch records, in the same transaction as its rows, the contiguous ranges of numbers it
+consumed (stored, duplicate, filtered or dead-lettered alike) in `ingest_ranges`. Queues are first
+in, first out, so once later numbers of a run are drained, a number never drained was lost between
+the stream process and PostgreSQL: Redis lost it (a restart without persistence, a FLUSHALL, an
+eviction). The loss is reported with its exact count and the receive times around it.
 
 Envelopes of the REST tasks and the gap ledger carry no number and are not audited here.
 
@@ -359,6 +360,16 @@ def verdict(b: RunBalance, sent: int, missing: int, waiting: int, found: Horizon
     return "balanced" if counted_from == 1 else f"balanced from {counted_from:,}"
 
 
+# The run id of queue shard k > 0 ends in `.s<k>` (collector.queue.shards.shard_run).
+SHARD_RUN: Final = re.compile(r"\.s(\d+)$")
+
+
+def shard_of_run(table: str, run: str) -> str:
+    """The queue shard a run's numbers went through, named as `keys.shard_name` names it. Pure."""
+    match = SHARD_RUN.search(run)
+    return table if match is None else f"{table}:s{match.group(1)}"
+
+
 def format_audit(
     balances: list[RunBalance],
     losses: list[Loss],
@@ -370,14 +381,16 @@ def format_audit(
 
     Per table and run: the events the stream process committed to the queue (`queued`, from Redis:
     `<run>/<table>` -> last number), and where they went: drained (into rows stored, duplicate or
-    filtered, or dead letters), still queued or in flight (`pending`, per table, the latest run's),
-    or lost. A run whose numbers add up says `balanced`. First, when the period reaches back past
-    retention (`found`), one line saying from when the audit can vouch for its numbers.
+    filtered, or dead letters), still queued or in flight (`pending`, per queue shard as
+    `keys.shard_name` names it, the latest run's there), or lost. A run whose numbers add up says
+    `balanced`. First, when the period reaches back past retention (`found`), one line saying from
+    when the audit can vouch for its numbers.
     """
     first = [format_horizon(found)] if found else []
     if not balances:
         return "\n".join([*first, "no audited events drained in this period"])
-    latest = {b.table: b.run for b in balances}  # ordered by start: the last one wins
+    # Ordered by start: the last run of each queue shard wins.
+    latest = {shard_of_run(b.table, b.run): b.run for b in balances}
     lost: dict[tuple[str, str], int] = {}
     for loss in losses:
         lost[(loss.table, loss.run)] = lost.get((loss.table, loss.run), 0) + loss.count
@@ -396,7 +409,8 @@ def format_audit(
     )
     rows = []
     for b in balances:
-        waiting = pending.get(b.table, 0) if latest[b.table] == b.run else 0
+        shard = shard_of_run(b.table, b.run)
+        waiting = pending.get(shard, 0) if latest[shard] == b.run else 0
         missing = lost.get((b.table, b.run), 0)
         sent = queued.get(f"{b.run}/{b.table}")
         if sent is None:

@@ -6,8 +6,8 @@ Guarantees:
 - Nothing is stored twice: every table has a natural unique key. A batch is COPYed straight into
   its table; one that may repeat stored rows (re-delivered, as its audit ranges show, or found to
   collide) goes through a staging table and `ON CONFLICT DO NOTHING`, inserting only what is new.
-- One drain per table at a time, through a Redis lock (`collector:lock:drain:<table>`) whose
-  expiry frees the table when its holder died.
+- One drain per queue shard at a time, through a Redis lock (`collector:lock:drain:<shard>`) whose
+  expiry frees the shard when its holder died; shards of one table drain in parallel, each in order.
 - An envelope that cannot be stored (bad JSON, missing field, a value PostgreSQL rejects) goes to
   the dead-letter list with its reason and never blocks the queue.
 """
@@ -46,6 +46,7 @@ from collector.queue.deadletter import DeadLetter
 from collector.queue.drain_summary import DrainSummaries
 from collector.queue.envelope import extractor, open_envelope, split_envelope
 from collector.queue.locks import RedisLock, drain_lock
+from collector.queue.shards import present_lanes
 from collector.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class DrainResult:
     dead_letters: int = 0
     lock_busy: bool = False
     remaining: int = 0
+    recovered: int = 0  # batches left in flight by a drain that died, written by this one
 
 
 def dead_letter(reason: str, table: str, raw: bytes) -> DeadLetter:
@@ -224,9 +226,9 @@ def _record_ranges(
             insert_ranges(cur, table, ranges, outcome)
 
 
-# A drain runs every second per table: its summary goes out at INFO once a minute per table, with
-# the totals of every worker process's drains (summed in Redis), or at once when something notable
-# happened (dead letters, recovered batches).
+# Drains write many batches a second per table: their summary goes out at INFO once a minute per
+# table, with the totals of every worker process's drains (summed in Redis), or at once when
+# something notable happened (dead letters, recovered batches).
 SUMMARY_INTERVAL_S = 60.0
 
 
@@ -273,11 +275,12 @@ def log_summary(summaries: DrainSummaries, result: DrainResult, now_us: int, not
 
 
 class Drainer:
-    """Moves one table's queue into PostgreSQL in batches until it is empty or the time is up.
+    """Moves one table's queue shards into PostgreSQL in batches until they are empty or the time is up.
 
     Two batches are in flight at most: while a writer thread COPYs and commits batch k, this thread
     claims and parses batch k+1, so Python and PostgreSQL work side by side. Batches are still
-    written and acknowledged in claim order.
+    written and acknowledged in claim order. This is the one-shot drain of `collector trigger drain`;
+    the continuous drain loops (collector.drain_loop) use the same steps.
     """
 
     def __init__(
@@ -294,57 +297,94 @@ class Drainer:
         self._summaries = DrainSummaries(client)
 
     def drain(self, table: str) -> DrainResult:
-        """Drain `table` once. Idempotence key: the natural key of each row; a duplicate run is a no-op."""
+        """Drain every shard of `table` once. Idempotence key: the natural key of each row; a duplicate
+        run finds the shards locked (and returns) or nothing new."""
         if table not in keys.TABLES:
             raise ValueError(f"unknown table {table!r} (one of {', '.join(keys.TABLES)})")
         result = DrainResult(table)
-        lock = drain_lock(self._redis, table, self._settings.drain_lock_ttl_s)
-        if not lock.acquire():
-            logger.info("drain.lock_busy table=%s", table)
-            result.lock_busy = True
-            return result
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drain-{table}") as writer:
-                self._drain_locked(table, lock, result, writer)
-        finally:
-            if not lock.release():
-                logger.warning(
-                    "drain.lock_lost table=%s (expired during the run; the next drain recovers)", table
-                )
+        shards = [shard for _, shard in present_lanes(self._redis, (table,), self._settings.queue_shards)]
+        deadline = self._clock() + self._settings.drain_run_max_s
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"drain-{table}") as writer:
+            for shard in shards:
+                if self._clock() >= deadline:
+                    break
+                lock = drain_lock(self._redis, table, self._settings.drain_lock_ttl_s, shard)
+                if not lock.acquire():
+                    # A drain loop is on it: not news (a loop holds a shard for each of its batches).
+                    logger.debug("drain.lock_busy table=%s shard=%d", table, shard)
+                    result.lock_busy = True
+                    continue
+                try:
+                    self._drain_locked(BatchQueue(self._redis, table, shard), lock, result, writer, deadline)
+                finally:
+                    if not lock.release():
+                        logger.warning(
+                            "drain.lock_lost table=%s shard=%d (expired during the run; the next drain "
+                            "recovers)",
+                            table,
+                            shard,
+                        )
+        result.remaining = queue_length(self._redis, table, shards)
+        if result.batches:
+            notable = bool(result.dead_letters or result.recovered)
+            log_summary(self._summaries, result, time.time_ns() // 1000, notable)
         return result
 
     def _drain_locked(
-        self, table: str, lock: RedisLock, result: DrainResult, writer: ThreadPoolExecutor
+        self,
+        queue: BatchQueue,
+        lock: RedisLock,
+        result: DrainResult,
+        writer: ThreadPoolExecutor,
+        deadline: float,
     ) -> None:
-        queue = BatchQueue(self._redis, table)
         conn = self._connect()  # before claiming: with PostgreSQL down, nothing moves
-        deadline = self._clock() + self._settings.drain_run_max_s
-        recovered = queue.recover()
-        recovered_count = len(recovered)
-        if recovered:
-            logger.warning("drain.recovering table=%s batches=%d", table, len(recovered))
+        recovered = self.recover(queue)
+        result.recovered += len(recovered)
         pending: Future[None] | None = None
         try:
             while self._clock() < deadline:
                 batch = recovered.pop(0) if recovered else queue.claim(self._settings.drain_batch_max_rows)
                 if batch is None:
                     break
-                keep_coin_m = self._settings.keep_coin_m_rows
-                parsed = [(part, build_rows(table, part, keep_coin_m)) for part in split_by_run(batch.items)]
+                parsed = self.parse(queue.table, batch)
                 if pending is not None:
                     pending.result()  # the previous batch is committed and acknowledged (or raises)
                 # Still ours? If the lock expired, another drain may be recovering: stop claiming.
                 # The batch just claimed stays in flight for the next drain to recover.
                 if not lock.extend():
                     break
-                pending = writer.submit(self._write_and_acknowledge, conn, queue, batch, parsed, result)
+                pending = self.submit(writer, conn, queue, batch, parsed, result)
         finally:
             if pending is not None:
                 pending.result()
-        result.remaining = queue_length(self._redis, table)
-        if result.batches:
-            notable = bool(result.dead_letters or recovered_count)
-            log_summary(self._summaries, result, time.time_ns() // 1000, notable)
+
+    @staticmethod
+    def recover(queue: BatchQueue) -> list[Batch]:
+        """The shard's batches left in flight by a drain that died; call with the shard's lock held."""
+        recovered = queue.recover()
+        if recovered:
+            logger.warning(
+                "drain.recovering table=%s shard=%d batches=%d", queue.table, queue.shard, len(recovered)
+            )
+        return recovered
+
+    def parse(self, table: str, batch: Batch) -> list[tuple[list[bytes], BatchRows]]:
+        """A claimed batch as the parts to write (one per stream-process run), rendered."""
+        keep_coin_m = self._settings.keep_coin_m_rows
+        return [(part, build_rows(table, part, keep_coin_m)) for part in split_by_run(batch.items)]
+
+    def submit(
+        self,
+        writer: ThreadPoolExecutor,
+        conn: Connection,
+        queue: BatchQueue,
+        batch: Batch,
+        parts: list[tuple[list[bytes], BatchRows]],
+        result: DrainResult,
+    ) -> Future[None]:
+        """Write and acknowledge `batch` on the writer thread; the future raises what the write raised."""
+        return writer.submit(self._write_and_acknowledge, conn, queue, batch, parts, result)
 
     @staticmethod
     def _write_and_acknowledge(
