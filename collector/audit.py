@@ -290,14 +290,17 @@ def format_audit(
     queued: dict[str, int],
     pending: dict[str, int],
     found: Horizon | None = None,
+    spilled: Mapping[str, int] | None = None,
 ) -> str:
     """The text of `collector audit`. Pure.
 
     Per table and run: the events the stream process committed to the queue (`queued`, from Redis:
     `<run>/<table>` -> last number), and where they went: drained (into rows stored, duplicate or
     filtered, or dead letters), still queued or in flight (`pending`, per table, the latest run's),
-    or lost. A run whose numbers add up says `balanced`. First, when the period reaches back past
-    retention (`found`), one line saying from when the audit can vouch for its numbers.
+    or lost. Envelopes the stream process spilled to disk (`spilled`, `<run>/<table>` -> count) are
+    queued and pending too, whichever run they belong to. A run whose numbers add up says
+    `balanced`. First, when the period reaches back past retention (`found`), one line saying from
+    when the audit can vouch for its numbers.
     """
     first = [format_horizon(found)] if found else []
     if not balances:
@@ -322,6 +325,7 @@ def format_audit(
     rows = []
     for b in balances:
         waiting = pending.get(b.table, 0) if latest[b.table] == b.run else 0
+        waiting += (spilled or {}).get(f"{b.run}/{b.table}", 0)
         missing = lost.get((b.table, b.run), 0)
         sent = queued.get(f"{b.run}/{b.table}")
         if sent is None:

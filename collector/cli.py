@@ -238,6 +238,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from collector.queue import keys
     from collector.queue.batches import inflight_length, queue_length
     from collector.queue.client import redis_client, redis_unavailable
+    from collector.queue.spill_stats import parse_pending
 
     now = datetime.now(UTC)
     since = parse_time(args.since, "--since") if args.since else now - timedelta(hours=24)
@@ -246,6 +247,8 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
         queued = {_text(k): int(v) for k, v in client.hgetall(keys.AUDIT_QUEUED).items()}
+        # Then the spill, then the lists: what is fed back from disk meanwhile counts twice, not zero times.
+        spilled = parse_pending(client.hgetall(keys.SPILL_PENDING))
         pending = {t: queue_length(client, t) + inflight_length(client, t) for t in keys.TABLES}
     except redis.RedisError as error:
         raise redis_unavailable(settings, error) from None
@@ -255,7 +258,8 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with conn.cursor() as cur:
             balances, losses = drained_balances(cur, since), find_losses(cur, since)
-            text = format_audit(balances, losses, queued, pending, read_horizon(cur, since, now))
+            horizon = read_horizon(cur, since, now)
+            text = format_audit(balances, losses, queued, pending, horizon, spilled)
     finally:
         conn.close()
     print(text)
