@@ -4,23 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import psycopg2
 import pytest
+import redis
 
+from collector.db.init import init_db
+from collector.fake.server import FakeExchange
+from collector.local.servers import LocalService, start_postgres
+from collector.queue import keys
 from collector.queue.envelope import make_envelope
-from collector.queue.spill_stats import drain_eta_s
+from collector.queue.spill_stats import SpillFigures, drain_eta_s, parse_figures
+from collector.settings import Settings, load_settings
 from collector.streams.pressure import QueueGauge, split
 from collector.streams.spill import Groups, Spill
 from collector.streams.spill_format import SegmentHeader, encode_header, encode_records, parse_records
+from collector.web.health import assess, now_us, snapshot
+from collector.web.metrics import families
+from collector.web.status import render
+from tests.processes import stream_process, wait_until
+from tests.test_gaps_e2e import _drain_all
 
 KEY = "collector:queue:agg_trades"
+COLLECTOR = str(Path(sys.executable).with_name("collector"))
 
 
 def tagged(run: str, seq: int) -> bytes:
     """An aggTrade envelope numbered `seq` in `run`, as the stream process queues it."""
     frame = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","s":"BTCUSDT","a":%d}}' % seq
-    return make_envelope("spot", 1_700_000_000_000_000 + seq, frame, audit=f',"run":"{run}","seq":{seq}'.encode())
+    return make_envelope(
+        "spot", 1_700_000_000_000_000 + seq, frame, audit=f',"run":"{run}","seq":{seq}'.encode()
+    )
 
 
 def write_segment(directory: Path, number: int, run: str, body: bytes) -> Path:
@@ -54,7 +75,9 @@ def test_records_read_back_as_written_and_a_cut_read_stops_before_the_cut_record
     envelopes = [b'{"a":1}', b'{"b":22}', b"x" * 1000]
     block = encode_records(KEY, "agg_trades", envelopes)
     whole = parse_records(block)
-    assert [(r.key, r.table, r.envelope) for r in whole.records] == [(KEY, "agg_trades", e) for e in envelopes]
+    assert [(r.key, r.table, r.envelope) for r in whole.records] == [
+        (KEY, "agg_trades", e) for e in envelopes
+    ]
     assert (whole.end, whole.skipped, whole.torn) == (len(block), [], 0)
     third = whole.records[2].offset
     cut = parse_records(block[:-10], final=False)
@@ -81,14 +104,18 @@ def test_a_torn_last_record_is_dropped_with_a_warning_naming_its_bytes(
         assert spill.envelopes == 3 and dict(spill.held) == {KEY: 3}
         assert dict(spill.pending) == {"r1-1/agg_trades": 3}
         assert spill.recovered_seq == {"r1-1/agg_trades": 3}
-        assert path.stat().st_size == len(encode_header(SegmentHeader("r1-1", 1_700_000_000_000_000))) + len(whole)
+        assert path.stat().st_size == len(encode_header(SegmentHeader("r1-1", 1_700_000_000_000_000))) + len(
+            whole
+        )
         assert read_all(spill) == [tagged("r1-1", n) for n in (1, 2, 3)]
         assert spill.envelopes == 0 and not list((tmp_path / "spill").glob("seg-*"))  # fed: deleted
     finally:
         spill.close()
 
 
-def test_a_bad_checksum_is_skipped_with_a_clear_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_bad_checksum_is_skipped_with_a_clear_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A record whose bytes changed on disk is skipped, named by offset and size; the others are read."""
     records = [encode_records(KEY, "agg_trades", [tagged("r1-1", n)]) for n in (1, 2, 3)]
     damaged = bytearray(records[1])
@@ -144,7 +171,7 @@ def test_a_second_process_cannot_take_a_spill_directory_in_use(tmp_path: Path) -
     first = Spill(tmp_path / "spill", "r1-1")
     first.open()
     try:
-        with pytest.raises(ConfigError, match="SPILL_DIR: .* is in use by another stream process"):
+        with pytest.raises(ConfigError, match=r"SPILL_DIR: .* is in use by another stream process"):
             Spill(tmp_path / "spill", "r2-2").open()
     finally:
         first.close()
@@ -173,3 +200,166 @@ def test_the_gauge_estimates_bytes_and_the_drains_pace() -> None:
     gauge.refreshed({"a": 5}, now=101.0)  # 10 + 5 pushed - 5 left = 10 drained in 1 s
     assert 0 < gauge.drain_rate <= 10
     assert drain_eta_s(100, 10.0) == 10.0 and drain_eta_s(0, 0.0) == 0.0 and drain_eta_s(5, 0.0) is None
+
+
+# --- the stream process against the fake exchange, Redis and PostgreSQL ----------------------------
+
+PUSHED = re.compile(
+    r'"market":"(\w+)","received_at_us":\d+,"run":"([\w.-]+)","seq":(\d+),"frame":\{[^{]*\{[^}]*?"s":"(\w+)","a":(\d+)'
+)
+
+
+class QueueTap:
+    """Every RPUSH onto one list, in the order Redis ran them (MONITOR): the order the list holds."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.key = key
+        self.pushed: list[tuple[str, int, str, str, int]] = []  # run, seq, market, symbol, aggregate id
+        self._client = redis.Redis.from_url(url)
+        self._monitor = self._client.monitor().__enter__()  # MONITOR is on before this returns
+        self._thread = threading.Thread(target=self._listen, name="queue-tap", daemon=True)
+        self._thread.start()
+
+    def _listen(self) -> None:
+        prefix = f"RPUSH {self.key} "
+        try:
+            while True:
+                command = self._monitor.next_command()["command"]
+                if command.startswith(prefix):
+                    self.pushed += [(r, int(q), m, s, int(a)) for m, r, q, s, a in PUSHED.findall(command)]
+        except (redis.RedisError, OSError, AttributeError, TypeError):
+            return  # close() cut the connection
+
+    def close(self) -> None:
+        self._monitor.connection.disconnect()
+        self._thread.join(10)
+        self._client.close()
+
+
+def spill_figures(client: redis.Redis) -> SpillFigures | None:
+    return parse_figures(client.hgetall(keys.SPILL))
+
+
+def test_past_its_cap_the_queue_spills_survives_sigkill_and_is_stored_once_in_order(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """PostgreSQL down: the queue stops at REDIS_MAX_QUEUE_BYTES and the rest goes to disk; the stream
+    process is SIGKILLed mid-spill (and its last write torn); restarted, it resumes the spill. Once
+    PostgreSQL is back every event queued is stored exactly once, pushed in order per symbol, and
+    `collector audit` balances. Status, /metrics and /health show the spill meanwhile."""
+    cap = 30_000
+    client = redis.Redis.from_url(settings.redis_url)
+    server: LocalService = start_postgres(tmp_path / "pg", durable=False)
+    own = load_settings(database_url=server.url, redis_url=settings.redis_url)
+    init_db(own)
+    server.stop()  # PostgreSQL down from here: nothing leaves the queue
+    spill_dir = tmp_path / "spill"
+    tap = QueueTap(settings.redis_url, keys.queue("agg_trades"))
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    second = None
+    try:
+        with FakeExchange(rate=100.0) as fake:
+            env = {
+                "REDIS_URL": settings.redis_url,
+                "DATABASE_URL": server.url,
+                "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
+                "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
+                "SPOT_STREAMS": "aggTrade",
+                "FUTURES_STREAMS": "aggTrade",
+                "STREAM_FLUSH_INTERVAL_MS": "20",
+                "REDIS_MAX_QUEUE_BYTES": str(cap),
+                "SPILL_DIR": str(spill_dir),
+            }
+            first = stream_process(env, tmp_path / "first")
+            try:
+                wait_until(lambda: (f := spill_figures(client)) and f.envelopes >= 1000, 60, "1000 spilled")
+                held = sum(map(len, client.lrange(keys.queue("agg_trades"), 0, -1)))
+                assert cap * 0.7 <= held <= cap * 1.25, held  # Redis holds about the cap, no more
+            finally:
+                first.signal_group(signal.SIGKILL)
+                first.popen.wait(30)
+            segments = sorted(spill_dir.glob("seg-*.spill"))
+            assert segments
+            with segments[-1].open("ab") as file:  # a write the kill cut off
+                file.write(encode_records(keys.queue("agg_trades"), "agg_trades", [b'{"cut":1}'])[:25])
+            spilled_at_kill = spill_figures(client)
+            assert spilled_at_kill is not None
+
+            second = stream_process(env, tmp_path / "second")
+            wait_until(lambda: "spill.resumed" in second.log(), 60, "the spill resumed")
+            assert f"spill.torn_tail path={segments[-1]} bytes=25" in second.log()
+            wait_until(
+                lambda: (f := spill_figures(client)) and f.envelopes > spilled_at_kill.envelopes,
+                60,
+                "more spilled",
+            )
+            text, _ = render(own)
+            assert "spilled; nothing drained lately" in text and "\n  spill: " in text, text
+            snap = snapshot(own, client, log_changes=False)
+            backlog = assess(snap, now_us(), own).body["backlog"]
+            assert backlog["spilled"] > 0 and backlog["spill_bytes"] > 0 and backlog["spilling"]
+            assert backlog["total"] == backlog["queued"] + backlog["in_flight"] + backlog["spilled"]
+            exported = {m.name: m.samples[0].value for m in families(snap, now_us()) if m.samples}
+            assert exported["collector_spill_envelopes"] == backlog["spilled"] > 0
+            assert exported["collector_spill_bytes"] > 0 and exported["collector_backlog_envelopes"] > 0
+            assert "collector_backlog_drain_eta_seconds" not in exported  # nothing drains: no estimate
+
+            server = start_postgres(tmp_path / "pg", port=server.port, durable=False)  # PostgreSQL is back
+
+            def all_fed() -> bool:
+                _drain_all(own)
+                figures = spill_figures(client)
+                return bool(figures and figures.envelopes == 0 and not list(spill_dir.glob("seg-*.spill")))
+
+            fake.pause()  # so the drains here outpace it on a loaded machine
+            wait_until(all_fed, 120, "the spill fed back and drained")
+            fake.resume()  # with nothing left on disk, new events go to Redis again
+            more = len(tap.pushed) + 100
+            wait_until(lambda: _drain_all(own) or len(tap.pushed) >= more, 60, "100 more events queued")
+            fake.pause()
+            wait_until(all_fed, 120, "the spill fed back and drained again")
+            assert second.stop() == 0, second.log()
+            assert not list(spill_dir.glob("seg-*.spill"))
+        _drain_all(own)
+        check_stored_once_in_order(own, tap.pushed)
+    finally:
+        if second is not None:
+            second.stop()
+        tap.close()
+        server.stop()
+
+
+def check_stored_once_in_order(settings: Settings, pushed: list[tuple[str, int, str, str, int]]) -> None:
+    """What went onto the queue is stored once; each run pushed its numbers, and each symbol its
+    trades, in order; `collector audit` balances with nothing pending."""
+    runs = {run for run, *_ in pushed}
+    assert len(runs) == 2, runs  # the killed run (its spill fed back) and the second one
+    for run in runs:
+        numbers = [seq for r, seq, *_ in pushed if r == run]
+        assert numbers == sorted(set(numbers)), f"run {run} pushed out of order or twice"
+        for market, symbol in {(m, s) for r, _, m, s, _ in pushed if r == run}:
+            ids = [a for r, _, m, s, a in pushed if (r, m, s) == (run, market, symbol)]
+            assert ids == sorted(set(ids)), (run, market, symbol)
+    conn = psycopg2.connect(settings.database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT market, symbol, aggregate_trade_id FROM agg_trades")
+            stored = cur.fetchall()
+    finally:
+        conn.close()
+    assert len(stored) == len(set(stored))  # exactly once
+    assert set(stored) == {(m, s, a) for _, _, m, s, a in pushed}
+    printed = subprocess.run(
+        [COLLECTOR, "audit"],
+        env={**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert printed.returncode == 0, printed.stderr
+    trades = [line.split() for line in printed.stdout.splitlines() if line.startswith("agg_trades ")]
+    assert len(trades) == 2, printed.stdout
+    for row in trades:  # QUEUED, DRAINED, PENDING, LOST ... BALANCE
+        assert row[2] == row[3] and row[4] == "0" and row[5] == "0" and row[-1] == "balanced", printed.stdout
+    assert printed.stdout.strip().endswith("nothing lost")

@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import redis.asyncio
@@ -39,7 +39,7 @@ RESUME_FRACTION: Final = 0.8
 FEED_MAX_BYTES: Final = 2 * 1024 * 1024
 FEED_MAX_RECORDS: Final = 5000
 QUEUE_REFRESH_S: Final = 1.0
-# ... and this often while envelopes wait on disk: feeding back follows the drains closely.
+# ... and this often near the cap or while envelopes wait on disk.
 FEEDING_REFRESH_S: Final = 0.05
 SIZE_SAMPLE: Final = 32  # envelopes per list and flush whose sizes feed the running mean
 SIZE_WEIGHT: Final = 0.2  # weight of a new sample in the running mean size
@@ -132,6 +132,11 @@ class Backpressure:
             self.spill.close()
             self._opened = False
 
+    def watch(self, names: Iterable[str]) -> None:
+        """Count these lists from the next length refresh on, before anything is pushed to them."""
+        for name in names:
+            self.gauge.lengths.setdefault(name, 0)
+
     # --- routing a flush -----------------------------------------------------------------------------
 
     def route(self, wanted: Mapping[str, tuple[int, Sequence[bytes]]]) -> dict[str, int]:
@@ -206,7 +211,12 @@ class Backpressure:
         now = time.monotonic()
         if now < self._next_refresh:
             return
-        self._next_refresh = now + (FEEDING_REFRESH_S if self.spill and self.spill.held else QUEUE_REFRESH_S)
+        # Close to the cap, or with envelopes on disk, the lengths are followed closely: feeding back
+        # and going back to Redis then wait for the drains by no more than this.
+        near = self.gauge.total_bytes() > self.cap_bytes * RESUME_FRACTION
+        self._next_refresh = now + (
+            FEEDING_REFRESH_S if near or (self.spill and self.spill.held) else QUEUE_REFRESH_S
+        )
         names = sorted(set(self.gauge.lengths) | (set(self.spill.held) if self.spill else set()))
         pipe: Any = client.pipeline(transaction=True)
         for name in names:

@@ -191,6 +191,9 @@ class Sink:
         """Flush every STREAM_FLUSH_INTERVAL_MS, or at once when STREAM_FLUSH_MAX_EVENTS are waiting;
         between flushes, feed the spill back while the lists have room."""
         self.pressure.open()  # resume what an earlier run left on disk, before anything new goes there
+        # What the lists already hold, before the first flush adds to them (skipped while Redis is down).
+        self.pressure.watch(keys.queue(table) for table in keys.TABLES)
+        await self._refresh_and_feed()
         delays: Iterator[float] | None = None
         while not self._stopping:
             if self._buffered < self._options.flush_max_events and not self.pressure.feed_ready():

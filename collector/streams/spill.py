@@ -99,6 +99,7 @@ class Spill:
         self._active: Segment | None = None
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        self._last_number = 0
         self.held: Counter[str] = Counter()  # Redis list -> records on disk
         self.pending: Counter[str] = Counter()  # `<run>/<table>` -> records on disk
         self.recovered_seq: dict[str, int] = {}  # `<run>/<table>` -> last number, of earlier runs
@@ -118,6 +119,7 @@ class Spill:
                 f"SPILL_DIR: {self.directory} is in use by another stream process; give each its own"
             ) from None
         for path in sorted(self.directory.glob("seg-*.spill"), key=_number):
+            self._last_number = _number(path)
             segment = self._load(path)
             if segment is not None:
                 self._adopt(segment)
@@ -203,7 +205,9 @@ class Spill:
         segment.size = start + len(block)
 
     def _start_segment(self) -> None:
-        number = max((segment.number for segment in self._segments), default=0) + 1
+        # Never a name used before by this process, even once deleted: each name means one file in the logs.
+        number = max([self._last_number, *(segment.number for segment in self._segments)]) + 1
+        self._last_number = number
         header = SegmentHeader(self.run, time.time_ns() // 1000)
         path = self.directory / f"seg-{number:012d}.spill"
         data = encode_header(header)
