@@ -10,15 +10,17 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import psycopg2
 import pytest
 import redis
 
 from collector.db.init import init_db
 from collector.fake.server import FakeExchange
-from collector.local.servers import LocalService, start_postgres
+from collector.local.servers import LocalService, free_port, start_postgres, start_redis
 from collector.queue import keys
 from collector.queue.envelope import make_envelope
 from collector.queue.spill_stats import SpillFigures, drain_eta_s, parse_figures
@@ -31,6 +33,7 @@ from collector.web.metrics import families
 from collector.web.status import render
 from tests.processes import stream_process, wait_until
 from tests.test_gaps_e2e import _drain_all
+from tests.test_streams import STREAM_TABLES, InProcess, all_stored, queued, stream_settings, total_queued
 
 KEY = "collector:queue:agg_trades"
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
@@ -93,7 +96,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning_naming_its_bytes(
 ) -> None:
     """A segment cut mid-record by a crash: the next start keeps every whole record, warns with the
     torn bytes, and counts the earlier run's numbers on disk as queued."""
-    caplog.set_level(logging.INFO, logger="collector.streams.spill")
+    caplog.set_level(logging.INFO, logger="collector.streams")
     whole = encode_records(KEY, "agg_trades", [tagged("r1-1", n) for n in (1, 2, 3)])
     partial = encode_records(KEY, "agg_trades", [tagged("r1-1", 4)])[:17]
     path = write_segment(tmp_path / "spill", 1, "r1-1", whole + partial)
@@ -363,3 +366,49 @@ def check_stored_once_in_order(settings: Settings, pushed: list[tuple[str, int, 
     for row in trades:  # QUEUED, DRAINED, PENDING, LOST ... BALANCE
         assert row[2] == row[3] and row[4] == "0" and row[5] == "0" and row[-1] == "balanced", printed.stdout
     assert printed.stdout.strip().endswith("nothing lost")
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeExchange]:
+    with FakeExchange(rate=200.0) as exchange:
+        yield exchange
+
+
+def test_with_redis_down_memory_stays_bounded_and_a_stop_spills_the_rest(
+    tmp_path: Path, fake: FakeExchange, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stopped: past STREAM_BUFFER_MAX_EVENTS the buffer goes to disk instead of growing, a stop
+    spills what is left (nothing unflushed), and the next run feeds it all to Redis, in order."""
+    caplog.set_level(logging.INFO, logger="collector.streams")
+    monkeypatch.chdir(tmp_path)  # keep a developer's .env out of the settings
+    workdir = tmp_path
+    port = free_port()
+    server: LocalService = start_redis(workdir / "redis", port=port, persistent=True)
+    bound = 200
+    overrides = {"stream_buffer_max_events": bound, "spill_dir": workdir / "spill"}
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=5)
+        with InProcess(stream_settings(server.url, fake, **overrides)) as running:
+            wait_until(lambda: total_queued(client) > 50, 30, "first events")
+            server.stop()
+            spill = running.sink.pressure.spill
+            assert spill is not None
+            wait_until(lambda: spill.envelopes >= 5 * bound, 60, "five buffers' worth on disk")
+            assert "sink.spilled_buffer" in caplog.text
+            assert running.stop() == 0  # everything received is on disk: nothing unflushed
+        assert "sink.unflushed" not in caplog.text
+        server = start_redis(workdir / "redis", port=port, persistent=True)
+        with InProcess(stream_settings(server.url, fake, **overrides)):
+            wait_until(lambda: "spill.resumed" in caplog.text, 30, "the spill resumed")
+            fake.pause()
+            wait_until(lambda: all_stored(client, fake), 60, "every event sent queued")
+        for table in STREAM_TABLES:
+            numbers: dict[str, list[int]] = {}
+            for envelope in queued(client, table):
+                parsed = orjson.loads(envelope)
+                numbers.setdefault(parsed["run"], []).append(parsed["seq"])
+            for run, seqs in numbers.items():  # each run's events in the order it numbered them
+                assert seqs == sorted(set(seqs)), (table, run)
+        assert not list((workdir / "spill").glob("seg-*.spill"))
+    finally:
+        server.stop()
