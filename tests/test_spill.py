@@ -412,3 +412,40 @@ def test_with_redis_down_memory_stays_bounded_and_a_stop_spills_the_rest(
         assert not list((workdir / "spill").glob("seg-*.spill"))
     finally:
         server.stop()
+
+
+def test_status_metrics_and_health_show_the_backlog_and_the_time_to_drain_it() -> None:
+    """Queued + in flight + spilled is the backlog; at the drains' recent pace it takes backlog / pace."""
+    from collector.web.health import HealthSnapshot, TableState
+
+    now = 1_800_000_000_000_000
+    figures = SpillFigures(
+        envelopes=9_000,
+        bytes=3_150_000,
+        segments=2,
+        oldest_us=now - 90_000_000,
+        spilling=True,
+        queue_bytes=500_000,
+        cap_bytes=512_000,
+        drain_rate=1_000.0,
+        disk_free_bytes=80_000_000_000,
+        updated_us=now,
+    )
+    tables = [TableState("agg_trades", 900, 100, now), TableState("depth_updates", 0, 0, now)]
+    snap = HealthSnapshot(redis_up=True, postgres_up=True, tables=tables, spill=figures)
+    backlog = snap.backlog
+    assert (backlog.total, backlog.eta_s) == (10_000, 10.0)
+    body = assess(snap, now, load_settings()).body["backlog"]
+    assert body["total"] == 10_000 and body["spilled"] == 9_000 and body["eta_s"] == 10.0
+    assert body["spill_bytes"] == 3_150_000 and body["oldest_spill_age_s"] == 90.0
+    exported = {m.name: m.samples[0].value for m in families(snap, now) if m.samples}
+    assert exported["collector_backlog_drain_eta_seconds"] == 10.0
+    assert exported["collector_spill_envelopes"] == 9_000 and exported["collector_spill_bytes"] == 3_150_000
+    from collector.web.status import format_status
+
+    text = format_status(snap, assess(snap, now, load_settings()), now)
+    assert (
+        "backlog: 10,000 = 900 in Redis + 100 in flight + 9,000 spilled; drains 1,000/s, about 10s to drain"
+        in text
+    )
+    assert "spill: 3.1 MB on disk in 2 segment(s), oldest 1m30s ago, 80.00 GB free" in text

@@ -90,14 +90,8 @@ class _Batch:
         return sum(self.envelopes.values()) + self.deadletters
 
     def is_empty(self) -> bool:
-        return not (
-            self.envelopes
-            or self.deadletters
-            or self.streams
-            or self.reconnects
-            or self.states
-            or self.spilled
-        )
+        parts = (self.envelopes, self.deadletters, self.streams, self.reconnects, self.states, self.spilled)
+        return not any(parts)
 
 
 class Sink:
@@ -309,13 +303,8 @@ class Sink:
         if not counts or self.pressure.spill is None:
             return
         spilled = await self._spill(_Batch({}, 0, [], [], {}, spilled=counts))
-        log = logger.debug if self._spill_warned else logger.warning
-        log(
-            "sink.spilled_buffer envelopes=%d reason=%s dir=%s",
-            spilled,
-            reason,
-            self.pressure.spill.directory,
-        )
+        log = logger.debug if self._spill_warned else logger.warning  # once per outage
+        log("sink.spilled_buffer envelopes=%d reason=%s", spilled, reason)
         self._spill_warned = self._spill_warned or spilled > 0
 
     async def _refresh_and_feed(self) -> bool:
