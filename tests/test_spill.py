@@ -449,3 +449,51 @@ def test_status_metrics_and_health_show_the_backlog_and_the_time_to_drain_it() -
         in text
     )
     assert "spill: 3.1 MB on disk in 2 segment(s), oldest 1m30s ago, 80.00 GB free" in text
+
+
+def test_what_the_sink_spills_counts_as_queued_and_comes_back_in_order(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """At every moment the audit's queued number of the run is what Redis holds plus what waits on
+    disk; as the list is emptied the spill comes back behind it in numbering order."""
+    from collector.queue.client import async_redis_client
+    from collector.streams.sink import Sink, SinkOptions
+    from tests.processes import until
+
+    client = redis.Redis.from_url(redis_url)
+    options = SinkOptions(0.01, 1000, 1_000_000, 100_000, max_queue_bytes=3_000, spill_dir=tmp_path / "spill")
+    settings = load_settings(redis_url=redis_url)
+    taken: list[bytes] = []
+
+    def queued_is_redis_plus_disk(run: str) -> bool:
+        pipe = client.pipeline(transaction=True)  # one moment: what `collector audit` reads, at once
+        pipe.hget(keys.AUDIT_QUEUED, f"{run}/agg_trades")
+        pipe.llen(keys.queue("agg_trades"))
+        pipe.hget(keys.SPILL_PENDING, f"{run}/agg_trades")
+        queued, length, pending = pipe.execute()
+        return int(queued or 0) == 200 and int(queued) == len(taken) + int(length) + int(pending or 0)
+
+    async def main() -> None:
+        sink = Sink(async_redis_client(settings), options)
+        task = asyncio.create_task(sink.run())
+        for n in range(200):
+            sink.push_event(
+                "agg_trades", "spot", 1_700_000_000_000_000 + n, b'{"data":{"s":"BTCUSDT","a":%d}}' % n
+            )
+        spill = sink.pressure.spill
+        assert spill is not None
+        await until(lambda: queued_is_redis_plus_disk(sink.run_id), 30, "all 200 queued, most on disk")
+        assert spill.envelopes > 100  # the cap let ~3 kB into Redis
+        while len(taken) < 200:  # a drain: empty the list, the spill follows into it
+            taken.extend(client.lpop(keys.queue("agg_trades"), 50) or [])
+            assert queued_is_redis_plus_disk(sink.run_id)
+            await until(lambda: len(taken) == 200 or client.llen(keys.queue("agg_trades")), 30, "fed back")
+            assert queued_is_redis_plus_disk(sink.run_id)
+        sink.stop()
+        await task
+        assert await sink.drain(5) == 0
+        sink.close()
+
+    asyncio.run(main())
+    assert [orjson.loads(envelope)["seq"] for envelope in taken] == list(range(1, 201))
+    assert not list((tmp_path / "spill").glob("seg-*.spill"))

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import redis.asyncio
 
-from collector.queue import spill_stats
+from collector.queue import keys, spill_stats
 from collector.queue.spill_stats import SpillFigures
 from collector.streams.spill import Groups, Spill
 from collector.streams.spill_format import group_by_key
@@ -193,19 +193,22 @@ class Backpressure:
             updated_us=time.time_ns() // 1000,
         )
 
-    def publish(self, pipe: Any, always: bool = False) -> None:
-        """Add the spill figures to `pipe` while anything is (or just was) on disk, or when `always`."""
+    def publish(self, pipe: Any, always: bool = False, queued: Mapping[str, int] | None = None) -> None:
+        """Add the spill figures to `pipe` while anything is (or just was) on disk, or when `always`;
+        with the audit numbers `queued` (`<run>/<table>` -> last number in Redis or on disk), if given."""
         spill = self.spill
         if spill is None:
             return
         empty = not spill.held and not spill.segments
         if empty and self._published_empty and not always:
             return
+        if queued:
+            pipe.hset(keys.AUDIT_QUEUED, mapping=dict(queued))
         spill_stats.publish(pipe, self.figures(), dict(spill.pending))
         spill_stats.raise_queued(pipe, spill.recovered_seq)
         self._published_empty = empty
 
-    async def refresh_if_due(self, client: redis.asyncio.Redis) -> None:
+    async def refresh_if_due(self, client: redis.asyncio.Redis, queued: Mapping[str, int]) -> None:
         """Every QUEUE_REFRESH_S (FEEDING_REFRESH_S while anything is on disk): read every list's
         length and publish the figures (one round trip)."""
         now = time.monotonic()
@@ -221,7 +224,7 @@ class Backpressure:
         pipe: Any = client.pipeline(transaction=True)
         for name in names:
             pipe.llen(name)
-        self.publish(pipe, always=True)
+        self.publish(pipe, always=True, queued=queued)
         replies = await pipe.execute()
         self.gauge.refreshed(dict(zip(names, (int(r) for r in replies[: len(names)]), strict=True)), now)
         if self.spill is not None:
@@ -236,7 +239,7 @@ class Backpressure:
         room = self.cap_bytes * RESUME_FRACTION - self.gauge.total_bytes()
         return room >= min(FEED_MAX_BYTES, self.cap_bytes * RESUME_FRACTION) / 4
 
-    async def feed(self, client: redis.asyncio.Redis) -> int:
+    async def feed(self, client: redis.asyncio.Redis, queued: Mapping[str, int]) -> int:
         """Move the oldest envelopes on disk to their lists (one MULTI); returns how many."""
         if not self.feed_ready():
             return 0
@@ -252,7 +255,7 @@ class Backpressure:
         # The figures after this chunk: moved off the disk in the same transaction as onto the lists.
         self.spill.take(chunk)
         try:
-            self.publish(pipe, always=True)
+            self.publish(pipe, always=True, queued=queued)
             replies = await pipe.execute()
         except BaseException:
             self.spill.untake(chunk)

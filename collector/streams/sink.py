@@ -312,8 +312,9 @@ class Sink:
         if self.pressure.spill is None:
             return True
         try:
-            await self.pressure.refresh_if_due(self._client)
-            await self.pressure.feed(self._client)
+            # What the last spill took counts as queued from here, also when no flush follows it.
+            await self.pressure.refresh_if_due(self._client, self._queued_upto())
+            await self.pressure.feed(self._client, self._queued_upto())
         except REDIS_ERRORS as error:
             logger.debug(
                 "sink.feed_failed error=%s spilled=%d", _one_line(error), self.pressure.spill.envelopes
@@ -345,15 +346,12 @@ class Sink:
 
     async def _write(self, batch: _Batch) -> None:
         pipe: Any = self._client.pipeline(transaction=True)
-        queued_upto: dict[str, int] = {}
         pushed: list[tuple[str, int, int]] = []  # list, envelopes, index of the RPUSH's reply
         for table, count in batch.envelopes.items():
             pushed.append((keys.queue(table), count, len(pipe)))
             pipe.rpush(keys.queue(table), *self._queues[table][:count])
-            if table in self._seq:  # numbered events only: the last number this flush commits
-                queued_upto[f"{self.run_id}/{table}"] = self._seq[table] - (len(self._queues[table]) - count)
-        if queued_upto:
-            pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
+        if self._seq:
+            pipe.hset(keys.AUDIT_QUEUED, mapping=self._queued_upto(batch.envelopes))
         deadletter.push(pipe, self._deadletters[: batch.deadletters])
         updates: dict[tuple[str, str], tuple[int, int | None]] = {}
         for state, stream, messages, last in batch.streams:
@@ -372,6 +370,15 @@ class Sink:
         replies = await pipe.execute()
         for name, count, index in pushed:
             self.pressure.gauge.pushed(name, count, int(replies[index]))
+
+    def _queued_upto(self, flushed: dict[str, int] | None = None) -> dict[str, int]:
+        """`<run>/<table>` -> the last number in Redis or on disk once `flushed` (table -> envelopes
+        pushed) is committed: every number not in the buffer any more (numbered tables only)."""
+        flushed = flushed or {}
+        return {
+            f"{self.run_id}/{table}": seq - (len(self._queues.get(table, ())) - flushed.get(table, 0))
+            for table, seq in self._seq.items()
+        }
 
     def _commit(self, batch: _Batch) -> None:
         """Forget what `batch` wrote; anything pushed meanwhile sits behind it and stays."""

@@ -80,6 +80,7 @@ class Spill:
         self._fd: int | None = None
         self._lock_fd: int | None = None
         self._last_number = 0
+        self._writing: asyncio.Future[None] | None = None  # the last append, finished or not
         self.held: Counter[str] = Counter()  # Redis list -> records on disk
         self.pending: Counter[str] = Counter()  # `<run>/<table>` -> records on disk
         self.recovered_seq: dict[str, int] = {}  # `<run>/<table>` -> last number, of earlier runs
@@ -147,9 +148,21 @@ class Spill:
     # --- writing -----------------------------------------------------------------------------------
 
     async def append(self, groups: Groups) -> None:
-        """Write `groups` to the active segment and fsync; raises OSError (nothing written then)."""
+        """Write `groups` to the active segment and fsync; raises OSError (nothing written then).
+
+        Cancelling the caller is safe: the write and its bookkeeping still finish (a shutdown that
+        gives up waiting then keeps those envelopes twice, on disk and in memory: a duplicate, never
+        a gap), and the next append waits for it.
+        """
         if not groups.items:
             return
+        job = asyncio.ensure_future(self._append_after(self._writing, groups))
+        self._writing = job
+        await asyncio.shield(job)
+
+    async def _append_after(self, previous: asyncio.Future[None] | None, groups: Groups) -> None:
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])  # its error, if any, went to its own caller
         # Encoding too runs in the thread: a whole buffer spilled at once is ~1 µs an envelope.
         await asyncio.to_thread(self._write_groups, groups)
         segment = self._active
