@@ -376,13 +376,16 @@ def format_audit(
     queued: dict[str, int],
     pending: dict[str, int],
     found: Horizon | None = None,
+    spilled: Mapping[str, int] | None = None,
 ) -> str:
     """The text of `collector audit`. Pure.
 
     Per table and run: the events the stream process committed to the queue (`queued`, from Redis:
     `<run>/<table>` -> last number), and where they went: drained (into rows stored, duplicate or
     filtered, or dead letters), still queued or in flight (`pending`, per queue shard as
-    `keys.shard_name` names it, the latest run's there), or lost. A run whose numbers add up says
+    `keys.shard_name` names it, the latest run's there), or lost. Envelopes the stream process spilled
+    to disk (`spilled`, `<run>/<table>` -> count) are queued and pending too, whichever run they
+    belong to. A run whose numbers add up says
     `balanced`. First, when the period reaches back past retention (`found`), one line saying from
     when the audit can vouch for its numbers.
     """
@@ -411,6 +414,7 @@ def format_audit(
     for b in balances:
         shard = shard_of_run(b.table, b.run)
         waiting = pending.get(shard, 0) if latest[shard] == b.run else 0
+        waiting += (spilled or {}).get(f"{b.run}/{b.table}", 0)
         missing = lost.get((b.table, b.run), 0)
         sent = queued.get(f"{b.run}/{b.table}")
         if sent is None:

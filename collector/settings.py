@@ -186,6 +186,16 @@ class Settings(BaseSettings):
     stream_flush_interval_ms: int = Field(50, gt=0)
     stream_flush_max_events: int = Field(2000, gt=0)
     stream_buffer_warn_events: int = Field(1_000_000, gt=0)
+    # While Redis is unreachable, past this many buffered events they go to SPILL_DIR (~40 MB at
+    # ~400 bytes each): the stream process's memory stays flat through an outage of any length.
+    stream_buffer_max_events: int = Field(100_000, gt=0)
+    # --- backpressure (collector.streams.pressure) -------------------------------------------------
+    # What the Redis queues may hold (estimated: length x mean envelope size); past it the stream
+    # process spills to SPILL_DIR, and feeds it back once they are below 80 % of it. 512 MiB is about
+    # 30 s of all of Binance (50k msg/s) and hours at a few symbols, on a machine with 2-4 GB of RAM.
+    redis_max_queue_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    # Local disk for the spill; one directory per stream process (it is locked while in use).
+    spill_dir: Path = Path("var/spill")
     ws_open_timeout_s: float = Field(10, gt=0)
     ws_idle_timeout_s: float = Field(300, gt=0)  # the longest silence tolerated on any connection
     # A busy connection is silent after 50 of its usual gaps between frames, but never sooner than this.

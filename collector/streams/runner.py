@@ -169,6 +169,7 @@ async def serve(
     process.ledger.stop()
     ledger_task.cancel()
     left = await process.sink.drain(max(deadline - time.monotonic(), MIN_DRAIN_S))
+    process.sink.close()
     if not left:
         # Only once everything received is in Redis: the next start continues from here.
         try:
@@ -188,6 +189,7 @@ async def _main(settings: Settings) -> int:
         fetch = exchange_info_fetcher(settings, blocking)
         symbols = await resolve_symbols(settings, fetch, blocking)
         sink = Sink(client, SinkOptions.from_settings(settings))
+        sink.pressure.open()  # SPILL_DIR taken (or one line: another process has it), earlier spill resumed
         ledger = GapLedger(sink, snapshot_fetcher(settings, blocking))
         follower = SymbolFollower(settings, fetch, blocking, symbols)
         plans = connection_plans(with_symbols(settings, symbols))

@@ -2,10 +2,14 @@
 
 Guarantees:
 - `push()` never waits and never touches the network: the receive loops only append here.
-- Everything pushed is kept until a flush that contains it has been committed; a Redis outage only
-  grows the buffer (warned about above STREAM_BUFFER_WARN_EVENTS), it never drops an event.
-- Order within a table's queue shard is kept: one flush runs at a time and always takes the oldest
-  envelopes; an event goes to the shard of its stream's symbol (QUEUE_SHARDS, collector.queue.shards).
+- Everything pushed is kept until a flush that contains it has been committed to Redis or to the
+  spill on disk (collector.streams.pressure): nothing received is dropped. Past REDIS_MAX_QUEUE_BYTES
+  in the lists, and past STREAM_BUFFER_MAX_EVENTS in memory while Redis is unreachable, envelopes go
+  to disk, so neither Redis nor this process grows without bound.
+- Order within a list is kept: one flush runs at a time and always takes the oldest envelopes, and
+  while any envelope of a list waits on disk, newer ones of that list go to disk behind it. A table
+  has one list per queue shard; an event goes to the shard of its stream's symbol (QUEUE_SHARDS,
+  collector.queue.shards).
 - A flush is one MULTI/EXEC transaction, so a flush cut off by a Redis failure writes nothing and is
   retried whole. (If the connection dies after EXEC ran but before its reply arrived, the retry writes
   those envelopes a second time; the tables' natural keys make such duplicates harmless.)
@@ -18,7 +22,8 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import redis
@@ -32,6 +37,8 @@ from collector.queue.stream_stats import StreamStatsWriter
 from collector.retry import is_transient
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
+from collector.streams.pressure import Backpressure
+from collector.streams.spill import Groups, Spill
 from collector.streams.state import ConnectionState
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,9 @@ class SinkOptions:
     flush_interval_s: float
     flush_max_events: int
     buffer_warn_events: int
+    buffer_max_events: int = 100_000
+    max_queue_bytes: int = 512 * 1024 * 1024
+    spill_dir: Path | None = None  # None: no spill, everything waits in memory for Redis
     queue_shards: int = 1
 
     @classmethod
@@ -61,6 +71,9 @@ class SinkOptions:
             flush_interval_s=settings.stream_flush_interval_ms / 1000,
             flush_max_events=settings.stream_flush_max_events,
             buffer_warn_events=settings.stream_buffer_warn_events,
+            buffer_max_events=settings.stream_buffer_max_events,
+            max_queue_bytes=settings.redis_max_queue_bytes,
+            spill_dir=settings.spill_dir,
             queue_shards=settings.queue_shards,
         )
 
@@ -69,18 +82,21 @@ class SinkOptions:
 class _Batch:
     """What one flush attempt writes; committed to the bookkeeping only after EXEC succeeded."""
 
-    envelopes: dict[Lane, int]  # (table, shard) -> how many of its oldest envelopes
+    envelopes: dict[Lane, int]  # (table, shard) -> how many of its oldest envelopes go to Redis
     deadletters: int
     streams: list[tuple[ConnectionState, str, int, int | None]]  # state, stream, messages, last_us
     reconnects: list[tuple[str, int]]  # connection id, reconnects so far
     states: dict[str, bytes]  # connection id -> JSON
+    # (table, shard) -> how many envelopes after those go to the spill (once Redis took its part)
+    spilled: dict[Lane, int] = field(default_factory=dict)
 
     @property
     def events(self) -> int:
         return sum(self.envelopes.values()) + self.deadletters
 
     def is_empty(self) -> bool:
-        return not (self.envelopes or self.deadletters or self.streams or self.reconnects or self.states)
+        parts = (self.envelopes, self.deadletters, self.streams, self.reconnects, self.states, self.spilled)
+        return not any(parts)
 
 
 class Sink:
@@ -99,10 +115,11 @@ class Sink:
         self._unregistered: set[str] = set()  # closed for good: every flush deletes their record
         self._stream_stats = StreamStatsWriter(client)
         self._wake = asyncio.Event()  # set when a flush is due early: buffer full, or stopping
-        self._stop_event = asyncio.Event()
+        self._interrupt = asyncio.Event()  # cuts a Redis backoff short: stopping, or memory at its bound
         self._stopping = False
         self._unavailable_since: float | None = None
         self._buffer_warned = False
+        self._spill_warned = False
         # This run's id and the last number given to an event of each table and shard (collector.audit).
         self.run_id = run or f"r{time.time_ns() // 1000}-{os.getpid()}"
         self._shards = options.queue_shards
@@ -111,6 +128,8 @@ class Sink:
             for shard in range(self._shards)
         ]
         self._seq: dict[Lane, int] = {}
+        spill = None if options.spill_dir is None else Spill(options.spill_dir, self.run_id)
+        self.pressure = Backpressure(spill, options.max_queue_bytes)
 
     # --- the hot path: called by the receive loops, never awaits ---------------------------------
 
@@ -136,6 +155,8 @@ class Sink:
         self._buffered += 1
         if self._buffered >= self._options.flush_max_events:
             self._wake.set()
+            if self._buffered >= self._options.buffer_max_events:
+                self._interrupt.set()
 
     def push_deadletter(self, letter: DeadLetter) -> None:
         """Queue one dead letter."""
@@ -179,29 +200,43 @@ class Sink:
     # --- flushing --------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Flush every STREAM_FLUSH_INTERVAL_MS, or at once when STREAM_FLUSH_MAX_EVENTS are waiting."""
+        """Flush every STREAM_FLUSH_INTERVAL_MS, or at once when STREAM_FLUSH_MAX_EVENTS are waiting;
+        between flushes, feed the spill back while the lists have room."""
+        self.pressure.open()  # resume what an earlier run left on disk, before anything new goes there
+        # What the lists already hold, before the first flush adds to them (skipped while Redis is down).
+        self.pressure.watch(keys.queue(t, k) for t in keys.TABLES for k in range(self._shards))
+        await self._refresh_and_feed()
         delays: Iterator[float] | None = None
         while not self._stopping:
-            if self._buffered < self._options.flush_max_events:
+            if self._buffered < self._options.flush_max_events and not self.pressure.feed_ready():
                 await _wait(self._wake, self._options.flush_interval_s)
             self._wake.clear()
             if self._stopping:
                 break
             self._check_buffer_size()
-            if await self._attempt():
+            if await self._attempt() and await self._refresh_and_feed():
                 delays = None
                 continue
+            if self._buffered >= self._options.buffer_max_events:
+                await self._spill_all("redis unavailable and STREAM_BUFFER_MAX_EVENTS reached")
             delays = delays or backoff_delays(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
-            await _wait(self._stop_event, next(delays))  # new events must not cut the backoff short
+            await _wait(self._interrupt, next(delays))  # only stopping or a full buffer cut it short
+            if not self._stopping:
+                self._interrupt.clear()
 
     def stop(self) -> None:
         """Make `run()` return after its current flush; call `drain()` afterwards."""
         self._stopping = True
-        self._stop_event.set()
+        self._interrupt.set()
         self._wake.set()
 
+    def close(self) -> None:
+        """Release the spill directory (after `drain()`); what is on disk waits for the next start."""
+        self.pressure.close()
+
     async def drain(self, timeout_s: float) -> int:
-        """Flush until nothing is left, retrying Redis for at most `timeout_s`; return what is left."""
+        """Flush until nothing is left, retrying Redis for at most `timeout_s`, then spill what is
+        still buffered; return what is left (dead letters, or all if the disk refused too)."""
         deadline = time.monotonic() + timeout_s
         delays = backoff_delays(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
         while True:
@@ -214,6 +249,8 @@ class Sink:
             if not await self._attempt(batch, remaining):
                 await asyncio.sleep(min(next(delays), max(deadline - time.monotonic(), 0)))
         if self._buffered:
+            await self._spill_all("redis unavailable at shutdown")
+        if self._buffered:
             logger.error(
                 "sink.unflushed events=%d by_table=%s reason=redis unavailable for %.0fs at shutdown",
                 self._buffered,
@@ -223,13 +260,14 @@ class Sink:
         return self._buffered
 
     async def flush(self) -> int:
-        """One flush now; returns the envelopes and dead letters it committed. Raises on Redis errors."""
+        """One flush now; returns the envelopes and dead letters it committed to Redis or disk.
+        Raises on Redis errors."""
         batch = self._next_batch()
         if batch.is_empty():
             return 0
         await self._write(batch)
         self._commit(batch)
-        return batch.events
+        return batch.events + await self._spill(batch)
 
     async def _attempt(self, batch: _Batch | None = None, timeout_s: float | None = None) -> bool:
         """Write one batch; on a Redis error log (once per outage) and return False, keeping it all."""
@@ -253,6 +291,7 @@ class Sink:
                 logger.debug("sink.redis_retry_failed error=%s buffered=%d", _one_line(error), self._buffered)
             return False
         self._commit(batch)
+        await self._spill(batch)
         if self._unavailable_since is not None:
             logger.warning(
                 "sink.redis_recovered after_s=%.1f buffered=%d",
@@ -260,12 +299,57 @@ class Sink:
                 self._buffered,
             )
             self._unavailable_since = None
+            self._spill_warned = False
+        return True
+
+    async def _spill(self, batch: _Batch) -> int:
+        """Write `batch`'s disk part (now the head of each table's buffer) to the spill; returns how
+        many envelopes it took (none when the disk refused them: they stay buffered)."""
+        if not batch.spilled:
+            return 0
+        groups = Groups(
+            [(keys.queue(*lane), lane[0], self._queues[lane][:n]) for lane, n in batch.spilled.items()]
+        )
+        if not await self.pressure.spill_groups(groups):
+            return 0
+        for lane, count in batch.spilled.items():
+            del self._queues[lane][:count]
+        self._buffered -= groups.envelopes
+        return groups.envelopes
+
+    async def _spill_all(self, reason: str) -> None:
+        """Redis cannot take anything: move every buffered envelope to disk, so memory stays flat."""
+        counts = {lane: len(queue) for lane, queue in self._queues.items() if queue}
+        if not counts or self.pressure.spill is None:
+            return
+        spilled = await self._spill(_Batch({}, 0, [], [], {}, spilled=counts))
+        log = logger.debug if self._spill_warned else logger.warning  # once per outage
+        log("sink.spilled_buffer envelopes=%d reason=%s", spilled, reason)
+        self._spill_warned = self._spill_warned or spilled > 0
+
+    async def _refresh_and_feed(self) -> bool:
+        """The lists' lengths (every QUEUE_REFRESH_S) and one pipeline of the spill fed back."""
+        if self.pressure.spill is None:
+            return True
+        try:
+            # What the last spill took counts as queued from here, also when no flush follows it.
+            await self.pressure.refresh_if_due(self._client, self._queued_upto())
+            await self.pressure.feed(self._client, self._queued_upto())
+        except REDIS_ERRORS as error:
+            logger.debug(
+                "sink.feed_failed error=%s spilled=%d", _one_line(error), self.pressure.spill.envelopes
+            )
+            return False
         return True
 
     def _next_batch(self) -> _Batch:
         """The oldest envelopes of each table (up to a cap) and every changed statistic."""
         limit = MAX_EVENTS_PER_TABLE_PER_FLUSH
-        envelopes = {lane: min(len(queue), limit) for lane, queue in self._queues.items() if queue}
+        counts = {lane: min(len(queue), limit) for lane, queue in self._queues.items() if queue}
+        names = {lane: keys.queue(*lane) for lane in counts}
+        routed = self.pressure.route({names[n]: (count, self._queues[n]) for n, count in counts.items()})
+        envelopes = {n: routed[names[n]] for n in counts if routed[names[n]]}
+        spilled = {n: count - routed[names[n]] for n, count in counts.items() if count > routed[names[n]]}
         streams: list[tuple[ConnectionState, str, int, int | None]] = []
         reconnects: list[tuple[str, int]] = []
         states: dict[str, bytes] = {}
@@ -278,21 +362,18 @@ class Sink:
             encoded = state.to_json()
             if encoded != self._written_states.get(state.id):
                 states[state.id] = encoded
-        return _Batch(envelopes, min(len(self._deadletters), limit), streams, reconnects, states)
+        return _Batch(envelopes, min(len(self._deadletters), limit), streams, reconnects, states, spilled)
 
     async def _write(self, batch: _Batch) -> None:
         pipe: Any = self._client.pipeline(transaction=True)
-        queued_upto: dict[str, int] = {}
-        for (table, shard), count in batch.envelopes.items():
-            queue = self._queues[(table, shard)]
-            pipe.rpush(keys.queue(table, shard), *queue[:count])
-            if (table, shard) in self._seq:  # numbered events only: the last number this flush commits
-                field = f"{shard_run(self.run_id, shard)}/{table}"
-                queued_upto[field] = self._seq[(table, shard)] - (len(queue) - count)
+        pushed: list[tuple[str, int, int]] = []  # list, envelopes, index of the RPUSH's reply
+        for lane, count in batch.envelopes.items():
+            pushed.append((keys.queue(*lane), count, len(pipe)))
+            pipe.rpush(keys.queue(*lane), *self._queues[lane][:count])
         if batch.envelopes:
             shards.wake(pipe)
-        if queued_upto:
-            pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
+        if self._seq:
+            pipe.hset(keys.AUDIT_QUEUED, mapping=self._queued_upto(batch.envelopes))
         deadletter.push(pipe, self._deadletters[: batch.deadletters])
         updates: dict[tuple[str, str], tuple[int, int | None]] = {}
         for state, stream, messages, last in batch.streams:
@@ -307,7 +388,21 @@ class Sink:
             pipe.hdel(keys.CONNECTIONS, *self._unregistered)
         if batch.states:
             pipe.hset(keys.CONNECTIONS, mapping=batch.states)
-        await pipe.execute()
+        self.pressure.publish(pipe)  # with the numbers queued: what is on disk counts as queued too
+        replies = await pipe.execute()
+        for name, count, index in pushed:
+            self.pressure.gauge.pushed(name, count, int(replies[index]))
+
+    def _queued_upto(self, flushed: dict[Lane, int] | None = None) -> dict[str, int]:
+        """`<run>/<table>` (the shard's run) -> the last number in Redis or on disk once `flushed`
+        ((table, shard) -> envelopes pushed) is committed: every number not in the buffer any more
+        (numbered tables only)."""
+        flushed = flushed or {}
+        return {
+            f"{shard_run(self.run_id, shard)}/{table}": seq
+            - (len(self._queues.get((table, shard), ())) - flushed.get((table, shard), 0))
+            for (table, shard), seq in self._seq.items()
+        }
 
     def _commit(self, batch: _Batch) -> None:
         """Forget what `batch` wrote; anything pushed meanwhile sits behind it and stays."""

@@ -12,6 +12,7 @@ from typing import Any
 from collector.audit import Loss
 from collector.queue.connections import ConnectionRecord
 from collector.queue.loop_lag import LoopLag
+from collector.queue.spill_stats import SpillFigures, drain_eta_s
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,40 @@ class HealthSnapshot:
     counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
     # The stream process's longest event-loop block (collector.streams.lag); None before it ran.
     loop_lag: LoopLag | None = None
+    # The stream process's spill and its view of the queues (collector.streams.pressure); None before it ran.
+    spill: SpillFigures | None = None
+
+    @property
+    def backlog(self) -> Backlog:
+        """Envelopes waiting to be stored: in the Redis lists, in flight, and spilled to disk."""
+        spill = self.spill
+        return Backlog(
+            queued=sum(t.queue_length for t in self.tables),
+            in_flight=sum(t.inflight_length for t in self.tables),
+            spilled=spill.envelopes if spill else 0,
+            spill_bytes=spill.bytes if spill else 0,
+            drain_rate=spill.drain_rate if spill else None,
+        )
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits to be stored, and how long it takes at the drains' recent pace."""
+
+    queued: int
+    in_flight: int
+    spilled: int
+    spill_bytes: int
+    drain_rate: float | None  # envelopes/s (None: no stream process published it)
+
+    @property
+    def total(self) -> int:
+        return self.queued + self.in_flight + self.spilled
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds to drain it all at the recent pace; None when nothing drains or the pace is unknown."""
+        return None if self.drain_rate is None else drain_eta_s(self.total, self.drain_rate)
 
 
 def age_s(then_us: int | None, now: int) -> float | None:

@@ -28,6 +28,7 @@ from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
 from collector.queue.loop_lag import parse_loop_lag
 from collector.queue.shards import present_lanes
+from collector.queue.spill_stats import parse_figures
 from collector.settings import Settings
 from collector.web.health_facts import HealthSnapshot, OpenGap, StreamState, TableState
 
@@ -120,7 +121,8 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
         pipe.hgetall(keys.metric(name))
     pipe.hgetall(keys.STREAMS_LOOP)
     pipe.zcount(keys.DRAIN_LOOPS, now_us() // 1000, "+inf")  # slots not yet expired
-    *replies, loop_lag, drain_loops = pipe.execute()
+    pipe.hgetall(keys.SPILL)
+    *replies, loop_lag, drain_loops, spill = pipe.execute()
     connections, messages, last_us, drains, deadletters, open_gaps = replies[:6]
     queued: dict[str, int] = {}
     for (table, _), length in zip(lanes, replies[6 : 6 + len(lanes)], strict=True):
@@ -145,6 +147,7 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
     into.deadletter_length = int(deadletters)
     into.drain_loops = int(drain_loops)
     into.loop_lag = parse_loop_lag(loop_lag)
+    into.spill = parse_figures(spill)
     into.counters = {
         name: _parse_counter(name, len(COUNTERS[name][1]), _decode_hash(values))
         for name, values in zip(COUNTERS, counter_hashes, strict=True)

@@ -14,6 +14,27 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def _backlog(snap: HealthSnapshot, now: int) -> dict[str, Any]:
+    """What waits to be stored (Redis lists, in flight, spilled to disk) and the time to drain it."""
+    backlog, spill = snap.backlog, snap.spill
+    return {
+        "total": backlog.total,
+        "queued": backlog.queued,
+        "in_flight": backlog.in_flight,
+        "spilled": backlog.spilled,
+        "spill_bytes": backlog.spill_bytes,
+        "spill_segments": spill.segments if spill else 0,
+        "spilling": bool(spill and spill.spilling),
+        "oldest_spill_age_s": _rounded(age_s(spill.oldest_us, now)) if spill else None,
+        "queue_bytes": spill.queue_bytes if spill else None,
+        "queue_cap_bytes": spill.cap_bytes if spill else None,
+        "spill_disk_free_bytes": spill.disk_free_bytes if spill else None,
+        "drain_rate_per_s": _rounded(backlog.drain_rate),
+        "eta_s": _rounded(backlog.eta_s),
+        "figures_age_s": _rounded(age_s(spill.updated_us, now)) if spill else None,
+    }
+
+
 def health_json(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str, Any]:
     """The body of `/health`: the verdict, then every fact with its age at `now` (µs)."""
     return {
@@ -57,6 +78,7 @@ def health_json(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str,
         ],
         "deadletter_length": snap.deadletter_length,
         "drain_loops": snap.drain_loops,
+        "backlog": _backlog(snap, now),
         "lost_events": [
             {
                 "table": loss.table,

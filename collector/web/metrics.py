@@ -123,7 +123,63 @@ def _queue_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:
     loops = _single(
         "drain_loops", "Drain loops running, over every worker (DRAIN_LOOPS at most)", snap.drain_loops
     )
-    return [queue, inflight, drain, deadletter, loops]
+    return [queue, inflight, drain, deadletter, loops, *_backlog_gauges(snap)]
+
+
+def _backlog_gauges(snap: HealthSnapshot) -> list[Metric]:
+    """The backlog (lists + in flight + spill), the spill on disk and the estimated time to drain."""
+    backlog, spill = snap.backlog, snap.spill
+    result: list[Metric] = [
+        _single(
+            "backlog_envelopes",
+            "Envelopes waiting to be stored: Redis lists, in flight and spilled",
+            backlog.total,
+        ),
+        _single(
+            "spill_envelopes",
+            "Envelopes the stream process spilled to disk, not yet fed back",
+            backlog.spilled,
+        ),
+        _single(
+            "spill_bytes",
+            "Bytes of the stream process's spill on disk, not yet fed back",
+            backlog.spill_bytes,
+        ),
+        _single(
+            "spill_active",
+            "1 while new envelopes of some Redis list go to the spill",
+            int(bool(spill and spill.spilling)),
+        ),
+    ]
+    if spill is not None:
+        result.append(
+            _single(
+                "queue_bytes_estimate",
+                "Bytes the Redis lists hold, as the stream process estimates them",
+                spill.queue_bytes,
+            )
+        )
+        result.append(
+            _single(
+                "queue_cap_bytes",
+                "REDIS_MAX_QUEUE_BYTES: past it the stream process spills to disk",
+                spill.cap_bytes,
+            )
+        )
+        result.append(
+            _single(
+                "drain_rate", "Envelopes per second the drains took off the lists lately", spill.drain_rate
+            )
+        )
+    if backlog.eta_s is not None:  # absent while nothing drains: no finite estimate
+        result.append(
+            _single(
+                "backlog_drain_eta_seconds",
+                "Estimated seconds to drain the backlog at the recent pace",
+                backlog.eta_s,
+            )
+        )
+    return result
 
 
 def _stream_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:

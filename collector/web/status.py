@@ -52,7 +52,11 @@ def format_status(
     if snap.redis_up:
         lines += ["connections", *_indent(_connections(snap, now)), ""]
         lines += ["streams", *_indent(_streams(snap, now)), ""]
-        lines += ["queues", *_indent([*_tables(snap, now), f"drain loops running: {snap.drain_loops}"]), ""]
+        lines += [
+            "queues",
+            *_indent([*_tables(snap, now), f"drain loops running: {snap.drain_loops}", *_backlog(snap, now)]),
+            "",
+        ]
         lines += [f"dead letters: {snap.deadletter_length}", ""]
         lines += ["open gaps", *_indent(_open_gaps(snap, now)), ""]
         lines += ["rest weight (per minute)", *_indent(_rest(rest)), ""]
@@ -209,6 +213,37 @@ def _loop_line(lag: LoopLag) -> str:
 def _tables(snap: HealthSnapshot, now: int) -> list[str]:
     rows = [(t.table, t.queue_length, t.inflight_length, _ago(t.last_drain_us, now)) for t in snap.tables]
     return _columns(("TABLE", "QUEUED", "IN-FLIGHT", "LAST DRAIN"), rows)
+
+
+def format_bytes(size: int) -> str:
+    """`812 B`, `4.2 kB`, `31.0 MB`, `2.10 GB` (powers of 1000, as `df -H`)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{size} B"
+
+
+def _backlog(snap: HealthSnapshot, now: int) -> list[str]:
+    """The backlog in one line, the spill in another while there is one."""
+    backlog, spill = snap.backlog, snap.spill
+    if backlog.eta_s is not None:
+        pace = f"drains {backlog.drain_rate:,.0f}/s, about {format_age(backlog.eta_s)} to drain"
+    elif backlog.drain_rate is None:
+        pace = "drain pace unknown (no stream process has published it)"
+    else:
+        pace = "nothing drained lately: no estimate (is PostgreSQL up, a worker running?)"
+    lines = [
+        f"backlog: {backlog.total:,} = {backlog.queued:,} in Redis + {backlog.in_flight:,} in flight"
+        f" + {backlog.spilled:,} spilled; {pace}"
+    ]
+    if spill is not None and (spill.envelopes or spill.spilling):
+        free = "" if spill.disk_free_bytes is None else f", {format_bytes(spill.disk_free_bytes)} free"
+        lines.append(
+            f"spill: {format_bytes(spill.bytes)} on disk in {spill.segments} segment(s), oldest "
+            f"{_ago(spill.oldest_us, now)}{free}; Redis lists ~{format_bytes(spill.queue_bytes)} of "
+            f"{format_bytes(spill.cap_bytes)} cap" + ("; new envelopes go to disk" if spill.spilling else "")
+        )
+    return lines
 
 
 def _counters(snap: HealthSnapshot) -> list[str]:
