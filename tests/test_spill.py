@@ -497,3 +497,69 @@ def test_what_the_sink_spills_counts_as_queued_and_comes_back_in_order(
     asyncio.run(main())
     assert [orjson.loads(envelope)["seq"] for envelope in taken] == list(range(1, 201))
     assert not list((tmp_path / "spill").glob("seg-*.spill"))
+
+
+def test_with_queue_shards_each_shard_spills_and_comes_back_on_its_own_list_in_order(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """QUEUE_SHARDS=2: a shard's spilled envelopes come back to that shard's list, numbered in order
+    under the shard's run, and its queued number is always its list plus its part of the disk."""
+    from collector.queue.client import async_redis_client
+    from collector.queue.shards import shard_of_stream, shard_run
+    from collector.streams.sink import Sink, SinkOptions
+    from tests.processes import until
+
+    streams = {
+        shard_of_stream(f"{s}@aggTrade", 2): f"{s}@aggTrade" for s in ("btcusdt", "ethusdt", "bnbusdt")
+    }
+    assert set(streams) == {0, 1}, "two of these symbols must land on different shards"
+    client = redis.Redis.from_url(redis_url)
+    options = SinkOptions(
+        0.01, 1000, 1_000_000, 100_000, max_queue_bytes=3_000, spill_dir=tmp_path / "spill", queue_shards=2
+    )
+    settings = load_settings(redis_url=redis_url)
+    taken: dict[int, list[bytes]] = {0: [], 1: []}
+    runs: list[str] = []
+
+    def balanced(run: str, shard: int) -> bool:
+        pipe = client.pipeline(transaction=True)
+        pipe.hget(keys.AUDIT_QUEUED, f"{shard_run(run, shard)}/agg_trades")
+        pipe.llen(keys.queue("agg_trades", shard))
+        pipe.hget(keys.SPILL_PENDING, f"{shard_run(run, shard)}/agg_trades")
+        queued, length, pending = pipe.execute()
+        return int(queued or 0) == 100 and int(queued) == len(taken[shard]) + int(length) + int(pending or 0)
+
+    async def main() -> None:
+        sink = Sink(async_redis_client(settings), options)
+        runs.append(sink.run_id)
+        task = asyncio.create_task(sink.run())
+        for n in range(200):
+            frame = b'{"data":{"s":"X","a":%d}}' % n
+            sink.push_event("agg_trades", "spot", 1_700_000_000_000_000 + n, frame, streams[n % 2])
+        spill = sink.pressure.spill
+        assert spill is not None
+        await until(lambda: balanced(sink.run_id, 0) and balanced(sink.run_id, 1), 30, "all queued")
+        assert spill.envelopes > 100
+        while sum(map(len, taken.values())) < 200:
+            for shard in (0, 1):
+                taken[shard].extend(client.lpop(keys.queue("agg_trades", shard), 50) or [])
+            assert balanced(sink.run_id, 0) and balanced(sink.run_id, 1)
+            await until(
+                lambda: (
+                    sum(map(len, taken.values())) == 200
+                    or client.llen(keys.queue("agg_trades", 0)) + client.llen(keys.queue("agg_trades", 1))
+                ),
+                30,
+                "fed back",
+            )
+        sink.stop()
+        await task
+        assert await sink.drain(5) == 0
+        sink.close()
+
+    asyncio.run(main())
+    for shard in (0, 1):
+        envelopes = [orjson.loads(envelope) for envelope in taken[shard]]
+        assert {e["run"] for e in envelopes} == {shard_run(runs[0], shard)}
+        assert [e["seq"] for e in envelopes] == list(range(1, 101))
+        assert {e["frame"]["data"]["a"] % 2 for e in envelopes} == {shard}  # event n went to streams[n % 2]

@@ -85,6 +85,14 @@ def shard_name(table: str, shard: int = 0) -> str:
     return table if shard == 0 else f"{table}:s{shard}"
 
 
+def audit_field(run: str, name: str) -> str:
+    """The `collector:audit:queued` field of one shard's events, from the stream process's `run` and
+    the shard's `shard_name`: each shard numbers its own events under the run `<run>.s<k>`
+    (`collector.queue.shards.shard_run`). Pure."""
+    table, _, shard = name.partition(":s")
+    return f"{run}.s{shard}/{table}" if shard else f"{run}/{table}"
+
+
 def queue(table: str, shard: int = 0) -> str:
     """The list of envelopes waiting to be written into `table` (one of its shards)."""
     return f"{PREFIX}:queue:{shard_name(table, shard)}"

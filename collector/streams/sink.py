@@ -308,7 +308,10 @@ class Sink:
         if not batch.spilled:
             return 0
         groups = Groups(
-            [(keys.queue(*lane), lane[0], self._queues[lane][:n]) for lane, n in batch.spilled.items()]
+            [
+                (keys.queue(*lane), keys.shard_name(*lane), self._queues[lane][:n])
+                for lane, n in batch.spilled.items()
+            ]
         )
         if not await self.pressure.spill_groups(groups):
             return 0
@@ -399,7 +402,7 @@ class Sink:
         (numbered tables only)."""
         flushed = flushed or {}
         return {
-            f"{shard_run(self.run_id, shard)}/{table}": seq
+            keys.audit_field(self.run_id, keys.shard_name(table, shard)): seq
             - (len(self._queues.get((table, shard), ())) - flushed.get((table, shard), 0))
             for (table, shard), seq in self._seq.items()
         }

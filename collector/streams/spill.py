@@ -33,6 +33,7 @@ import orjson
 
 from collector.audit import tag_of
 from collector.errors import ConfigError
+from collector.queue import keys
 from collector.streams.spill_format import Record, SegmentHeader, encode_header, encode_records, parse_records
 from collector.streams.spill_segments import (
     Segment,
@@ -171,7 +172,7 @@ class Spill:
             segment.keys[key] += len(envelopes)
             segment.tables[table] += len(envelopes)
             self.held[key] += len(envelopes)
-            self.pending[f"{segment.header.run}/{table}"] += len(envelopes)
+            self.pending[keys.audit_field(segment.header.run, table)] += len(envelopes)
             tag = tag_of(envelopes[-1])
             if tag is not None:
                 segment.last_seq[table] = tag[1]
@@ -270,7 +271,7 @@ class Spill:
             segment.acked_keys[record.key] -= sign
             segment.acked_tables[record.table] -= sign
             self.held[record.key] += sign
-            self.pending[f"{segment.header.run}/{record.table}"] += sign
+            self.pending[keys.audit_field(segment.header.run, record.table)] += sign
         _clean(self.held)
         _clean(self.pending)
 
@@ -293,7 +294,7 @@ class Spill:
         for key, left in segment.keys.items():
             self.held[key] -= left
         for table, left in segment.tables.items():
-            self.pending[f"{segment.header.run}/{table}"] -= left
+            self.pending[keys.audit_field(segment.header.run, table)] -= left
         _clean(self.held)
         _clean(self.pending)
         if any(count > 0 for count in segment.keys.values()):
@@ -315,10 +316,10 @@ class Spill:
         for key, count in segment.keys.items():
             self.held[key] += count
         for table, count in segment.tables.items():
-            self.pending[f"{segment.header.run}/{table}"] += count
+            self.pending[keys.audit_field(segment.header.run, table)] += count
         if segment.header.run != self.run:
             for table, seq in segment.last_seq.items():
-                name = f"{segment.header.run}/{table}"
+                name = keys.audit_field(segment.header.run, table)
                 self.recovered_seq[name] = max(seq, self.recovered_seq.get(name, 0))
         _clean(self.held)
         _clean(self.pending)
