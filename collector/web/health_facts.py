@@ -12,6 +12,7 @@ from typing import Any
 from collector.audit import Loss
 from collector.queue.connections import ConnectionRecord
 from collector.queue.loop_lag import LoopLag
+from collector.queue.shards import ShardRecord
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,11 @@ class HealthSnapshot:
     open_gaps: list[OpenGap] = field(default_factory=list)
     # counter name -> label values -> value
     counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
-    # The stream process's longest event-loop block (collector.streams.lag); None before it ran.
+    # The stream processes' longest event-loop block (collector.streams.lag); None before one ran.
     loop_lag: LoopLag | None = None
+    # Each stream process (shard `i/n`, `0/1` unsharded): its record and its own loop lag.
+    shards: list[ShardRecord] = field(default_factory=list)
+    loop_lags: dict[str, LoopLag] = field(default_factory=dict)
 
 
 def age_s(then_us: int | None, now: int) -> float | None:

@@ -26,7 +26,8 @@ from collector.queue.batches import inflight_length
 from collector.queue.client import describe_redis_error
 from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
-from collector.queue.loop_lag import parse_loop_lag
+from collector.queue.loop_lag import parse_loop_lag, parse_loop_lags
+from collector.queue.shards import read_shards
 from collector.settings import Settings
 from collector.web.health_facts import HealthSnapshot, OpenGap, StreamState, TableState
 
@@ -115,7 +116,8 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
     for name in COUNTERS:
         pipe.hgetall(keys.metric(name))
     pipe.hgetall(keys.STREAMS_LOOP)
-    *replies, loop_lag = pipe.execute()
+    pipe.hgetall(keys.STREAM_SHARDS)
+    *replies, loop_lag, shards = pipe.execute()
     connections, messages, last_us, drains, deadletters, open_gaps = replies[:6]
     queued = replies[6 : 6 + len(keys.TABLES)]
     counter_hashes = replies[6 + len(keys.TABLES) :]
@@ -131,6 +133,8 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
     ]
     into.deadletter_length = int(deadletters)
     into.loop_lag = parse_loop_lag(loop_lag)
+    into.loop_lags = parse_loop_lags(loop_lag)
+    into.shards = read_shards(shards)
     into.counters = {
         name: _parse_counter(name, len(COUNTERS[name][1]), _decode_hash(values))
         for name, values in zip(COUNTERS, counter_hashes, strict=True)

@@ -1,0 +1,134 @@
+"""A stream process takes its shard at start: crash detection, one process per shard, stale layouts retired.
+
+`claim()` runs once, before anything is subscribed:
+- The shard's own record (`collector.queue.shards`) says `running`: its previous run crashed (it never
+  marked itself stopped), and the gap ledger records outages from its last heartbeat. While that
+  heartbeat still moves, another process holds the shard: `ShardTaken` (one line, exit 2), since
+  two processes of one shard would store every event twice and fight over its ledger.
+- Records of another layout (say `0/1` when this is `1/2`: the operator re-sharded) whose heartbeat
+  stopped are retired with their loop-lag and connection records; one that crashed counts as a
+  crash for this shard too, since some of its streams are now this shard's. The heartbeat key of
+  the collector before shards (`keys.STREAMS_ALIVE`) counts the same way, once.
+- This shard's connection records of earlier runs are deleted: the sink writes the current ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import redis.asyncio
+
+from collector.errors import ConfigError
+from collector.queue import keys
+from collector.queue.shards import RUNNING, STOPPED, ShardRecord, read_shards
+from collector.streams.shard import Shard, shard_of_label
+
+logger = logging.getLogger(__name__)
+
+POLL_S: Final = 0.5  # how often a start looks whether the recorded heartbeat still moves
+
+
+class ShardTaken(ConfigError):
+    """Another live process records this shard."""
+
+
+@dataclass
+class Heartbeat:
+    """This process's record in the registry, rewritten by the ledger's mirror every HEARTBEAT_S."""
+
+    shard: Shard
+    run: str
+    host: str = field(default_factory=socket.gethostname)
+    pid: int = field(default_factory=os.getpid)
+    started_us: int = field(default_factory=lambda: time.time_ns() // 1000)
+
+    def record(self, state: str = RUNNING) -> bytes:
+        now = time.time_ns() // 1000
+        return ShardRecord(
+            self.shard.label, self.run, self.host, self.pid, self.started_us, now, state
+        ).to_json()
+
+    def beat(self, pipe: Any, state: str = RUNNING) -> None:
+        """Add the heartbeat (or, with STOPPED, the clean stop) to `pipe`."""
+        pipe.hset(keys.STREAM_SHARDS, self.shard.label, self.record(state))
+
+
+async def claim(client: redis.asyncio.Redis, heartbeat: Heartbeat) -> int | None:
+    """Take the shard (see the module docstring); returns the last heartbeat (µs) of a crashed run
+    whose streams this shard now carries, None when every earlier run stopped cleanly."""
+    shard = heartbeat.shard
+    own = await _own_record(client, shard)
+    crashed: list[int] = []
+    if own is not None and own.state == RUNNING:
+        crashed.append(await _wait_for_silence(client, own))
+    records = read_shards(await client.hgetall(keys.STREAM_SHARDS))
+    now = time.time_ns() // 1000
+    retired = []
+    for record in records:
+        other = shard_of_label(record.label)
+        if other is None or other.count == shard.count:
+            continue
+        if record.state != STOPPED and not record.stale(now):
+            logger.warning(
+                "streams.other_layout_running shard=%s other=%s other_process=%s hint=stop the processes "
+                "of the old layout: while both run, a symbol may be recorded twice",
+                shard.label,
+                record.label,
+                record.describe(),
+            )
+            continue
+        if record.state != STOPPED:
+            crashed.append(record.alive_us)
+        retired.append((record.label, other))
+    legacy = await client.getdel(keys.STREAMS_ALIVE)
+    if legacy is not None:
+        crashed.append(int(legacy))
+    connections = [_text(f) for f in await client.hkeys(keys.CONNECTIONS)]
+    gone = [
+        c for c in connections if shard.owns_connection(c) or any(o.owns_connection(c) for _, o in retired)
+    ]
+    pipe: Any = client.pipeline(transaction=True)
+    for label, _ in retired:
+        pipe.hdel(keys.STREAM_SHARDS, label)
+        pipe.hdel(keys.STREAMS_LOOP, label)
+    if gone:
+        pipe.hdel(keys.CONNECTIONS, *gone)
+    heartbeat.beat(pipe)
+    await pipe.execute()
+    for label, _ in retired:
+        logger.info("streams.shard_retired shard=%s by=%s", label, shard.label)
+    logger.info(
+        "streams.shard_claimed shard=%s run=%s crashed_before=%s", shard.label, heartbeat.run, bool(crashed)
+    )
+    return min(crashed) if crashed else None
+
+
+async def _own_record(client: redis.asyncio.Redis, shard: Shard) -> ShardRecord | None:
+    raw = await client.hget(keys.STREAM_SHARDS, shard.label)
+    return None if raw is None else ShardRecord.from_json(shard.label, raw)
+
+
+async def _wait_for_silence(client: redis.asyncio.Redis, record: ShardRecord) -> int:
+    """Until the recorded heartbeat is stale (-> its time); `ShardTaken` if it moves meanwhile."""
+    first = record.alive_us
+    while not record.stale(time.time_ns() // 1000):
+        await asyncio.sleep(POLL_S)
+        now = await _own_record(client, shard_of_label(record.label) or Shard())
+        if now is None:
+            break  # retired meanwhile by a process of another layout: nobody holds it
+        if now.alive_us != first:
+            raise ShardTaken(
+                f"stream shard {record.label} is already recorded by {now.describe()} "
+                f"(its heartbeat is live): give this process another --shard / STREAM_SHARD, or stop that one"
+            )
+    return first
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
