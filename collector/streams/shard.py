@@ -18,8 +18,6 @@ import zlib
 from dataclasses import dataclass
 from typing import Final
 
-from collector.binance.streams import stream_symbol
-
 SHARD_PATTERN: Final = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Connection ids of a shard other than 0/1 begin with this (`s1of2-spot-0`).
 ID_PREFIX: Final = re.compile(r"^s(\d+)of(\d+)-")
@@ -55,8 +53,12 @@ class Shard:
 
     def owns_stream(self, name: str) -> bool:
         """Whether this shard carries the wire stream `name` (`btcusdt@depth@100ms`, `!forceOrder@arr`)."""
-        symbol = stream_symbol(name)
-        return self.index == 0 if symbol is None else self.owns_symbol(symbol)
+        # A market-wide stream (`!...`) names no symbol; the others lead with theirs. This is
+        # `collector.binance.streams.stream_symbol`, which the settings cannot import (they validate
+        # STREAM_SHARD with `parse_shard`, and that module imports the settings).
+        if name.startswith("!") or "@" not in name:
+            return self.index == 0
+        return self.owns_symbol(name.split("@", 1)[0])
 
     def owns_connection(self, connection_id: str) -> bool:
         """Whether a connection record in Redis was written by this shard (by its id's prefix)."""
