@@ -243,4 +243,21 @@ def run(settings: Settings) -> int:
     matches nothing."""
     check_redis(settings)
     log_stream_substitutions(settings)
-    return asyncio.run(_main(settings))
+    factory = loop_factory(settings.stream_uvloop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_main(settings))
+
+
+def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when wanted and installed (bench/stream_throughput.py measures the difference),
+    else None: asyncio's own. Logs which one runs."""
+    if want_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            logger.info("streams.event_loop loop=asyncio reason=uvloop is not installed")
+            return None
+        logger.info("streams.event_loop loop=uvloop")
+        return uvloop.new_event_loop
+    logger.info("streams.event_loop loop=asyncio reason=STREAM_UVLOOP=false")
+    return None
