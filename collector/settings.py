@@ -199,7 +199,7 @@ class Settings(BaseSettings):
     # --shard` overrides it. 0/1 records everything.
     stream_shard: str = "0/1"
     # Run the stream process on uvloop when it is installed (bench/stream_throughput.py measures it).
-    stream_uvloop: bool = True
+    stream_uvloop: bool = False
 
     # --- drain (Redis -> PostgreSQL) ------------------------------------------------------------
     drain_interval_s: float = Field(1, gt=0)

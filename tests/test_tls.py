@@ -14,7 +14,7 @@ from collector.db.init import init_db
 from collector.fake.server import FakeExchange
 from collector.queue import keys
 from collector.settings import Settings
-from collector.streams.live import open_socket
+from collector.streams.live import READ_CHUNK_BYTES, open_socket
 from tests.processes import stream_process, wait_until
 from tests.test_end_to_end import DB_KEYS, _db_keys, _ledger_keys
 from tests.test_gaps_e2e import _drain_all
@@ -26,6 +26,26 @@ def test_the_fake_certificate_is_refused_without_its_ca() -> None:
         url = fake.spot_ws_url + "/stream?streams=btcusdt@aggTrade"
         with pytest.raises(ssl.SSLCertVerificationError):
             asyncio.run(open_socket(url, 10, 1))
+
+
+def test_one_read_takes_at_most_the_read_chunk_over_tls_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncio's TLS transport would read (and decrypt in one loop turn) 256 KiB at a time: the
+    collector's sockets offer it READ_CHUNK_BYTES, as the plain transport reads."""
+    with FakeExchange(rate=10, tls=True) as fake:
+        monkeypatch.setenv("SSL_CERT_FILE", str(fake.tls.ca_file))
+
+        async def read_sizes() -> tuple[int, int]:
+            tls = await open_socket(fake.spot_ws_url + "/stream?streams=btcusdt@aggTrade", 10, 1)
+            with FakeExchange(rate=10) as plain_fake:
+                plain = await open_socket(plain_fake.spot_ws_url + "/stream?streams=btcusdt@aggTrade", 10, 1)
+                plain_size = plain.transport.max_size  # type: ignore[attr-defined]
+                await plain.close()
+            # What the socket transport asks of the TLS layer before each recv_into (asyncio.sslproto).
+            tls_size = len(tls.transport._ssl_protocol.get_buffer(-1))  # type: ignore[attr-defined]
+            await tls.close()
+            return tls_size, plain_size
+
+        assert asyncio.run(read_sizes()) == (READ_CHUNK_BYTES, READ_CHUNK_BYTES)
 
 
 def test_the_collector_records_spot_and_futures_over_wss(settings: Settings, tmp_path: Path) -> None:
