@@ -13,18 +13,21 @@ import orjson
 import pytest
 import redis
 import redis.asyncio
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from collector.binance.streams import stream_specs
 from collector.db.init import init_db
 from collector.fake.server import FakeExchange
 from collector.queue import keys
-from collector.queue.shards import ShardRecord
+from collector.queue.shards import HEARTBEAT_STALE_S, ShardRecord
 from collector.settings import Settings, load_settings
 from collector.streams.ledger import GapLedger
 from collector.streams.registry import Heartbeat
 from collector.streams.shard import Shard, parse_shard
 from collector.streams.sink import Sink, SinkOptions
 from collector.web.health import assess, now_us, snapshot
+from collector.web.metrics import make_registry
 from collector.web.status import format_status
 from tests.processes import Process, celery_beat, celery_worker, wait_until
 from tests.test_end_to_end import DB_KEYS, _db_keys, _ledger_keys
@@ -256,6 +259,14 @@ def test_two_shards_and_two_workers_store_every_event_once(settings: Settings, t
             status = format_status(snap, assess(snap, now_us(), settings), now_us())
             assert any(line.split()[:2] == ["1/2", "DOWN"] for line in status.splitlines()), status
             assert any(line.split()[:2] == ["0/2", "running"] for line in status.splitlines()), status
+            exported = generate_latest(make_registry(lambda: snap)).decode()
+            ages = {
+                s.labels["shard"]: s.value
+                for family in text_string_to_metric_families(exported)
+                for s in family.samples
+                if s.name == "collector_stream_shard_heartbeat_age_seconds"
+            }
+            assert ages["1/2"] > HEARTBEAT_STALE_S > ages["0/2"], ages
 
             # Restarted, shard 1 notices its own crash; shard 0 did not crash and says nothing of it.
             (tmp_path / "again").mkdir()
