@@ -23,10 +23,11 @@ from collector.queue import keys
 from collector.queue.shards import HEARTBEAT_STALE_S, ShardRecord
 from collector.settings import Settings, load_settings
 from collector.streams.ledger import GapLedger
-from collector.streams.registry import Heartbeat
+from collector.streams.registry import Heartbeat, claim
 from collector.streams.shard import Shard, parse_shard
 from collector.streams.sink import Sink, SinkOptions
 from collector.web.health import assess, now_us, snapshot
+from collector.web.health_judge import shard_reasons
 from collector.web.metrics import make_registry
 from collector.web.status import format_status
 from tests.processes import Process, celery_beat, celery_worker, wait_until
@@ -127,6 +128,52 @@ def test_each_shard_takes_and_saves_only_its_own_ledger_state(settings: Settings
     }
     record = ShardRecord.from_json("0/2", client.hget(keys.STREAM_SHARDS, "0/2") or b"")
     assert (record.state, record.run) == ("stopped", "r1-1-s0of2")
+
+
+def test_health_names_a_dead_shard_and_a_missing_one() -> None:
+    """A running shard whose heartbeat stopped is down, a shard of the layout with no record never ran;
+    a cleanly stopped shard and a crashed one of an older layout are no reasons of their own."""
+    now = 100_000_000
+    fresh, old = now - 1_000_000, now - 60_000_000
+    records = [
+        ShardRecord("0/3", "r0", "host-a", 11, 0, fresh),
+        ShardRecord("1/3", "r1", "host-b", 12, 0, old),
+        ShardRecord("0/1", "r9", "host-a", 9, 0, old, "crashed", ("0/3",)),
+        ShardRecord("0/2", "r8", "host-a", 8, 0, old, "stopped"),
+    ]
+    assert shard_reasons(records, now) == [
+        "stream shard 1/3 is down: no heartbeat for 60s (pid 12 on host-b, run r1); "
+        "its symbols are not recorded",
+        "stream shard 1/2 has never run: its symbols are not recorded",
+        "stream shard 2/3 has never run: its symbols are not recorded",
+    ]
+
+
+def test_a_crash_before_resharding_is_recorded_by_every_new_shard(settings: Settings) -> None:
+    """The unsharded process crashed (the old heartbeat key says so); then shards 0/2 and 1/2 start:
+    each learns of the crash once (its streams were out too), a third start learns nothing, and the
+    dead process's records are gone once both took their share."""
+    client = redis.Redis.from_url(settings.redis_url)
+    client.set(keys.STREAMS_ALIVE, 1_000_000)
+    client.hset(keys.CONNECTIONS, mapping={"spot-0": b"{}", "s1of2-spot-0": b"{}"})
+    client.hset(keys.STREAMS_LOOP, "0/1", b"{}")
+
+    async def start(shard: Shard) -> int | None:
+        aclient = redis.asyncio.Redis.from_url(settings.redis_url)
+        try:
+            return await claim(aclient, Heartbeat(shard, f"r-{shard.index}"))
+        finally:
+            await aclient.aclose()
+
+    assert asyncio.run(start(Shard(0, 2))) == 1_000_000
+    record = ShardRecord.from_json("0/1", client.hget(keys.STREAM_SHARDS, "0/1") or b"")
+    assert (record.state, record.taken_by) == ("crashed", ("0/2",))
+    assert client.hkeys(keys.CONNECTIONS) == [b"s1of2-spot-0"]  # shard 1's own: it deletes them itself
+    assert client.hkeys(keys.STREAMS_LOOP) == []
+    assert asyncio.run(start(Shard(1, 2))) == 1_000_000
+    assert set(client.hkeys(keys.STREAM_SHARDS)) == {b"0/2", b"1/2"} and client.hlen(keys.CONNECTIONS) == 0
+    client.hset(keys.STREAM_SHARDS, "0/2", Heartbeat(Shard(0, 2), "r-0").record("stopped"))
+    assert asyncio.run(start(Shard(0, 2))) is None
 
 
 async def _no_snapshot(market: str, symbol: str) -> None:

@@ -9,7 +9,7 @@ whose heartbeat stopped. Reading is lenient, like `collector.queue.connections`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import orjson
 
@@ -18,7 +18,8 @@ import orjson
 HEARTBEAT_STALE_S: Final = 5.0
 RUNNING: Final = "running"
 STOPPED: Final = "stopped"
-ShardState = Literal["running", "stopped"]
+# A dead shard of an earlier layout, kept until every shard of the new layout recorded its crash.
+CRASHED: Final = "crashed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class ShardRecord:
     started_us: int = 0
     alive_us: int = 0  # its last heartbeat (or the time of its clean stop)
     state: str = RUNNING
+    taken_by: tuple[str, ...] = ()  # CRASHED: the shards of the new layout that recorded the crash
 
     def to_json(self) -> bytes:
         return orjson.dumps(
@@ -42,6 +44,7 @@ class ShardRecord:
                 "started_us": self.started_us,
                 "alive_us": self.alive_us,
                 "state": self.state,
+                **({"taken_by": list(self.taken_by)} if self.taken_by else {}),
             }
         )
 
@@ -62,6 +65,7 @@ class ShardRecord:
             _int(data.get("started_us")),
             _int(data.get("alive_us")),
             str(data.get("state") or "unknown"),
+            tuple(str(x) for x in taken) if isinstance(taken := data.get("taken_by"), list) else (),
         )
 
     def stale(self, now_us: int) -> bool:

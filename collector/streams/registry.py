@@ -7,8 +7,9 @@
   two processes of one shard would store every event twice and fight over its ledger.
 - Records of another layout (say `0/1` when this is `1/2`: the operator re-sharded) whose heartbeat
   stopped are retired with their loop-lag and connection records; one that crashed counts as a
-  crash for this shard too, since some of its streams are now this shard's. The heartbeat key of
-  the collector before shards (`keys.STREAMS_ALIVE`) counts the same way, once.
+  crash for every shard of the new layout, since each now carries some of its streams
+  (`_take_crash`). The heartbeat key of the collector before shards (`keys.STREAMS_ALIVE`) becomes
+  shard 0/1's record first, and counts the same way.
 - This shard's connection records of earlier runs are deleted: the sink writes the current ones.
 """
 
@@ -19,14 +20,15 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import redis.asyncio
+from redis.exceptions import WatchError
 
 from collector.errors import ConfigError
 from collector.queue import keys
-from collector.queue.shards import RUNNING, STOPPED, ShardRecord, read_shards
+from collector.queue.shards import CRASHED, RUNNING, STOPPED, ShardRecord, read_shards
 from collector.streams.shard import Shard, shard_of_label
 
 logger = logging.getLogger(__name__)
@@ -63,18 +65,20 @@ async def claim(client: redis.asyncio.Redis, heartbeat: Heartbeat) -> int | None
     """Take the shard (see the module docstring); returns the last heartbeat (µs) of a crashed run
     whose streams this shard now carries, None when every earlier run stopped cleanly."""
     shard = heartbeat.shard
+    legacy = await client.getdel(keys.STREAMS_ALIVE)
+    if legacy is not None:  # the collector before shards crashed: its record, as shard 0/1's
+        await client.hsetnx(keys.STREAM_SHARDS, "0/1", ShardRecord("0/1", alive_us=int(legacy)).to_json())
     own = await _own_record(client, shard)
     crashed: list[int] = []
     if own is not None and own.state == RUNNING:
         crashed.append(await _wait_for_silence(client, own))
-    records = read_shards(await client.hgetall(keys.STREAM_SHARDS))
     now = time.time_ns() // 1000
-    retired = []
-    for record in records:
+    retired: list[Shard] = []
+    for record in read_shards(await client.hgetall(keys.STREAM_SHARDS)):
         other = shard_of_label(record.label)
         if other is None or other.count == shard.count:
             continue
-        if record.state != STOPPED and not record.stale(now):
+        if record.state == RUNNING and not record.stale(now):
             logger.warning(
                 "streams.other_layout_running shard=%s other=%s other_process=%s hint=stop the processes "
                 "of the old layout: while both run, a symbol may be recorded twice",
@@ -83,30 +87,58 @@ async def claim(client: redis.asyncio.Redis, heartbeat: Heartbeat) -> int | None
                 record.describe(),
             )
             continue
-        if record.state != STOPPED:
-            crashed.append(record.alive_us)
-        retired.append((record.label, other))
-    legacy = await client.getdel(keys.STREAMS_ALIVE)
-    if legacy is not None:
-        crashed.append(int(legacy))
+        retired.append(other)
+        if record.state == STOPPED:
+            await client.hdel(keys.STREAM_SHARDS, record.label)
+        else:
+            alive_us = await _take_crash(client, record.label, shard)
+            if alive_us is not None:
+                crashed.append(alive_us)
     connections = [_text(f) for f in await client.hkeys(keys.CONNECTIONS)]
-    gone = [
-        c for c in connections if shard.owns_connection(c) or any(o.owns_connection(c) for _, o in retired)
-    ]
+    gone = [c for c in connections if any(owner.owns_connection(c) for owner in (shard, *retired))]
     pipe: Any = client.pipeline(transaction=True)
-    for label, _ in retired:
-        pipe.hdel(keys.STREAM_SHARDS, label)
-        pipe.hdel(keys.STREAMS_LOOP, label)
+    for other in retired:
+        pipe.hdel(keys.STREAMS_LOOP, other.label)
     if gone:
         pipe.hdel(keys.CONNECTIONS, *gone)
     heartbeat.beat(pipe)
     await pipe.execute()
-    for label, _ in retired:
-        logger.info("streams.shard_retired shard=%s by=%s", label, shard.label)
+    for other in retired:
+        logger.info("streams.shard_retired shard=%s by=%s", other.label, shard.label)
     logger.info(
         "streams.shard_claimed shard=%s run=%s crashed_before=%s", shard.label, heartbeat.run, bool(crashed)
     )
     return min(crashed) if crashed else None
+
+
+async def _take_crash(client: redis.asyncio.Redis, label: str, shard: Shard) -> int | None:
+    """This shard's share of a crashed shard of another layout: its last heartbeat, once per shard.
+
+    Every shard of the new layout carries some of the dead one's streams, so each must record the
+    crash: the record stays (state `crashed`, `taken_by` the shards that took it) until the last of
+    them has, then goes. WATCH keeps two shards starting together from losing each other's mark.
+    """
+    pipeline: Any = client.pipeline(transaction=True)
+    async with pipeline as pipe:
+        while True:
+            try:
+                await pipe.watch(keys.STREAM_SHARDS)
+                raw = await pipe.hget(keys.STREAM_SHARDS, label)
+                record = None if raw is None else ShardRecord.from_json(label, raw)
+                if record is None or shard.label in record.taken_by:
+                    return None
+                taken = (*record.taken_by, shard.label)
+                pipe.multi()
+                if {f"{i}/{shard.count}" for i in range(shard.count)} <= set(taken):
+                    pipe.hdel(keys.STREAM_SHARDS, label)
+                else:
+                    pipe.hset(
+                        keys.STREAM_SHARDS, label, replace(record, state=CRASHED, taken_by=taken).to_json()
+                    )
+                await pipe.execute()
+                return record.alive_us
+            except WatchError:
+                continue  # a heartbeat or another shard changed the hash meanwhile: read it again
 
 
 async def _own_record(client: redis.asyncio.Redis, shard: Shard) -> ShardRecord | None:

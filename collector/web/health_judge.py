@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from collector.queue.connections import CONNECTED, ConnectionRecord
-from collector.queue.shards import RUNNING, ShardRecord
+from collector.queue.shards import CRASHED, RUNNING, ShardRecord
 from collector.web.health_facts import HealthSnapshot, OpenGap, TableState, age_s
 
 
@@ -68,7 +68,9 @@ def shard_reasons(shards: list[ShardRecord], now: int) -> list[str]:
                 "its symbols are not recorded"
             )
     labels = {record.label for record in shards}
-    for count in sorted({_count(label) for label in labels} - {0, 1}):
+    # A crashed shard of an earlier layout waits for the new layout's shards (registry._take_crash).
+    layouts = {_count(record.label) for record in shards if record.state != CRASHED}
+    for count in sorted(layouts - {0, 1}):
         for index in range(count):
             if f"{index}/{count}" not in labels:
                 reasons.append(f"stream shard {index}/{count} has never run: its symbols are not recorded")
