@@ -34,18 +34,20 @@ def test_one_read_takes_at_most_the_read_chunk_over_tls_too(monkeypatch: pytest.
     with FakeExchange(rate=10, tls=True) as fake:
         monkeypatch.setenv("SSL_CERT_FILE", str(fake.tls.ca_file))
 
-        async def read_sizes() -> tuple[int, int]:
+        async def read_sizes() -> tuple[int, int, int]:
             tls = await open_socket(fake.spot_ws_url + "/stream?streams=btcusdt@aggTrade", 10, 1)
             with FakeExchange(rate=10) as plain_fake:
                 plain = await open_socket(plain_fake.spot_ws_url + "/stream?streams=btcusdt@aggTrade", 10, 1)
                 plain_size = plain.transport.max_size  # type: ignore[attr-defined]
                 await plain.close()
-            # What the socket transport asks of the TLS layer before each recv_into (asyncio.sslproto).
+            # What the socket transport asks of the TLS layer before each recv_into (asyncio.sslproto),
+            # and how much it lets pile up while websockets pauses reading.
             tls_size = len(tls.transport._ssl_protocol.get_buffer(-1))  # type: ignore[attr-defined]
+            _, tls_high = tls.transport.get_read_buffer_limits()  # type: ignore[attr-defined]
             await tls.close()
-            return tls_size, plain_size
+            return tls_size, tls_high, plain_size
 
-        assert asyncio.run(read_sizes()) == (READ_CHUNK_BYTES, READ_CHUNK_BYTES)
+        assert asyncio.run(read_sizes()) == (READ_CHUNK_BYTES, READ_CHUNK_BYTES, READ_CHUNK_BYTES)
 
 
 def test_the_collector_records_spot_and_futures_over_wss(settings: Settings, tmp_path: Path) -> None:

@@ -86,13 +86,17 @@ def bound_reads(transport: object, size: int) -> str:
     """
     ssl_protocol = getattr(transport, "_ssl_protocol", None)
     if ssl_protocol is not None:
-        # asyncio.sslproto.SSLProtocol: get_buffer() hands the socket its whole `_ssl_buffer` and
-        # _do_read() decrypts everything read, `max_size` at a time: both must shrink.
-        if not all(hasattr(ssl_protocol, name) for name in ("max_size", "_ssl_buffer", "_ssl_buffer_view")):
+        # asyncio.sslproto.SSLProtocol: get_buffer() hands the socket its whole `_ssl_buffer`, and
+        # _do_read() decrypts everything it holds, `max_size` at a time: both shrink. While
+        # websockets pauses reading (its frame queue is full) the encrypted bytes pile up to the
+        # read high-water mark (256 KiB) and are all decrypted in the turn it resumes: that too.
+        needed = ("max_size", "_ssl_buffer", "_ssl_buffer_view", "_set_read_buffer_limits")
+        if not all(hasattr(ssl_protocol, name) for name in needed):
             return "none"
         ssl_protocol.max_size = size
         ssl_protocol._ssl_buffer = bytearray(size)
         ssl_protocol._ssl_buffer_view = memoryview(ssl_protocol._ssl_buffer)
+        ssl_protocol._set_read_buffer_limits(high=size)
         return "tls"
     if hasattr(transport, "max_size"):  # asyncio's selector transport reads this much per turn
         transport.max_size = size
