@@ -41,8 +41,8 @@ YIELD_EVERY_FRAMES: Final = 64
 # KiB on each of a dozen connections is ~10,000 frames, a quarter of a second (bench/streams_many.py).
 # The rest waits in the kernel's buffer for the next turn; nothing is lost. CPython's TLS transport
 # (wss://, what production uses) reads into a 256 KiB buffer of its own and decrypts all of it in the
-# same turn: `bound_reads` shrinks that buffer too (bench/streams_many.py --tls: 158 ms of the loop's
-# own work in one block at 45k events/s before, see the closing note of issue 13).
+# same turn: `bound_reads` shrinks that buffer too (12 connections at full rate, the loop held 200 ms:
+# one read handed websockets up to ~400 KiB before, at most ~80 KiB after).
 READ_CHUNK_BYTES: Final = 32 * 1024
 
 # What a socket calls for each frame: (frame bytes exactly as received, receive time in µs).
