@@ -1,5 +1,8 @@
 """`collector streams`: hold every planned WebSocket connection and fill the Redis queues.
 
+With `--shard i/n` (STREAM_SHARD) the process holds only its shard's streams (`collector.streams.shard`),
+after taking the shard in Redis (`collector.streams.registry`: one line and exit 2 while another live
+process holds it). The loop is asyncio's; uvloop's with STREAM_UVLOOP=true when it is installed.
 Start-up checks Redis (one line and exit 2 when it is unreachable) and resolves the symbol lists
 (`collector.streams.symbols`: with `*_SYMBOLS=ALL`, exchangeInfo; one line and exit 2 when it fails
 and no earlier list is known). While running, the lists are refreshed and connections are opened,
