@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from collector.binance.streams import stream_specs
 from collector.db.init import init_db
 from collector.fake.server import FakeExchange
+from collector.local.servers import free_port
 from collector.queue import keys
 from collector.queue.shards import HEARTBEAT_STALE_S, ShardRecord
 from collector.settings import Settings, load_settings
@@ -174,6 +175,27 @@ def test_a_crash_before_resharding_is_recorded_by_every_new_shard(settings: Sett
     assert set(client.hkeys(keys.STREAM_SHARDS)) == {b"0/2", b"1/2"} and client.hlen(keys.CONNECTIONS) == 0
     client.hset(keys.STREAM_SHARDS, "0/2", Heartbeat(Shard(0, 2), "r-0").record("stopped"))
     assert asyncio.run(start(Shard(0, 2))) is None
+
+
+def test_a_start_that_fails_gives_the_shard_back_as_it_found_it(settings: Settings) -> None:
+    """A start after a crash that cannot resolve its symbols (exchangeInfo down) exits 2 and leaves the
+    crash recorded at its original time, for the next start to record; with no crash, `stopped`."""
+    client = redis.Redis.from_url(settings.redis_url)
+    env = {
+        **os.environ,
+        "SPOT_SYMBOLS": "ALL",
+        "BINANCE_SPOT_REST_URL": f"http://127.0.0.1:{free_port()}/spot",
+        "REST_MAX_RETRIES": "0",
+    }
+    client.hset(keys.STREAM_SHARDS, "1/2", ShardRecord("1/2", "r-dead", "h", 1, 0, 5_000_000).to_json())
+    for shard in ("1/2", "0/2"):
+        failed = subprocess.run(
+            [COLLECTOR, "streams", "--shard", shard], capture_output=True, text=True, env=env
+        )
+        assert failed.returncode == 2 and "exchangeInfo" in failed.stderr, failed.stderr
+    crashed = ShardRecord.from_json("1/2", client.hget(keys.STREAM_SHARDS, "1/2") or b"")
+    assert (crashed.state, crashed.alive_us) == ("running", 5_000_000)
+    assert ShardRecord.from_json("0/2", client.hget(keys.STREAM_SHARDS, "0/2") or b"").state == "stopped"
 
 
 async def _no_snapshot(market: str, symbol: str) -> None:

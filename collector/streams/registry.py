@@ -34,6 +34,7 @@ from collector.streams.shard import Shard, shard_of_label
 logger = logging.getLogger(__name__)
 
 POLL_S: Final = 0.5  # how often a start looks whether the recorded heartbeat still moves
+HEARTBEAT_S: Final = 1.0  # the gap ledger's mirror beats this often too, once it runs
 
 
 class ShardTaken(ConfigError):
@@ -139,6 +140,32 @@ async def _take_crash(client: redis.asyncio.Redis, label: str, shard: Shard) -> 
                 return record.alive_us
             except WatchError:
                 continue  # a heartbeat or another shard changed the hash meanwhile: read it again
+
+
+async def beat(client: redis.asyncio.Redis, heartbeat: Heartbeat) -> None:
+    """Beat every HEARTBEAT_S until cancelled: from the claim until the gap ledger's mirror takes over
+    (resolving the symbols may take a while; the shard must not look dead, nor free, meanwhile)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        try:
+            pipe: Any = client.pipeline(transaction=False)
+            heartbeat.beat(pipe)
+            await pipe.execute()
+        except (redis.RedisError, OSError, TimeoutError) as error:
+            logger.debug("streams.heartbeat_failed error=%s", error)
+
+
+async def release(client: redis.asyncio.Redis, heartbeat: Heartbeat, crashed_alive_us: int | None) -> None:
+    """A start that failed before subscribing anything gives the shard back as it found it: stopped,
+    or, when it had found a crash, still crashed at that time (the next start records that outage)."""
+    if crashed_alive_us is None:
+        value = heartbeat.record(STOPPED)
+    else:
+        shard = heartbeat.shard
+        value = ShardRecord(
+            shard.label, heartbeat.run, heartbeat.host, heartbeat.pid, alive_us=crashed_alive_us
+        ).to_json()
+    await client.hset(keys.STREAM_SHARDS, heartbeat.shard.label, value)
 
 
 async def _own_record(client: redis.asyncio.Redis, shard: Shard) -> ShardRecord | None:

@@ -37,7 +37,7 @@ from collector.streams.lag import LoopLagMonitor
 from collector.streams.ledger import GapLedger
 from collector.streams.limits import ConnectionAttempts
 from collector.streams.placement import Carried, Placement
-from collector.streams.registry import Heartbeat, claim
+from collector.streams.registry import Heartbeat, beat, claim, release
 from collector.streams.resync import snapshot_fetcher
 from collector.streams.shard import Shard, parse_shard
 from collector.streams.sink import Sink, SinkOptions
@@ -66,6 +66,8 @@ class StreamProcess:
     used_ids: set[str] = field(default_factory=set)  # every connection id this run has used
     # Connections opened while serving are watched here: one that fails fails the process.
     failed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The start-up heartbeat (`registry.beat`), until the gap ledger's mirror beats instead.
+    beating: asyncio.Task[None] | None = None
 
     def add(self, plan: ConnectionPlan) -> StreamConnection:
         """A connection for `plan`, registered with the sink (not started)."""
@@ -151,6 +153,8 @@ async def serve(
     await process.ledger.load(client, crashed_alive_us)
     process.ledger.retire_unplanned(process.planned_streams())
     sink_task = asyncio.create_task(process.sink.run(), name="sink")
+    if process.beating is not None:
+        process.beating.cancel()  # the ledger's mirror beats from here on
     ledger_task = asyncio.create_task(process.ledger.run(client), name="gap-ledger")
     watchers: list[asyncio.Task[Any]] = [asyncio.create_task(process.failed.wait(), name="added-connection")]
     if process.follower is not None:
@@ -200,14 +204,21 @@ async def _main(settings: Settings) -> int:
     lag = asyncio.create_task(LoopLagMonitor().run(client, shard.label), name="loop-lag")
     try:
         crashed_alive_us = await claim(client, heartbeat)
-        fetch = exchange_info_fetcher(settings, blocking)
-        symbols = await resolve_symbols(settings, fetch, blocking)
+        beating = asyncio.create_task(beat(client, heartbeat), name="heartbeat")
+        try:
+            fetch = exchange_info_fetcher(settings, blocking)
+            symbols = await resolve_symbols(settings, fetch, blocking)
+        except BaseException:
+            beating.cancel()
+            await release(client, heartbeat, crashed_alive_us)
+            raise
         sink = Sink(client, SinkOptions.from_settings(settings), run=heartbeat.run)
         ledger = GapLedger(sink, snapshot_fetcher(settings, blocking), heartbeat=heartbeat)
         follower = SymbolFollower(settings, fetch, blocking, symbols, shard)
         plans = follower.initial_plans()
         _log_shard(shard, plans)
         process = build(plans, sink, ConnectionOptions.from_settings(settings), ledger, follower)
+        process.beating = beating
         # Everything made so far (modules, settings, plans) lives as long as the process: kept out of
         # the collector's full passes, which otherwise walk it all and hold the loop tens of ms.
         gc.freeze()
