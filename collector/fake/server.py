@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -142,6 +143,8 @@ class FakeServer:
             session.abort()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.tls is not None and self.config.tls_dir is None:
+            shutil.rmtree(self.tls.ca_file.parent, ignore_errors=True)  # the temporary folder it made
         logger.info("fake.stopped port=%d", self.port)
 
     def _ping_plan(self, family: str) -> tuple[float, float]:
