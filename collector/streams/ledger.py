@@ -32,7 +32,7 @@ from collector.gaps.depth import Decisions, DepthTracker
 from collector.gaps.records import DepthGap, StreamGap
 from collector.queue import counters, keys
 from collector.queue.envelope import make_envelope
-from collector.queue.shards import STOPPED
+from collector.queue.stream_shards import STOPPED
 from collector.streams.backoff import backoff_delays
 from collector.streams.registry import Heartbeat
 from collector.streams.shard import Shard

@@ -1,7 +1,7 @@
 """A stream process takes its shard at start: crash detection, one process per shard, stale layouts retired.
 
 `claim()` runs once, before anything is subscribed:
-- The shard's own record (`collector.queue.shards`) says `running`: its previous run crashed (it never
+- The shard's own record (`collector.queue.stream_shards`) says `running`: its previous run crashed (it never
   marked itself stopped), and the gap ledger records outages from its last heartbeat. While that
   heartbeat still moves, another process holds the shard: `ShardTaken` (one line, exit 2), since
   two processes of one shard would store every event twice and fight over its ledger.
@@ -28,7 +28,7 @@ from redis.exceptions import WatchError
 
 from collector.errors import ConfigError
 from collector.queue import keys
-from collector.queue.shards import CRASHED, RUNNING, STOPPED, ShardRecord, read_shards
+from collector.queue.stream_shards import CRASHED, RUNNING, STOPPED, ShardRecord, read_shards
 from collector.streams.shard import Shard, shard_of_label
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 from collector.audit import Loss
 from collector.queue.connections import ConnectionRecord
 from collector.queue.loop_lag import LoopLag
-from collector.queue.shards import ShardRecord
+from collector.queue.stream_shards import ShardRecord
 
 
 @dataclass(frozen=True)

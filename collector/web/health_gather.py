@@ -27,7 +27,7 @@ from collector.queue.client import describe_redis_error
 from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
 from collector.queue.loop_lag import parse_loop_lag, parse_loop_lags
-from collector.queue.shards import read_shards
+from collector.queue.stream_shards import read_shards
 from collector.settings import Settings
 from collector.web.health_facts import HealthSnapshot, OpenGap, StreamState, TableState
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from collector.queue.connections import CONNECTED, ConnectionRecord
-from collector.queue.shards import CRASHED, RUNNING, ShardRecord
+from collector.queue.stream_shards import CRASHED, RUNNING, ShardRecord
 from collector.web.health_facts import HealthSnapshot, OpenGap, TableState, age_s
 
 

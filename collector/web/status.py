@@ -8,7 +8,7 @@ from dataclasses import replace
 from collector.local.stack import NO_STACK
 from collector.queue.client import redis_client
 from collector.queue.loop_lag import LoopLag
-from collector.queue.shards import RUNNING
+from collector.queue.stream_shards import RUNNING
 from collector.rest.planner import MarketRestState, rest_state
 from collector.settings import Settings, redacted_url
 from collector.web.health import HealthReport, HealthSnapshot, age_s, assess, now_us, snapshot

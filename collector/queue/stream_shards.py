@@ -1,4 +1,4 @@
-"""The stream-process registry: one record per shard in `keys.STREAM_SHARDS` (field = `i/n`).
+"""The stream-process registry: one record per stream shard in `keys.STREAM_SHARDS` (field = `i/n`).
 
 Each stream process (`collector streams --shard i/n`; `0/1` when unsharded) rewrites its record
 every second while running (its heartbeat) and marks it `stopped` at a clean stop. Its next start

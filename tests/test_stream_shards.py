@@ -21,7 +21,7 @@ from collector.db.init import init_db
 from collector.fake.server import FakeExchange
 from collector.local.servers import free_port
 from collector.queue import keys
-from collector.queue.shards import HEARTBEAT_STALE_S, ShardRecord
+from collector.queue.stream_shards import HEARTBEAT_STALE_S, ShardRecord
 from collector.settings import Settings, load_settings
 from collector.streams.ledger import GapLedger
 from collector.streams.registry import Heartbeat, claim
