@@ -23,7 +23,6 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from collector.db.connection import connect
-from collector.db.copy import copy_text
 from collector.db.init import init_db
 from collector.drain import Drainer, build_rows
 from collector.fake.envelopes import agg_trade
@@ -63,14 +62,13 @@ def main() -> int:
         assert result.inserted == args.events, result
 
         # The limit: the same rows, already rendered, COPYed into a bare table (no index, no parsing).
-        rows = build_rows("agg_trades", envelopes, keep_coin_m=False).rows
-        buffer = copy_text(rows)
+        buffer = build_rows("agg_trades", envelopes, keep_coin_m=False).rendered
         conn = connect(settings)
         with conn.cursor() as cur:
             cur.execute(
-                "CREATE TABLE plain_copy (event_time bigint, market text, symbol text, a bigint,"
-                " trade_time bigint, price numeric, quantity numeric, f bigint, l bigint,"
-                " m boolean, received_at bigint, payload jsonb)"
+                "CREATE TABLE plain_copy (event_time timestamptz, market text, symbol text, a bigint,"
+                " trade_time timestamptz, price numeric, quantity numeric, f bigint, l bigint,"
+                " m boolean, received_at timestamptz, payload jsonb)"
             )
             conn.commit()
             copy_started = time.perf_counter()

@@ -1,12 +1,13 @@
 """Every event accounted for: envelope sequence numbers, drained ranges, and the holes between them.
 
-The stream process numbers the envelopes it queues, per table, within its run
-(`"run":"<id>","seq":<n>` in the envelope head; `collector.streams.sink`). Each drain batch records,
-in the same transaction as its rows, the contiguous ranges of numbers it consumed (stored,
-duplicate, filtered or dead-lettered alike) in `ingest_ranges`. Queues are first in, first out, so
-once later numbers of a run are drained, a number never drained was lost between the stream process
-and PostgreSQL: Redis lost it (a restart without persistence, a FLUSHALL, an eviction). The loss is
-reported with its exact count and the receive times around it.
+The stream process numbers the envelopes it queues, per table and queue shard, within its run
+(`"run":"<id>","seq":<n>` in the envelope head; `collector.streams.sink`; shard k > 0 numbers as the
+run `<id>.s<k>`, so each shard, drained at its own pace, is its own first-in-first-out sequence).
+Each drain batch records, in the same transaction as its rows, the contiguous ranges of numbers it
+consumed (stored, duplicate, filtered or dead-lettered alike) in `ingest_ranges`. Queues are first
+in, first out, so once later numbers of a run are drained, a number never drained was lost between
+the stream process and PostgreSQL: Redis lost it (a restart without persistence, a FLUSHALL, an
+eviction). The loss is reported with its exact count and the receive times around it.
 
 Envelopes of the REST tasks and the gap ledger carry no number and are not audited here.
 
@@ -17,6 +18,7 @@ such (`Horizon`), since what happened to its envelopes there can no longer be to
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 # The head `make_envelope` writes: market, receive time, then the audit tag.
 AUDIT_TAG: Final = re.compile(rb'^\{"market":"\w+","received_at_us":(\d+),"run":"([\w.-]+)","seq":(\d+),')
 HEAD_BYTES: Final = 160
+_RUN_ID: Final = re.compile(r"[\w.-]+", re.ASCII)  # what AUDIT_TAG reads as a run
 
 
 @dataclass(frozen=True)
@@ -70,15 +73,59 @@ def tag_of(raw: bytes) -> tuple[str, int, int] | None:
     return match.group(2).decode(), int(match.group(3)), int(match.group(1))
 
 
+@functools.lru_cache(maxsize=64)
+def _is_run_id(run: str) -> bool:
+    return _RUN_ID.fullmatch(run) is not None
+
+
+def tag_from(envelope: dict[str, object], received_at_us: int) -> tuple[str, int, int] | None:
+    """`tag_of` for an envelope already parsed (the drain parses each one anyway): no second look. Pure."""
+    run = envelope.get("run")
+    seq = envelope.get("seq")
+    if type(run) is not str or type(seq) is not int or seq < 0 or not _is_run_id(run):
+        return None
+    return run, seq, received_at_us
+
+
+@functools.lru_cache(maxsize=64)
+def same_run(run: str) -> re.Pattern[bytes]:
+    """The head of an envelope numbered in `run`: its `match(raw, 0, HEAD_BYTES)` says what
+    `tag_of(raw)[0] == run` says, in a quarter of the time (no groups to take apart). Pure."""
+    return re.compile(
+        rb'\{"market":"\w+","received_at_us":\d+,"run":"' + re.escape(run.encode()) + rb'","seq":\d+,'
+    )
+
+
 def contiguous_ranges(tags: Iterable[tuple[str, int, int]]) -> list[SeqRange]:
-    """The tags of one batch as contiguous ranges per run (a batch is normally one range). Pure."""
+    """The tags of one batch as contiguous ranges per run (a batch is normally one range). Pure.
+
+    Each range's received times are those of its lowest and highest number. Tags come in queue
+    order, which is numbering order: consecutive ones are gathered first, in one pass, so only a
+    handful of pieces (usually one) is sorted and merged.
+    """
+    pieces: list[SeqRange] = []
+    current: str | None = None  # the run of the piece being gathered, in plain locals (the hot loop)
+    first = last = first_received = last_received = 0
+    for run, seq, received in tags:
+        if run == current and seq == last + 1:
+            last, last_received = seq, received
+            continue
+        if current is not None:
+            pieces.append(SeqRange(current, first, last, first_received, last_received))
+        current, first, last, first_received, last_received = run, seq, seq, received, received
+    if current is not None:
+        pieces.append(SeqRange(current, first, last, first_received, last_received))
     ranges: list[SeqRange] = []
-    for run, seq, received in sorted(tags):
-        last = ranges[-1] if ranges else None
-        if last is not None and last.run == run and seq <= last.last + 1:
-            ranges[-1] = SeqRange(run, last.first, max(seq, last.last), last.first_received_us, received)
-        else:
-            ranges.append(SeqRange(run, seq, seq, received, received))
+    for piece in sorted(pieces, key=lambda p: (p.run, p.first, p.first_received_us)):
+        previous = ranges[-1] if ranges else None
+        if previous is None or previous.run != piece.run or piece.first > previous.last + 1:
+            ranges.append(piece)
+        elif piece.last > previous.last or (
+            piece.last == previous.last and piece.last_received_us > previous.last_received_us
+        ):
+            ranges[-1] = SeqRange(
+                piece.run, previous.first, piece.last, previous.first_received_us, piece.last_received_us
+            )
     return ranges
 
 
@@ -119,16 +166,38 @@ ORDER BY first_received_at
 """
 
 
-def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
-    """Inside the batch's transaction; logs a hole before a range (the loss, as it is found)."""
-    for index, piece in enumerate(ranges):
-        counts = astuple(outcome) if index == 0 else (0, 0, 0, 0)
-        cur.execute(
-            "SELECT max(last_seq), max(last_received_at) FROM ingest_ranges"
-            " WHERE table_name = %s AND run = %s AND first_seq < %s",
-            (table, piece.run, piece.first),
-        )
-        previous_last, previous_received = cur.fetchone()
+# The range of the run drained just below a new one (one backward index probe of
+# `ingest_ranges_by_run`, however long the run), and whether a range already starts inside it.
+NEIGHBOURS_SQL: Final = """
+SELECT below.last_seq, below.last_received_at,
+       EXISTS (SELECT 1 FROM ingest_ranges
+               WHERE table_name = %(table)s AND run = %(run)s AND first_seq BETWEEN %(first)s AND %(last)s)
+FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+    SELECT last_seq, last_received_at FROM ingest_ranges
+    WHERE table_name = %(table)s AND run = %(run)s AND first_seq < %(first)s
+    ORDER BY first_seq DESC LIMIT 1) AS below ON true
+"""
+# Every range below: only when the nearest one leaves a hole, which an earlier, longer range (a
+# re-delivered batch) may still cover.
+BELOW_SQL: Final = (
+    "SELECT max(last_seq), max(last_received_at) FROM ingest_ranges"
+    " WHERE table_name = %(table)s AND run = %(run)s AND first_seq < %(first)s"
+)
+
+
+def check_ranges(cur: Cursor, table: str, ranges: list[SeqRange]) -> bool:
+    """Before a batch is written: logs a hole before a range (the loss, as it is found), and says
+    whether the batch's numbers were drained before (a re-delivered batch, whose rows may be stored)."""
+    drained_before = False
+    for piece in ranges:
+        params = {"table": table, "run": piece.run, "first": piece.first, "last": piece.last}
+        cur.execute(NEIGHBOURS_SQL, params)
+        previous_last, previous_received, starts_inside = cur.fetchone()
+        if previous_last is not None and piece.first > previous_last + 1:
+            cur.execute(BELOW_SQL, params)
+            previous_last, previous_received = cur.fetchone()
+        if starts_inside or (previous_last is not None and previous_last >= piece.first):
+            drained_before = True
         if previous_last is not None and piece.first > previous_last + 1:
             logger.error(
                 "audit.lost_events table=%s run=%s count=%d seq=%d..%d received_after=%s "
@@ -140,6 +209,13 @@ def record_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: Batc
                 piece.first - 1,
                 previous_received.isoformat() if previous_received else "?",
             )
+    return drained_before
+
+
+def insert_ranges(cur: Cursor, table: str, ranges: list[SeqRange], outcome: BatchOutcome) -> None:
+    """Inside the batch's transaction: its ranges, with what it made of them on the first."""
+    for index, piece in enumerate(ranges):
+        counts = astuple(outcome) if index == 0 else (0, 0, 0, 0)
         cur.execute(
             INSERT_RANGES,
             (
@@ -284,6 +360,16 @@ def verdict(b: RunBalance, sent: int, missing: int, waiting: int, found: Horizon
     return "balanced" if counted_from == 1 else f"balanced from {counted_from:,}"
 
 
+# The run id of queue shard k > 0 ends in `.s<k>` (collector.queue.shards.shard_run).
+SHARD_RUN: Final = re.compile(r"\.s(\d+)$")
+
+
+def shard_of_run(table: str, run: str) -> str:
+    """The queue shard a run's numbers went through, named as `keys.shard_name` names it. Pure."""
+    match = SHARD_RUN.search(run)
+    return table if match is None else f"{table}:s{match.group(1)}"
+
+
 def format_audit(
     balances: list[RunBalance],
     losses: list[Loss],
@@ -295,14 +381,16 @@ def format_audit(
 
     Per table and run: the events the stream process committed to the queue (`queued`, from Redis:
     `<run>/<table>` -> last number), and where they went: drained (into rows stored, duplicate or
-    filtered, or dead letters), still queued or in flight (`pending`, per table, the latest run's),
-    or lost. A run whose numbers add up says `balanced`. First, when the period reaches back past
-    retention (`found`), one line saying from when the audit can vouch for its numbers.
+    filtered, or dead letters), still queued or in flight (`pending`, per queue shard as
+    `keys.shard_name` names it, the latest run's there), or lost. A run whose numbers add up says
+    `balanced`. First, when the period reaches back past retention (`found`), one line saying from
+    when the audit can vouch for its numbers.
     """
     first = [format_horizon(found)] if found else []
     if not balances:
         return "\n".join([*first, "no audited events drained in this period"])
-    latest = {b.table: b.run for b in balances}  # ordered by start: the last one wins
+    # Ordered by start: the last run of each queue shard wins.
+    latest = {shard_of_run(b.table, b.run): b.run for b in balances}
     lost: dict[tuple[str, str], int] = {}
     for loss in losses:
         lost[(loss.table, loss.run)] = lost.get((loss.table, loss.run), 0) + loss.count
@@ -321,7 +409,8 @@ def format_audit(
     )
     rows = []
     for b in balances:
-        waiting = pending.get(b.table, 0) if latest[b.table] == b.run else 0
+        shard = shard_of_run(b.table, b.run)
+        waiting = pending.get(shard, 0) if latest[shard] == b.run else 0
         missing = lost.get((b.table, b.run), 0)
         sent = queued.get(f"{b.run}/{b.table}")
         if sent is None:

@@ -14,9 +14,10 @@ app = Celery(
 )
 app.config_from_object("celeryconfig")
 
-# Beat sends a drain per table every second: Celery's "Task … received" and "Task … succeeded" at
-# INFO (workers) and "Scheduler: Sending due task …" (beat) would be ten lines a second burying the
-# useful ones, such as beat's `rest.plan`. Failures are still logged (WARNING and above).
+# Beat sends a drain-loop keeper and an alert check every second: Celery's "Task … received" and
+# "Task … succeeded" at INFO (workers) and "Scheduler: Sending due task …" (beat) would be lines
+# every second burying the useful ones, such as beat's `rest.plan`. Failures are still logged
+# (WARNING and above).
 QUIETED_LOGGERS = ("celery.worker.strategy", "celery.app.trace", "celery.beat")
 
 
@@ -42,6 +43,44 @@ def _pool_process_leaves_the_masters_process_group(**_: Any) -> None:
     signalled, and SIGKILL after the grace period ends the container's every process.
     """
     os.setpgid(0, 0)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _master_handles_the_stop_signal(**_: Any) -> None:
+    """The stop signal's handler, installed before the pool forks: every pool process has it from birth
+    (a pool process signalled before a handler of its own would die of it)."""
+    from collector.tasks import stopping
+
+    stopping.install()
+
+
+@signals.worker_before_create_process.connect  # type: ignore[untyped-decorator]
+def _pool_size_for_the_children(sender: Any, **_: Any) -> None:
+    """Tell the pool processes about to be forked how many they are: a drain loop leaves one free."""
+    from collector.tasks import stopping
+
+    size = getattr(sender, "_processes", None)  # billiard's Pool keeps its size there
+    if isinstance(size, int):
+        os.environ[stopping.POOL_PROCESSES_ENV] = str(size)
+
+
+@signals.worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _tell_the_pool_processes(**_: Any) -> None:
+    """A warm (or cold) shutdown begins: drain loops end after their batch (collector.tasks.stopping).
+
+    Runs in the master, inside its signal handler: only a flag and `kill`, nothing that could block.
+    """
+    import billiard.process
+
+    from collector.tasks import stopping
+
+    stopping.request()  # a solo pool runs the tasks in this very process
+    for child in billiard.process.active_children():
+        if child.pid is not None:
+            try:
+                os.kill(child.pid, stopping.STOP_SIGNAL)
+            except ProcessLookupError:
+                pass
 
 
 @signals.beat_init.connect  # type: ignore[untyped-decorator]

@@ -238,6 +238,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from collector.queue import keys
     from collector.queue.batches import inflight_length, queue_length
     from collector.queue.client import redis_client, redis_unavailable
+    from collector.queue.shards import present_lanes
 
     now = datetime.now(UTC)
     since = parse_time(args.since, "--since") if args.since else now - timedelta(hours=24)
@@ -246,7 +247,11 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
         queued = {_text(k): int(v) for k, v in client.hgetall(keys.AUDIT_QUEUED).items()}
-        pending = {t: queue_length(client, t) + inflight_length(client, t) for t in keys.TABLES}
+        # Per queue shard: each shard numbers its own events, so each is balanced on its own.
+        pending = {
+            keys.shard_name(t, k): queue_length(client, t, (k,)) + inflight_length(client, t, (k,))
+            for t, k in present_lanes(client, keys.TABLES, settings.queue_shards)
+        }
     except redis.RedisError as error:
         raise redis_unavailable(settings, error) from None
     finally:

@@ -202,10 +202,20 @@ class Settings(BaseSettings):
     stream_uvloop: bool = False
 
     # --- drain (Redis -> PostgreSQL) ------------------------------------------------------------
+    # How often beat makes sure DRAIN_LOOPS drain loops run (a loop drains continuously in between).
     drain_interval_s: float = Field(1, gt=0)
     drain_batch_max_rows: int = Field(5000, gt=0, le=7000)
-    drain_run_max_s: float = Field(20, gt=0)
+    drain_run_max_s: float = Field(20, gt=0)  # one `collector trigger drain` run
     drain_lock_ttl_s: int = Field(30, gt=0)
+    # Drain loops running at once over every worker and host: keep it below the ingest pool's
+    # concurrency (the Procfile's 3), so the alert task always finds a free pool process.
+    drain_loops: int = Field(2, gt=0, le=64)
+    # A loop hands over to a fresh task after this long (well inside the broker's visibility timeout).
+    drain_loop_max_s: float = Field(300, gt=0, le=600)
+    # An idle loop waits on Redis this long for a wake-up before it looks at every queue again.
+    drain_idle_wait_s: float = Field(1, gt=0, le=30)
+    # Lists per table queue; a symbol's events always go to the same one (1: the names of before).
+    queue_shards: int = Field(1, gt=0, le=64)
 
     # --- TimescaleDB ---------------------------------------------------------------------------
     # auto: hypertables when the server can load the extension, plain tables otherwise (with a
@@ -318,6 +328,16 @@ class Settings(BaseSettings):
             )
         if value > SPOT_DEPTH_LIMIT_MAX:
             raise _refuse(f"at most {SPOT_DEPTH_LIMIT_MAX} (got {value})")
+        return value
+
+    @field_validator("drain_idle_wait_s")
+    @classmethod
+    def _wait_within_the_slot(cls, value: float, info: ValidationInfo) -> float:
+        # An idle loop renews its slot (collector.queue.loops) between waits: a wait as long as the
+        # slot's life would lose the slot every time it waited in vain.
+        ttl = info.data.get("drain_lock_ttl_s")
+        if ttl and value * 2 > ttl:
+            raise _refuse(f"{value:g} s must be at most half DRAIN_LOCK_TTL_S ({ttl} s)")
         return value
 
     @field_validator("timescale_aggregate_lookback_h")

@@ -130,14 +130,16 @@ def test_a_batch_spanning_two_runs_books_each_runs_rows_to_it(settings: Settings
 
     init_db(settings)
     client = redis.Redis.from_url(settings.redis_url)
-    client.rpush(keys.queue("agg_trades"), *first, *second, first[0])  # one repeat of run 1
+    # One repeat of run 1: written in run 1's part, where its number is already in the range (drained
+    # counts each number of a part once) and its row is a duplicate.
+    client.rpush(keys.queue("agg_trades"), *first, *second, first[0])
     Drainer(settings, client, lambda: connect(settings)).drain("agg_trades")
     conn = connect(settings)
     with conn.cursor() as cur:
         balances = {b.run: b for b in drained_balances(cur, datetime(2000, 1, 1, tzinfo=UTC))}
     conn.close()
     assert (balances["r1"].drained, balances["r1"].rows_inserted, balances["r1"].rows_duplicate) == (
-        31,
+        30,
         30,
         1,
     )

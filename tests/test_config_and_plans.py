@@ -220,23 +220,14 @@ def test_many_symbols_split_across_connections() -> None:
 
 
 def test_beat_schedule_from_settings() -> None:
-    """One drain per table every second, the REST poll tick every second (the planner spreads the
-    calls over their intervals), every entry with queue and expiry."""
+    """One drain-loop keeper every second (the loops drain every table continuously), the REST poll
+    tick every second (the planner spreads the calls over their intervals), each with queue and expiry."""
     s = load_settings(open_interest_interval_s=15, depth_snapshot_interval_s=120)
     schedule = beat_schedule(s)
-    drains = [e for e in schedule.values() if e["task"] == "collector.tasks.ingest.drain"]
-    assert sorted(e["args"][0] for e in drains) == sorted(
-        [
-            "agg_trades",
-            "depth_updates",
-            "mark_prices",
-            "force_orders",
-            "open_interest",
-            "depth_snapshots",
-            "depth_gaps",
-            "stream_gaps",
-        ]
-    )
+    drains = [e for e in schedule.values() if e["task"].startswith("collector.tasks.ingest.")]
+    assert [(e["task"], e["schedule"], e["args"]) for e in drains] == [
+        ("collector.tasks.ingest.drain_loop", 1.0, ())
+    ]
     assert schedule["rest-poll"]["task"] == "collector.tasks.rest.poll_due"
     assert schedule["rest-poll"]["schedule"] == 1.0
     assert not any("open_interest" in e["task"] or "depth_snapshot" in e["task"] for e in schedule.values())

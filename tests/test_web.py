@@ -29,6 +29,7 @@ from collector.queue import counters, keys
 from collector.queue.batches import BatchQueue
 from collector.queue.connections import ConnectionRecord
 from collector.queue.loop_lag import LoopLag
+from collector.queue.loops import LoopSlot
 from collector.settings import Settings, load_settings
 from collector.web.flower import flower_command
 from collector.web.health import (
@@ -345,8 +346,12 @@ def test_metrics_exports_counters_and_gauges(database: Settings, redis_conn: red
     put_connection(redis_conn, "spot-0")
     put_connection(redis_conn, "futures-market-0", state="backoff")
     redis_conn.rpush(keys.queue("agg_trades"), b"a", b"b", b"c")
+    redis_conn.rpush(keys.queue("agg_trades", 3), b"d", b"e")  # a shard beyond QUEUE_SHARDS still counts
     redis_conn.rpush(keys.queue("depth_updates"), b"a", b"b")
     assert BatchQueue(redis_conn, "depth_updates").claim(10) is not None  # two envelopes now in flight
+    redis_conn.rpush(keys.queue("depth_updates", 2), b"c")
+    assert BatchQueue(redis_conn, "depth_updates", 2).claim(10) is not None
+    LoopSlot(redis_conn, 2, 30_000).acquire()
     redis_conn.rpush(keys.DEADLETTER, b"x", b"y", b"z", b"w")
     redis_conn.hset(keys.DRAIN_LAST_SUCCESS_US, "agg_trades", now_us() - 5 * S)
     with serving(make_app(database)) as base:
@@ -364,9 +369,10 @@ def test_metrics_exports_counters_and_gauges(database: Settings, redis_conn: red
         value("collector_rest_errors_total", market="futures", endpoint="openInterest", reason="read|timeout")
         == 1
     )
-    assert value("collector_queue_length", table="agg_trades") == 3
+    assert value("collector_queue_length", table="agg_trades") == 5  # summed over the table's shards
     assert value("collector_queue_length", table="force_orders") == 0
-    assert value("collector_inflight_length", table="depth_updates") == 2
+    assert value("collector_inflight_length", table="depth_updates") == 3
+    assert value("collector_drain_loops") == 1
     assert value("collector_deadletter_length") == 4
     assert value("collector_connection_up", connection="spot-0") == 1
     assert value("collector_connection_up", connection="futures-market-0") == 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import orjson
@@ -116,12 +115,19 @@ _DECIMAL = re.compile(r"^-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?$")
 USD_M_SYMBOL_TYPE = 1
 
 
-@dataclass(frozen=True)
-class ParsedEnvelope:
-    """The rows of one envelope, and how many all-market COIN-M rows were left out."""
+class ParsedEnvelope(NamedTuple):
+    """The rows of one envelope, and how many all-market COIN-M rows were left out.
+
+    A NamedTuple rather than a frozen dataclass: one is made per envelope, in the drain's hot loop.
+    """
 
     rows: list[Row]
     skipped_coin_m: int = 0
+
+
+def one_row(row: Row) -> ParsedEnvelope:
+    """`ParsedEnvelope([row])` without NamedTuple's Python-level `__new__`: one is made per envelope."""
+    return tuple.__new__(ParsedEnvelope, ([row], 0))
 
 
 def int_field(event: dict[str, Any], key: str) -> int:
@@ -134,11 +140,19 @@ def int_field(event: dict[str, Any], key: str) -> int:
 
 def opt_int_field(event: dict[str, Any], key: str) -> int | None:
     """`int_field`, or None when the key is missing or null."""
-    return None if event.get(key) is None else int_field(event, key)
+    value = event.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value <= _BIGINT_MAX:  # int_field's check, inline
+        raise FrameError(f"field {key!r} is not a non-negative integer: {value!r}")
+    return value
 
 
 def _ms_to_us(event: dict[str, Any], key: str) -> int:
-    return int_field(event, key) * 1000
+    value = event.get(key)  # int_field's check, inline: three of these per trade
+    if type(value) is not int or not 0 <= value <= _BIGINT_MAX:
+        raise FrameError(f"field {key!r} is not a non-negative integer: {value!r}")
+    return value * 1000
 
 
 def _opt_ms_to_us(event: dict[str, Any], key: str) -> int | None:
@@ -160,11 +174,22 @@ def _opt_decimal(event: dict[str, Any], key: str) -> str | None:
     return None if event.get(key) is None else _decimal(event, key)
 
 
+_SYMBOLS: dict[str, str] = {}  # symbols already checked, upper-cased: a few thousand at most
+_SYMBOLS_KEPT = 20_000
+
+
 def symbol_value(value: object) -> str:
     """A symbol name as Binance spells them, upper-cased; else `FrameError`."""
+    if type(value) is str:
+        known = _SYMBOLS.get(value)
+        if known is not None:
+            return known
     if not isinstance(value, str) or not _SYMBOL.match(value):
         raise FrameError(f"symbol is malformed: {value!r}")
-    return value.upper()
+    if len(_SYMBOLS) >= _SYMBOLS_KEPT:  # never in practice; bounded all the same
+        _SYMBOLS.clear()
+    known = _SYMBOLS[value] = value.upper()
+    return known
 
 
 def text_field(event: dict[str, Any], key: str) -> str:
@@ -215,7 +240,7 @@ def _agg_trade(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) ->
         received_at,
         orjson.dumps(event),
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 def _depth_update(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
@@ -233,7 +258,7 @@ def _depth_update(envelope: dict[str, Any], received_at: int, keep_coin_m: bool)
         received_at,
         orjson.dumps(event),
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 def _mark_prices(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
@@ -281,7 +306,7 @@ def _force_order(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) 
         received_at,
         orjson.dumps(event),
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 def _open_interest(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
@@ -293,7 +318,7 @@ def _open_interest(envelope: dict[str, Any], received_at: int, keep_coin_m: bool
         _opt_ms_to_us(body, "time"),
         orjson.dumps(body),
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 def _depth_snapshot(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
@@ -309,7 +334,7 @@ def _depth_snapshot(envelope: dict[str, Any], received_at: int, keep_coin_m: boo
         _opt_ms_to_us(body, "T"),
         orjson.dumps(body),
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 def envelope_market(envelope: dict[str, Any]) -> str:

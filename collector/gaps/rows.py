@@ -15,6 +15,7 @@ from collector.binance.rows import (
     as_object,
     envelope_market,
     int_field,
+    one_row,
     opt_int_field,
     symbol_value,
     text_field,
@@ -61,7 +62,7 @@ def _depth_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) ->
         opt_int_field(record, "resync_update_id"),
         text_field(record, "cause"),
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 def _stream_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -> ParsedEnvelope:
@@ -79,7 +80,7 @@ def _stream_gap(envelope: dict[str, Any], received_at: int, keep_coin_m: bool) -
         text_field(record, "cause"),
         connection if isinstance(connection, str) else None,
     )
-    return ParsedEnvelope([row])
+    return one_row(row)
 
 
 EXTRACTORS: dict[str, Extractor] = {

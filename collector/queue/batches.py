@@ -1,17 +1,19 @@
 """Reliable batches out of a Redis list: claim into an in-flight list, acknowledge after the COMMIT.
 
 The in-flight pattern of kombu's Redis transport, one list per batch: a claim moves up to N
-envelopes atomically from `collector:queue:<table>` to a new `collector:inflight:<table>:<id>` and
-records that key in the set `collector:inflight:<table>`. The batch is deleted only once PostgreSQL
-has committed it. A drain that dies (SIGKILL, OOM, lost node) leaves its batches in flight; the
-next drain of that table recovers them before claiming anything new, and the natural keys make the
-second write insert nothing twice. Acknowledging one batch never touches another, so two batches can
-be in flight at once (one being parsed while the previous is written).
+envelopes atomically from a shard's queue `collector:queue:<shard>` to a new
+`collector:inflight:<shard>:<id>` and records that key in the set `collector:inflight:<shard>`
+(`<shard>` is `<table>` or `<table>:s<k>`, `keys.shard_name`); each shard is its own FIFO. The
+batch is deleted only once PostgreSQL has committed it. A drain that dies (SIGKILL, OOM, lost node)
+leaves its batches in flight; the next drain of that shard recovers them before claiming anything
+new, and the natural keys make the second write insert nothing twice. Acknowledging one batch never
+touches another, so two batches can be in flight at once (one being parsed while the previous is
+written).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -50,18 +52,21 @@ def _batch_number(key: str) -> int:
 
 
 class BatchQueue:
-    """Claim / recover / acknowledge batches of one table's queue."""
+    """Claim / recover / acknowledge batches of one shard of a table's queue."""
 
-    def __init__(self, client: redis.Redis, table: str) -> None:
+    def __init__(self, client: redis.Redis, table: str, shard: int = 0) -> None:
         self._client = client
         self.table = table
+        self.shard = shard
+        self._inflight = keys.inflight(table, shard)
         self._claim = client.register_script(CLAIM_SCRIPT)
 
     def claim(self, max_items: int) -> Batch | None:
         """Move the next batch into flight; None when the queue is empty."""
+        table, shard = self.table, self.shard
         result = self._claim(
-            keys=[keys.queue(self.table), keys.inflight(self.table), keys.inflight_counter(self.table)],
-            args=[max_items, keys.inflight_batch_prefix(self.table)],
+            keys=[keys.queue(table, shard), self._inflight, keys.inflight_counter(table, shard)],
+            args=[max_items, keys.inflight_batch_prefix(table, shard)],
         )
         if not result:
             return None
@@ -71,9 +76,9 @@ class BatchQueue:
     def recover(self) -> list[Batch]:
         """Batches left in flight by drains that did not finish, oldest first.
 
-        Only call this while holding the table's drain lock: then no other drain has batches in flight.
+        Only call this while holding the shard's drain lock: then no other drain has batches in flight.
         """
-        members: set[bytes] = self._client.smembers(keys.inflight(self.table))  # type: ignore[assignment]
+        members: set[bytes] = self._client.smembers(self._inflight)  # type: ignore[assignment]
         batch_keys = sorted((k.decode() for k in members), key=_batch_number)
         batches = []
         for key in batch_keys:
@@ -81,7 +86,7 @@ class BatchQueue:
             if items:
                 batches.append(Batch(key, items))
             else:
-                self._client.srem(keys.inflight(self.table), key)
+                self._client.srem(self._inflight, key)
         return batches
 
     def acknowledge(
@@ -97,7 +102,7 @@ class BatchQueue:
         pipe = self._client.pipeline(transaction=True)
         deadletter.push(pipe, dead_letters)
         pipe.delete(batch.key)
-        pipe.srem(keys.inflight(self.table), batch.key)
+        pipe.srem(self._inflight, batch.key)
         pipe.hset(keys.DRAIN_LAST_SUCCESS_US, self.table, committed_at_us)
         if inserted:
             counters.incr(pipe, "rows_inserted", self.table, amount=inserted)
@@ -108,9 +113,9 @@ class BatchQueue:
         pipe.execute()
 
 
-def inflight_length(client: redis.Redis, table: str) -> int:
-    """Envelopes currently in flight for `table`, over all its batches."""
-    batch_keys = client.smembers(keys.inflight(table))
+def inflight_length(client: redis.Redis, table: str, shards: Iterable[int] = (0,)) -> int:
+    """Envelopes currently in flight for `table`, over all its batches of the given shards."""
+    batch_keys = [key for shard in shards for key in client.smembers(keys.inflight(table, shard))]
     if not batch_keys:
         return 0
     pipe = client.pipeline(transaction=False)
@@ -119,5 +124,6 @@ def inflight_length(client: redis.Redis, table: str) -> int:
     return int(sum(pipe.execute()))
 
 
-def queue_length(client: redis.Redis, table: str) -> int:
-    return int(client.llen(keys.queue(table)))
+def queue_length(client: redis.Redis, table: str, shards: Iterable[int] = (0,)) -> int:
+    """Envelopes waiting in the given shards of `table`'s queue."""
+    return sum(int(client.llen(keys.queue(table, shard))) for shard in shards)

@@ -16,6 +16,7 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     "reconnects": ("WebSocket reconnects per connection", ("connection",)),
     "deadletters": ("Frames or rows sent to the dead-letter list", ("source",)),
     "rows_inserted": ("Rows inserted per table", ("table",)),
+    "drain_loop_runs": ("Drain loop tasks run, by outcome (started; busy: DRAIN_LOOPS ran)", ("outcome",)),
     "rows_duplicate": ("Rows skipped as already stored, per table", ("table",)),
     "coin_m_skipped": ("All-market COIN-M rows left out, per table", ("table",)),
     "rest_requests": ("Binance REST requests by endpoint and status", ("market", "endpoint", "status")),

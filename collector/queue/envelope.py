@@ -77,18 +77,29 @@ def split_envelope(raw: bytes) -> EnvelopeParts | None:
     )
 
 
-def parse_envelope(table: str, raw: bytes, keep_coin_m: bool = False) -> ParsedEnvelope:
-    """The rows `raw` (one queued envelope) contributes to `table`; `FrameError` if it cannot be stored."""
+def open_envelope(raw: bytes) -> tuple[dict[str, Any], int]:
+    """A queued envelope as a dict, with its receive time in µs; `FrameError` if it is not one."""
     try:
         envelope = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
         raise FrameError(f"envelope is not JSON: {error}") from None
-    if not isinstance(envelope, dict):
+    if type(envelope) is not dict:
         raise FrameError("envelope is not a JSON object")
     received_at = envelope.get("received_at_us")
     if type(received_at) is not int or received_at <= 0:
         raise FrameError(f"envelope received_at_us is {received_at!r}")
+    return envelope, received_at
+
+
+def extractor(table: str) -> Extractor:
+    """The function that reads `table`'s rows out of an opened envelope."""
     try:
-        return _EXTRACTORS[table](envelope, received_at, keep_coin_m)
+        return _EXTRACTORS[table]
     except KeyError:
         raise FrameError(f"no table named {table!r}") from None
+
+
+def parse_envelope(table: str, raw: bytes, keep_coin_m: bool = False) -> ParsedEnvelope:
+    """The rows `raw` (one queued envelope) contributes to `table`; `FrameError` if it cannot be stored."""
+    envelope, received_at = open_envelope(raw)
+    return extractor(table)(envelope, received_at, keep_coin_m)

@@ -2,11 +2,15 @@
 
 | key | type | written by | read by | meaning |
 |---|---|---|---|---|
-| `collector:queue:<table>` | LIST | stream process, REST tasks (RPUSH) | drain (LPOP from the head) | envelopes waiting to be written, oldest first |
-| `collector:inflight:<table>` | SET | drain (claim script) | drain, web, status | keys of that table's batches in flight |
-| `collector:inflight:<table>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
-| `collector:inflight_seq:<table>` | STRING | drain (claim script) | drain | counter numbering the batches |
-| `collector:lock:drain:<table>` | STRING | drain (`collector.queue.locks`: SET NX PX, Lua release) | drain | token of the one drain allowed to run for the table |
+| `collector:queue:<table>` | LIST | stream process, REST tasks (RPUSH) | drain (LPOP from the head) | envelopes waiting to be written, oldest first: shard 0 of the table's queue (the only one with `QUEUE_SHARDS=1`) |
+| `collector:queue:<table>:s<k>` | LIST | stream process (RPUSH, `collector.queue.shards`) | drain | shard k (1..QUEUE_SHARDS-1) of the table's queue: the events of the symbols that hash to k, oldest first |
+| `collector:inflight:<shard>` | SET | drain (claim script) | drain, web, status | keys of that shard's batches in flight; `<shard>` is `<table>` for shard 0, `<table>:s<k>` for shard k (as in every per-shard key below) |
+| `collector:inflight:<shard>:<n>` | LIST | drain (claim script) | drain | one batch being written; deleted only after its COMMIT |
+| `collector:inflight_seq:<shard>` | STRING | drain (claim script) | drain | counter numbering the shard's batches |
+| `collector:lock:drain:<shard>` | STRING | drain (`collector.queue.locks`: SET NX PX, Lua release) | drain | token (`<host>/<pid>/<uuid>`) of the one drain allowed to write the shard |
+| `collector:drain:wake` | LIST | stream process (one token per flush), REST tasks (one per body); trimmed to a few | drain loops (BLPOP with a timeout) | work has arrived: wakes one idle drain loop |
+| `collector:drain:loops` | ZSET | drain loops (`collector.queue.loops`, Lua) | drain loops, status | member `<host>/<pid>/<uuid>` of each running drain loop, score = when its slot expires (ms); at most DRAIN_LOOPS members |
+| `collector:drain:loops:<node>` | ZSET | drain loops (`collector.queue.loops`, Lua) | drain loops | the same, for the loops of one Celery worker node (`ingest@host`): at most its pool processes less one; expires with its last slot |
 | `collector:deadletter` | LIST | stream process, drain, REST tasks (`collector.queue.deadletter.push`) | operators (`collector.queue.deadletter.read`) | JSON `{reason, source, market, table, symbol, connection, run, seq, received_at_us, dead_at_us, frame or frame_b64}` of what could not be stored; `frame` is the exact bytes received (base64 in `frame_b64` when not UTF-8), null fields where unknown |
 | `collector:stream:messages` | HASH | stream process | web, status | field `<market>:<stream>` -> events received |
 | `collector:stream:last_us` | HASH | stream process | web, status | field `<market>:<stream>` -> receive time (µs) of its last event |
@@ -29,11 +33,12 @@
 | `collector:streams:loop` | HASH | stream process (every second, `collector.queue.loop_lag`) | bench, web `/metrics`, status | field `<shard>` (`0/1` unsharded, `1/2`, ...) -> JSON `{max_block_ms` (longest event-loop block of this run), `max_cpu_ms` (most CPU time its thread used within one block), `blocks_over` (blocks past `block_warn_ms`), `block_warn_ms`, `started_us`, `updated_us}` |
 | `collector:streams:shards` | HASH | stream process (every second; `state` stopped at a clean stop) | stream process (start), web, status | field `<shard>` -> JSON `ShardRecord` (`collector.queue.stream_shards`): run, host, pid, started_us, alive_us, state; found `running` at start, that shard's previous run crashed |
 | `collector:streams:alive` | STRING | stream process before shards (heartbeat) | stream process (start, once: then deleted) | legacy: found at start, the previous (unsharded) run crashed |
-| `collector:audit:queued` | HASH | stream process | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue |
+| `collector:audit:queued` | HASH | stream process | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue; with shards the run of shard k is `<run>.s<k>` (each shard numbers its own events) |
 | `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start: the shard owning the stream takes its field) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
 
 Envelope (one list element): `{"market": "spot"|"futures", "received_at_us": <int>, "frame": <raw JSON>}`;
-events of the stream process also carry `"run": "<id>", "seq": <n>` after the time (collector.audit);
+events of the stream process also carry `"run": "<id>", "seq": <n>` after the time (collector.audit), numbered
+per table and shard (the run of shard k > 0 is `<id>.s<k>`);
 REST envelopes also carry `"symbol"` (the symbol asked for: spot depth bodies do not name it).
 `frame` is the WebSocket frame or REST body exactly as received.
 """
@@ -72,29 +77,46 @@ STREAM_SHARDS: Final = f"{PREFIX}:streams:shards"
 AUDIT_QUEUED: Final = f"{PREFIX}:audit:queued"
 
 
-def queue(table: str) -> str:
-    """The list of envelopes waiting to be written into `table`."""
-    return f"{PREFIX}:queue:{table}"
+def shard_name(table: str, shard: int = 0) -> str:
+    """How every per-shard key names one shard of `table`'s queue: the table alone for shard 0 (the
+    names from before sharding, so `QUEUE_SHARDS=1` keeps them), `<table>:s<k>` for shard k."""
+    return table if shard == 0 else f"{table}:s{shard}"
 
 
-def inflight(table: str) -> str:
-    """The set of `table`'s in-flight batch keys (use `collector.queue.batches.inflight_length`)."""
-    return f"{PREFIX}:inflight:{table}"
+def queue(table: str, shard: int = 0) -> str:
+    """The list of envelopes waiting to be written into `table` (one of its shards)."""
+    return f"{PREFIX}:queue:{shard_name(table, shard)}"
 
 
-def inflight_batch_prefix(table: str) -> str:
+def inflight(table: str, shard: int = 0) -> str:
+    """The set of a shard's in-flight batch keys (use `collector.queue.batches.inflight_length`)."""
+    return f"{PREFIX}:inflight:{shard_name(table, shard)}"
+
+
+def inflight_batch_prefix(table: str, shard: int = 0) -> str:
     """Prefix of one in-flight batch's list key; the claim script appends the batch number."""
-    return f"{PREFIX}:inflight:{table}:"
+    return f"{PREFIX}:inflight:{shard_name(table, shard)}:"
 
 
-def inflight_counter(table: str) -> str:
-    """Counter that numbers `table`'s batches."""
-    return f"{PREFIX}:inflight_seq:{table}"
+def inflight_counter(table: str, shard: int = 0) -> str:
+    """Counter that numbers a shard's batches."""
+    return f"{PREFIX}:inflight_seq:{shard_name(table, shard)}"
 
 
-def drain_lock(table: str) -> str:
-    """The lock that keeps two drains of `table` from overlapping."""
-    return f"{PREFIX}:lock:drain:{table}"
+def drain_lock(table: str, shard: int = 0) -> str:
+    """The lock that keeps two drains of one shard of `table` from overlapping."""
+    return f"{PREFIX}:lock:drain:{shard_name(table, shard)}"
+
+
+# What SCAN looks for to find shards beyond QUEUE_SHARDS (the setting was lowered while they held work).
+SHARD_KEYS_PATTERN: Final = f"{PREFIX}:*:s[0-9]*"
+DRAIN_WAKE: Final = f"{PREFIX}:drain:wake"
+DRAIN_LOOPS: Final = f"{PREFIX}:drain:loops"
+
+
+def drain_loops_of(node: str) -> str:
+    """The drain loop slots held on one Celery worker node."""
+    return f"{PREFIX}:drain:loops:{node}"
 
 
 def drain_summary(table: str) -> str:

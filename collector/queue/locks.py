@@ -6,14 +6,17 @@ it, and Lua scripts compare the token before they delete or extend, so a holder 
 that dies frees the key when the TTL runs out.
 
 The locks of the collector:
-- `drain_lock(table)`: one drain per table (`keys.drain_lock`), TTL `DRAIN_LOCK_TTL_S`, extended
-  before each batch it claims.
+- `drain_lock(table, shard)`: one drain per shard of a table's queue (`keys.drain_lock`), TTL
+  `DRAIN_LOCK_TTL_S`, extended before each batch it writes; a drain loop holds it only while it
+  works that shard, so other loops take the shard between its batches.
 - `alerts_lock()`: one alert evaluation at a time (`keys.ALERTS_LOCK`), TTL past the task's hard
   time limit so it is never lost while the task still runs.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from typing import Final
 
@@ -47,7 +50,8 @@ class RedisLock:
         self._client = client
         self.key = key
         self.ttl_ms = ttl_ms
-        self.token = uuid.uuid4().hex
+        # Who holds it, for an operator reading the key (and a test telling holders apart).
+        self.token = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}"
         self._release = client.register_script(RELEASE_SCRIPT)
         self._extend = client.register_script(EXTEND_SCRIPT)
 
@@ -64,9 +68,9 @@ class RedisLock:
         return bool(self._release(keys=[self.key], args=[self.token]))
 
 
-def drain_lock(client: redis.Redis, table: str, ttl_s: float) -> RedisLock:
-    """The lock that keeps two drains of `table` from overlapping."""
-    return RedisLock(client, keys.drain_lock(table), int(ttl_s * 1000))
+def drain_lock(client: redis.Redis, table: str, ttl_s: float, shard: int = 0) -> RedisLock:
+    """The lock that keeps two drains of one shard of `table` from overlapping."""
+    return RedisLock(client, keys.drain_lock(table, shard), int(ttl_s * 1000))
 
 
 def alerts_lock(client: redis.Redis, ttl_ms: int) -> RedisLock:

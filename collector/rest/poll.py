@@ -22,7 +22,7 @@ import requests
 
 from collector.binance.rest import Market, RestRequest, depth_request, open_interest_request
 from collector.errors import RateLimited, RestError
-from collector.queue import deadletter, keys
+from collector.queue import deadletter, shards
 from collector.queue.deadletter import DeadLetter
 from collector.queue.envelope import make_envelope
 from collector.rest.client import RestClient, RestResponse
@@ -135,9 +135,11 @@ def queue_body(client: redis.Redis, table: str, market: str, symbol: str, respon
         pipe.execute()
         logger.error("rest.deadletter table=%s market=%s symbol=%s reason=%s", table, market, symbol, reason)
         return reason
-    client.rpush(
-        keys.queue(table), make_envelope(market, response.received_at_us, response.body, symbol=symbol)
+    pipe = client.pipeline(transaction=True)  # shard 0 (no symbol to shard by), and wake a drain loop
+    shards.push(
+        pipe, table, 0, [make_envelope(market, response.received_at_us, response.body, symbol=symbol)]
     )
+    pipe.execute()
     return ""
 
 

@@ -52,9 +52,9 @@ class FrameHandler:
         (kind, stream, table, reason), message = route_message(frame)
         if kind == "event":
             if table != "depth_updates" or self._ledger is None:
-                self._sink.push_event(table, self._market, received_at_us, frame)
+                self._sink.push_event(table, self._market, received_at_us, frame, stream)
             elif self._ledger.on_depth(self._market, stream, message["data"], received_at_us, self._source):
-                self._sink.push_event(table, self._market, received_at_us, frame)
+                self._sink.push_event(table, self._market, received_at_us, frame, stream)
             state = self.state
             stats = state.stream_stats.get(stream) or state.stats_for(stream)
             if stats.last_message_us is not None:

@@ -4,7 +4,8 @@ Guarantees:
 - `push()` never waits and never touches the network: the receive loops only append here.
 - Everything pushed is kept until a flush that contains it has been committed; a Redis outage only
   grows the buffer (warned about above STREAM_BUFFER_WARN_EVENTS), it never drops an event.
-- Order within a table is kept: one flush runs at a time and always takes the oldest envelopes.
+- Order within a table's queue shard is kept: one flush runs at a time and always takes the oldest
+  envelopes; an event goes to the shard of its stream's symbol (QUEUE_SHARDS, collector.queue.shards).
 - A flush is one MULTI/EXEC transaction, so a flush cut off by a Redis failure writes nothing and is
   retried whole. (If the connection dies after EXEC ran but before its reply arrived, the retry writes
   those envelopes a second time; the tables' natural keys make such duplicates harmless.)
@@ -23,9 +24,10 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
-from collector.queue import counters, deadletter, keys
+from collector.queue import counters, deadletter, keys, shards
 from collector.queue.deadletter import DeadLetter
 from collector.queue.envelope import make_envelope
+from collector.queue.shards import Lane, shard_of_stream, shard_run
 from collector.queue.stream_stats import StreamStatsWriter
 from collector.retry import is_transient
 from collector.settings import Settings
@@ -51,6 +53,7 @@ class SinkOptions:
     flush_interval_s: float
     flush_max_events: int
     buffer_warn_events: int
+    queue_shards: int = 1
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SinkOptions:
@@ -58,6 +61,7 @@ class SinkOptions:
             flush_interval_s=settings.stream_flush_interval_ms / 1000,
             flush_max_events=settings.stream_flush_max_events,
             buffer_warn_events=settings.stream_buffer_warn_events,
+            queue_shards=settings.queue_shards,
         )
 
 
@@ -65,7 +69,7 @@ class SinkOptions:
 class _Batch:
     """What one flush attempt writes; committed to the bookkeeping only after EXEC succeeded."""
 
-    envelopes: dict[str, int]  # table -> how many of its oldest envelopes
+    envelopes: dict[Lane, int]  # (table, shard) -> how many of its oldest envelopes
     deadletters: int
     streams: list[tuple[ConnectionState, str, int, int | None]]  # state, stream, messages, last_us
     reconnects: list[tuple[str, int]]  # connection id, reconnects so far
@@ -85,7 +89,7 @@ class Sink:
     def __init__(self, client: redis.asyncio.Redis, options: SinkOptions, run: str | None = None) -> None:
         self._client = client
         self._options = options
-        self._queues: dict[str, list[bytes]] = {}
+        self._queues: dict[Lane, list[bytes]] = {}
         self._deadletters: list[DeadLetter] = []
         self._buffered = 0
         self._states: dict[str, ConnectionState] = {}
@@ -99,25 +103,35 @@ class Sink:
         self._stopping = False
         self._unavailable_since: float | None = None
         self._buffer_warned = False
-        # This run's id and the last number given to an event of each table (collector.audit).
+        # This run's id and the last number given to an event of each table and shard (collector.audit).
         self.run_id = run or f"r{time.time_ns() // 1000}-{os.getpid()}"
-        self._run_tag = b',"run":"' + self.run_id.encode() + b'","seq":'
-        self._seq: dict[str, int] = {}
+        self._shards = options.queue_shards
+        self._run_tags = [
+            b',"run":"' + shard_run(self.run_id, shard).encode() + b'","seq":'
+            for shard in range(self._shards)
+        ]
+        self._seq: dict[Lane, int] = {}
 
     # --- the hot path: called by the receive loops, never awaits ---------------------------------
 
-    def push_event(self, table: str, market: str, received_at_us: int, frame: bytes) -> None:
-        """Queue one received event, numbered within this run and table (collector.audit)."""
-        seq = self._seq.get(table, 0) + 1
-        self._seq[table] = seq
-        tag = self._run_tag + str(seq).encode()
-        self.push(table, make_envelope(market, received_at_us, frame, audit=tag))
+    def push_event(
+        self, table: str, market: str, received_at_us: int, frame: bytes, stream: str = ""
+    ) -> None:
+        """Queue one received event on its stream's shard, numbered within this run, table and shard."""
+        lane = (table, shard_of_stream(stream, self._shards) if self._shards > 1 else 0)
+        seq = self._seq.get(lane, 0) + 1
+        self._seq[lane] = seq
+        tag = self._run_tags[lane[1]] + str(seq).encode()
+        self._push(lane, make_envelope(market, received_at_us, frame, audit=tag))
 
     def push(self, table: str, envelope: bytes) -> None:
-        """Queue one envelope for `table`."""
-        queue = self._queues.get(table)
+        """Queue one envelope for `table` (on shard 0: it has no symbol to shard by)."""
+        self._push((table, 0), envelope)
+
+    def _push(self, lane: Lane, envelope: bytes) -> None:
+        queue = self._queues.get(lane)
         if queue is None:
-            queue = self._queues[table] = []
+            queue = self._queues[lane] = []
         queue.append(envelope)
         self._buffered += 1
         if self._buffered >= self._options.flush_max_events:
@@ -146,15 +160,18 @@ class Sink:
         return self._buffered
 
     def buffered_envelopes(self, table: str) -> list[bytes]:
-        """A copy of the envelopes of `table` waiting to be flushed, oldest first."""
-        return list(self._queues.get(table, ()))
+        """A copy of the envelopes of `table` waiting to be flushed, oldest first within each shard."""
+        return [raw for (name, _), queue in sorted(self._queues.items()) if name == table for raw in queue]
 
     def buffered_deadletters(self) -> list[DeadLetter]:
         """A copy of the dead letters waiting to be flushed, oldest first."""
         return list(self._deadletters)
 
     def buffered_by_table(self) -> dict[str, int]:
-        counts = {table: len(queue) for table, queue in self._queues.items() if queue}
+        counts: dict[str, int] = {}
+        for (table, _), queue in self._queues.items():
+            if queue:
+                counts[table] = counts.get(table, 0) + len(queue)
         if self._deadletters:
             counts["deadletter"] = len(self._deadletters)
         return counts
@@ -248,7 +265,7 @@ class Sink:
     def _next_batch(self) -> _Batch:
         """The oldest envelopes of each table (up to a cap) and every changed statistic."""
         limit = MAX_EVENTS_PER_TABLE_PER_FLUSH
-        envelopes = {table: min(len(queue), limit) for table, queue in self._queues.items() if queue}
+        envelopes = {lane: min(len(queue), limit) for lane, queue in self._queues.items() if queue}
         streams: list[tuple[ConnectionState, str, int, int | None]] = []
         reconnects: list[tuple[str, int]] = []
         states: dict[str, bytes] = {}
@@ -266,10 +283,14 @@ class Sink:
     async def _write(self, batch: _Batch) -> None:
         pipe: Any = self._client.pipeline(transaction=True)
         queued_upto: dict[str, int] = {}
-        for table, count in batch.envelopes.items():
-            pipe.rpush(keys.queue(table), *self._queues[table][:count])
-            if table in self._seq:  # numbered events only: the last number this flush commits
-                queued_upto[f"{self.run_id}/{table}"] = self._seq[table] - (len(self._queues[table]) - count)
+        for (table, shard), count in batch.envelopes.items():
+            queue = self._queues[(table, shard)]
+            pipe.rpush(keys.queue(table, shard), *queue[:count])
+            if (table, shard) in self._seq:  # numbered events only: the last number this flush commits
+                field = f"{shard_run(self.run_id, shard)}/{table}"
+                queued_upto[field] = self._seq[(table, shard)] - (len(queue) - count)
+        if batch.envelopes:
+            shards.wake(pipe)
         if queued_upto:
             pipe.hset(keys.AUDIT_QUEUED, mapping=queued_upto)
         deadletter.push(pipe, self._deadletters[: batch.deadletters])
@@ -290,8 +311,8 @@ class Sink:
 
     def _commit(self, batch: _Batch) -> None:
         """Forget what `batch` wrote; anything pushed meanwhile sits behind it and stays."""
-        for table, count in batch.envelopes.items():
-            del self._queues[table][:count]
+        for lane, count in batch.envelopes.items():
+            del self._queues[lane][:count]
         del self._deadletters[: batch.deadletters]
         self._buffered -= batch.events
         for state, stream, messages, _last in batch.streams:

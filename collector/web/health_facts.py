@@ -62,6 +62,7 @@ class HealthSnapshot:
     streams: list[StreamState] = field(default_factory=list)
     tables: list[TableState] = field(default_factory=list)
     deadletter_length: int = 0
+    drain_loops: int = 0  # drain loops running now, over every worker (DRAIN_LOOPS at most)
     open_gaps: list[OpenGap] = field(default_factory=list)
     # counter name -> label values -> value
     counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)

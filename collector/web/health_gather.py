@@ -27,6 +27,7 @@ from collector.queue.client import describe_redis_error
 from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
 from collector.queue.loop_lag import parse_loop_lag, parse_loop_lags
+from collector.queue.shards import present_lanes
 from collector.queue.stream_shards import read_shards
 from collector.settings import Settings
 from collector.web.health_facts import HealthSnapshot, OpenGap, StreamState, TableState
@@ -57,7 +58,7 @@ def snapshot(settings: Settings, redis_client: redis.Redis, log_changes: bool = 
         losses=losses,
     )
     try:
-        _read_redis(redis_client, result)
+        _read_redis(redis_client, result, settings.queue_shards)
         if log_changes:
             _redis_state.report(up=True)
     except redis.RedisError as error:
@@ -103,7 +104,10 @@ def check_postgres(settings: Settings) -> tuple[str | None, dict[str, Any] | Non
         conn.close()
 
 
-def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
+def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1) -> None:
+    lanes = present_lanes(
+        client, keys.TABLES, queue_shards
+    )  # every shard that exists, beyond the setting too
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.CONNECTIONS)
     pipe.hgetall(keys.STREAM_MESSAGES)
@@ -111,27 +115,37 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot) -> None:
     pipe.hgetall(keys.DRAIN_LAST_SUCCESS_US)
     pipe.llen(keys.DEADLETTER)
     pipe.hgetall(keys.OPEN_GAPS)
-    for table in keys.TABLES:
-        pipe.llen(keys.queue(table))
+    for table, shard in lanes:
+        pipe.llen(keys.queue(table, shard))
     for name in COUNTERS:
         pipe.hgetall(keys.metric(name))
     pipe.hgetall(keys.STREAMS_LOOP)
+    pipe.zcount(keys.DRAIN_LOOPS, now_us() // 1000, "+inf")  # slots not yet expired
     pipe.hgetall(keys.STREAM_SHARDS)
-    *replies, loop_lag, shards = pipe.execute()
+    *replies, loop_lag, drain_loops, shards = pipe.execute()
     connections, messages, last_us, drains, deadletters, open_gaps = replies[:6]
-    queued = replies[6 : 6 + len(keys.TABLES)]
-    counter_hashes = replies[6 + len(keys.TABLES) :]
+    queued: dict[str, int] = {}
+    for (table, _), length in zip(lanes, replies[6 : 6 + len(lanes)], strict=True):
+        queued[table] = queued.get(table, 0) + int(length)
+    counter_hashes = replies[6 + len(lanes) :]
     into.open_gaps = sorted(_parse_open_gaps(_decode_hash(open_gaps)), key=lambda g: g.since_us)
 
     into.connections = read_connections(connections)
     into.streams = _parse_streams(_decode_hash(messages), _decode_hash(last_us))
     last_drain = _decode_hash(drains)
     into.tables = [
-        # Batches in flight live in one list each, listed in a set (see collector.queue.batches).
-        TableState(table, int(queued[i]), inflight_length(client, table), _int_or_none(last_drain.get(table)))
-        for i, table in enumerate(keys.TABLES)
+        # Summed over the table's queue shards. Batches in flight live in one list each, listed in a
+        # set per shard (see collector.queue.batches).
+        TableState(
+            table,
+            queued.get(table, 0),
+            inflight_length(client, table, [k for t, k in lanes if t == table]),
+            _int_or_none(last_drain.get(table)),
+        )
+        for table in keys.TABLES
     ]
     into.deadletter_length = int(deadletters)
+    into.drain_loops = int(drain_loops)
     into.loop_lag = parse_loop_lag(loop_lag)
     into.loop_lags = parse_loop_lags(loop_lag)
     into.shards = read_shards(shards)

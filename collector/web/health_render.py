@@ -68,6 +68,7 @@ def health_json(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str,
             for t in snap.tables
         ],
         "deadletter_length": snap.deadletter_length,
+        "drain_loops": snap.drain_loops,
         "lost_events": [
             {
                 "table": loss.table,

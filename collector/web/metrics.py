@@ -101,7 +101,9 @@ def _counters(snap: HealthSnapshot) -> list[Metric]:
 
 def _queue_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:
     queue = GaugeMetricFamily(
-        f"{PREFIX}_queue_length", "Envelopes waiting in Redis per table", labels=["table"]
+        f"{PREFIX}_queue_length",
+        "Envelopes waiting in Redis per table (over its queue shards)",
+        labels=["table"],
     )
     inflight = GaugeMetricFamily(
         f"{PREFIX}_inflight_length", "Envelopes in the batch being written per table", labels=["table"]
@@ -118,7 +120,10 @@ def _queue_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:
         if drained is not None:
             drain.add_metric([table.table], drained)
     deadletter = _single("deadletter_length", "Entries in the dead-letter list", snap.deadletter_length)
-    return [queue, inflight, drain, deadletter]
+    loops = _single(
+        "drain_loops", "Drain loops running, over every worker (DRAIN_LOOPS at most)", snap.drain_loops
+    )
+    return [queue, inflight, drain, deadletter, loops]
 
 
 def _stream_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:

@@ -54,7 +54,7 @@ def format_status(
         lines += ["stream processes", *_indent(_shards(snap, now)), ""]
         lines += ["connections", *_indent(_connections(snap, now)), ""]
         lines += ["streams", *_indent(_streams(snap, now)), ""]
-        lines += ["queues", *_indent(_tables(snap, now)), ""]
+        lines += ["queues", *_indent([*_tables(snap, now), f"drain loops running: {snap.drain_loops}"]), ""]
         lines += [f"dead letters: {snap.deadletter_length}", ""]
         lines += ["open gaps", *_indent(_open_gaps(snap, now)), ""]
         lines += ["rest weight (per minute)", *_indent(_rest(rest)), ""]
