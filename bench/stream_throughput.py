@@ -40,6 +40,7 @@ from collector.fake.tls import CA_FILE_NAME
 from collector.local.servers import LocalService, free_port, start_redis, wait_for_port
 from collector.queue import keys
 from collector.queue.loop_lag import read_loop_lag
+from collector.queue.shards import present_lanes
 from collector.settings import load_settings
 
 FLOOR_EVENTS_PER_S = 30_000
@@ -48,7 +49,11 @@ BIN = Path(sys.executable).parent
 
 
 def queued(client: redis.Redis) -> dict[str, int]:
-    return {table: int(client.llen(keys.queue(table))) for table in TABLES}
+    """Envelopes waiting per table, summed over its queue shards (QUEUE_SHARDS)."""
+    counts = dict.fromkeys(TABLES, 0)
+    for table, shard in present_lanes(client, TABLES, 1):
+        counts[table] += int(client.llen(keys.queue(table, shard)))
+    return counts
 
 
 async def raw_client_rate(

@@ -52,6 +52,7 @@ from collector.fake.tls import CA_FILE_NAME
 from collector.local.servers import LocalService, free_port, start_redis, wait_for_port
 from collector.queue import keys
 from collector.queue.loop_lag import read_loop_lag
+from collector.queue.shards import present_lanes
 from collector.queue.symbols import read_symbols
 from collector.settings import Market, load_settings
 from collector.streams.lag import LoopLagMonitor
@@ -165,8 +166,8 @@ def committed(client: redis.Redis) -> int:
 
 def empty_queues(client: redis.Redis) -> None:
     pipe = client.pipeline(transaction=False)
-    for table in keys.TABLES:
-        pipe.delete(keys.queue(table))
+    for table, shard in present_lanes(client, keys.TABLES, 1):  # every queue shard (QUEUE_SHARDS)
+        pipe.delete(keys.queue(table, shard))
     pipe.execute()
 
 
