@@ -9,6 +9,10 @@ fake exchange (`collector fake-exchange --rate 0`, a separate process), then mea
 3. Redis's pipelined RPUSH rate of the same envelopes from one Python process (MULTI/EXEC
    pipelines of STREAM_FLUSH_MAX_EVENTS, as the sink sends them).
 
+`--tls` runs the same over wss:// (the fake's `--tls`: a CA made at start, trusted through
+SSL_CERT_FILE); `--loop asyncio|uvloop` picks the stream process's event loop (STREAM_UVLOOP). Each run
+also reports CPU µs per event and the stream process's longest event-loop block (`keys.STREAMS_LOOP`).
+
 The issue's floor is 30,000 events/s into Redis; the exit code is 1 below it.
 """
 
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,8 +36,11 @@ from processes import cpu_percent, cpu_sample, stop  # bench/processes.py, besid
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
+from collector.fake.tls import CA_FILE_NAME
 from collector.local.servers import LocalService, free_port, start_redis, wait_for_port
 from collector.queue import keys
+from collector.queue.loop_lag import read_loop_lag
+from collector.queue.shards import present_lanes
 from collector.settings import load_settings
 
 FLOOR_EVENTS_PER_S = 30_000
@@ -41,10 +49,16 @@ BIN = Path(sys.executable).parent
 
 
 def queued(client: redis.Redis) -> dict[str, int]:
-    return {table: int(client.llen(keys.queue(table))) for table in TABLES}
+    """Envelopes waiting per table, summed over its queue shards (QUEUE_SHARDS)."""
+    counts = dict.fromkeys(TABLES, 0)
+    for table, shard in present_lanes(client, TABLES, 1):
+        counts[table] += int(client.llen(keys.queue(table, shard)))
+    return counts
 
 
-async def raw_client_rate(urls: list[str], seconds: float) -> tuple[float, float, float]:
+async def raw_client_rate(
+    urls: list[str], seconds: float, context: ssl.SSLContext | None = None
+) -> tuple[float, float, float]:
     """Frames/s and MB/s a client that only counts and discards frames receives; and its CPU%."""
     frames = 0
     size = 0
@@ -52,7 +66,13 @@ async def raw_client_rate(urls: list[str], seconds: float) -> tuple[float, float
     async def drain(url: str, deadline: float) -> None:
         nonlocal frames, size
         async with connect(
-            url, ping_interval=None, compression=None, max_size=None, max_queue=4096, close_timeout=0.5
+            url,
+            ping_interval=None,
+            compression=None,
+            max_size=None,
+            max_queue=4096,
+            close_timeout=0.5,
+            ssl=context,
         ) as ws:
             while time.monotonic() < deadline:
                 frame = await ws.recv(decode=False)
@@ -101,8 +121,10 @@ async def redis_rpush_rate(url: str, envelopes: list[bytes], batch: int, seconds
         await client.aclose()
 
 
-def start_fake(port: int, log: Path) -> subprocess.Popen[bytes]:
-    args = [str(BIN / "collector"), "fake-exchange", "--rate", "0", "--port", str(port)]
+def start_fake(port: int, log: Path, tls_dir: Path | None = None, rate: float = 0) -> subprocess.Popen[bytes]:
+    args = [str(BIN / "collector"), "fake-exchange", "--rate", f"{rate:g}", "--port", str(port)]
+    if tls_dir is not None:
+        args += ["--tls", "--tls-dir", str(tls_dir)]
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_for_port(port)
     return process
@@ -112,6 +134,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="measured run of the stream process")
     parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--tls", action="store_true", help="wss:// from a fake serving TLS")
+    parser.add_argument(
+        "--rate", type=float, default=0, help="the fake's events/s per connection; 0 (default) = full speed"
+    )
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="STREAM_UVLOOP")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-streams-"))
@@ -120,13 +147,21 @@ def main() -> int:
     try:
         redis_server = start_redis(workdir / "redis")
         port = free_port()
-        fake = start_fake(port, workdir / "fake.log")
+        tls_dir = workdir / "tls" if args.tls else None
+        fake = start_fake(port, workdir / "fake.log", tls_dir, args.rate)
+        scheme = "wss" if args.tls else "ws"
         env = {
             **os.environ,
             "REDIS_URL": redis_server.url,
-            "BINANCE_SPOT_WS_URL": f"ws://127.0.0.1:{port}/spot",
-            "BINANCE_FUTURES_WS_URL": f"ws://127.0.0.1:{port}/futures",
+            "BINANCE_SPOT_WS_URL": f"{scheme}://127.0.0.1:{port}/spot",
+            "BINANCE_FUTURES_WS_URL": f"{scheme}://127.0.0.1:{port}/futures",
+            "STREAM_UVLOOP": "true" if args.loop == "uvloop" else "false",
         }
+        context = None
+        if tls_dir is not None:
+            ca_file = tls_dir / CA_FILE_NAME
+            env |= {"SSL_CERT_FILE": str(ca_file), "REQUESTS_CA_BUNDLE": str(ca_file)}
+            context = ssl.create_default_context(cafile=str(ca_file))
         os.chdir(workdir)  # no stray .env
         settings = load_settings(
             redis_url=env["REDIS_URL"],
@@ -138,7 +173,7 @@ def main() -> int:
         redis_pid = redis_server.process.pid
         client = redis.Redis.from_url(redis_server.url)
 
-        raw_fps, raw_mbps, raw_cpu = asyncio.run(raw_client_rate([p.url for p in plans], 5.0))
+        raw_fps, raw_mbps, raw_cpu = asyncio.run(raw_client_rate([p.url for p in plans], 5.0, context))
 
         with (workdir / "streams.log").open("wb") as log:
             streams = subprocess.Popen(
@@ -150,6 +185,7 @@ def main() -> int:
             time.sleep(args.seconds)
             after, cpu_after = queued(client), cpu_sample(streams.pid)
             fake_after, redis_after = cpu_sample(fake.pid), cpu_sample(redis_pid)
+            lag = read_loop_lag(client)
             code = stop(streams)
         elapsed = cpu_after.wall - cpu_before.wall
         per_table = {table: (after[table] - before[table]) / elapsed for table in TABLES}
@@ -165,11 +201,22 @@ def main() -> int:
             redis_rpush_rate(redis_server.url, sample, settings.stream_flush_max_events, 3.0)
         )
 
-        print(f"stream process throughput ({elapsed:.1f} s measured after {args.warmup:.0f} s warm-up)")
+        transport = "wss:// (TLS)" if args.tls else "ws://"
+        print(
+            f"stream process throughput over {transport} on {args.loop} "
+            f"({elapsed:.1f} s measured after {args.warmup:.0f} s warm-up)"
+        )
         print(f"  stored into Redis        {stored_rate:12,.0f} events/s")
         for table, rate in per_table.items():
             print(f"    {table:<22} {rate:12,.0f} events/s")
-        print(f"  stream process CPU       {cpu_percent(cpu_before, cpu_after):12.0f} % of one core")
+        stream_cpu = cpu_percent(cpu_before, cpu_after)
+        print(f"  stream process CPU       {stream_cpu:12.0f} % of one core")
+        print(f"  CPU per event            {stream_cpu / 100 * 1e6 / max(stored_rate, 1):12.1f} µs")
+        if lag is not None:
+            print(
+                f"  longest loop block       {lag.max_block_ms:12.1f} ms   "
+                f"(own work {lag.max_cpu_ms:.1f} ms, {lag.blocks_over} over {lag.block_warn_ms:g} ms)"
+            )
         print(f"  fake exchange CPU        {cpu_percent(fake_before, fake_after):12.0f} %")
         print(f"  redis-server CPU         {cpu_percent(redis_before, redis_after):12.0f} %")
         print(f"  exit code on SIGTERM     {code:12d}   (stats hash {stats_total:,} = lists {final_total:,})")
@@ -182,6 +229,8 @@ def main() -> int:
             f"  Redis pipelined RPUSH    {rpush_rate:12,.0f} envelopes/s "
             f"(one process, {sample_bytes:.0f} B each)"
         )
+        if args.rate:  # a set rate below the floor measures cost, not capacity
+            return 0 if code == 0 else 1
         verdict = "meets" if stored_rate >= FLOOR_EVENTS_PER_S else "BELOW"
         print(f"floor {FLOOR_EVENTS_PER_S:,} events/s: {verdict}")
         return 0 if stored_rate >= FLOOR_EVENTS_PER_S and code == 0 else 1

@@ -19,6 +19,10 @@ redis-server and fake exchange (`collector fake-exchange --spot-symbol-count 150
    are delisted and 10 listed on the fake, so one live refresh (UNSUBSCRIBE/SUBSCRIBE, a new
    connection) falls inside the measurement.
 
+`--tls` runs the same over wss:// and https:// (the fake's `--tls`: a CA made at start, trusted
+through SSL_CERT_FILE and REQUESTS_CA_BUNDLE); `--loop asyncio|uvloop` picks the stream process's
+event loop (STREAM_UVLOOP).
+
 The targets are a peak RSS under 250 MB and no event-loop block of 100 ms or more; exit code 1 if missed.
 The Redis queues are emptied as the run goes (the rate is read from the audit counters), so Redis's
 own memory does not grow with the run.
@@ -31,6 +35,7 @@ import asyncio
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -43,9 +48,11 @@ from processes import cpu_percent, cpu_sample, peak_rss_mb, stop  # bench/proces
 from websockets.asyncio.client import connect
 
 from collector.binance.streams import connection_plans
+from collector.fake.tls import CA_FILE_NAME
 from collector.local.servers import LocalService, free_port, start_redis, wait_for_port
 from collector.queue import keys
 from collector.queue.loop_lag import read_loop_lag
+from collector.queue.shards import present_lanes
 from collector.queue.symbols import read_symbols
 from collector.settings import Market, load_settings
 from collector.streams.lag import LoopLagMonitor
@@ -112,7 +119,9 @@ async def idle_loop(seconds: float) -> dict[str, float]:
     return {"max_block_ms": monitor.stats.max_ms, "blocks_over": monitor.stats.over}
 
 
-def discarding_client(urls: list[str], seconds: float, workdir: Path) -> dict[str, float]:
+def discarding_client(
+    urls: list[str], seconds: float, workdir: Path, env: dict[str, str]
+) -> dict[str, float]:
     url_file = workdir / "urls.json"
     url_file.write_text(json.dumps(urls))
     args = [
@@ -123,7 +132,7 @@ def discarding_client(urls: list[str], seconds: float, workdir: Path) -> dict[st
         "--seconds",
         str(seconds),
     ]
-    out = subprocess.run(args, capture_output=True, text=True, check=True)
+    out = subprocess.run(args, capture_output=True, text=True, check=True, env=env)  # env: the TLS CA
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -131,7 +140,7 @@ def discarding_client(urls: list[str], seconds: float, workdir: Path) -> dict[st
 # --- the run --------------------------------------------------------------------------------------
 
 
-def start_fake(port: int, rate: float, log: Path) -> subprocess.Popen[bytes]:
+def start_fake(port: int, rate: float, log: Path, tls_dir: Path | None) -> subprocess.Popen[bytes]:
     args = [
         str(BIN / "collector"),
         "fake-exchange",
@@ -143,6 +152,7 @@ def start_fake(port: int, rate: float, log: Path) -> subprocess.Popen[bytes]:
         str(SPOT_SYMBOLS),
         "--futures-symbol-count",
         str(FUTURES_SYMBOLS),
+        *(["--tls", "--tls-dir", str(tls_dir)] if tls_dir is not None else []),
     ]
     process = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     wait_for_port(port)
@@ -156,8 +166,8 @@ def committed(client: redis.Redis) -> int:
 
 def empty_queues(client: redis.Redis) -> None:
     pipe = client.pipeline(transaction=False)
-    for table in keys.TABLES:
-        pipe.delete(keys.queue(table))
+    for table, shard in present_lanes(client, keys.TABLES, 1):  # every queue shard (QUEUE_SHARDS)
+        pipe.delete(keys.queue(table, shard))
     pipe.execute()
 
 
@@ -178,15 +188,18 @@ def logged_blocks(log: str) -> dict[str, list[tuple[float, float]]]:
     return found
 
 
-def control(port: int, action: str, market: str, symbol: str) -> None:
-    url = f"http://127.0.0.1:{port}/_fake/{action}?market={market}&symbol={symbol}"
-    urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=10).read()
+def control(base: str, action: str, market: str, symbol: str, context: ssl.SSLContext | None) -> None:
+    url = f"{base}/_fake/{action}?market={market}&symbol={symbol}"
+    request = urllib.request.Request(url, method="POST")
+    urllib.request.urlopen(request, timeout=10, context=context).read()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="measured run of the stream process")
     parser.add_argument("--rate", type=float, default=1000.0, help="the fake's events/s per connection")
+    parser.add_argument("--tls", action="store_true", help="wss:// and https:// from a fake serving TLS")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio", help="STREAM_UVLOOP")
     parser.add_argument("--discard", type=Path, help=argparse.SUPPRESS)  # the discarding client's mode
     parser.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)  # the idle loop's mode
     args = parser.parse_args()
@@ -203,14 +216,24 @@ def main() -> int:
     try:
         redis_server = start_redis(workdir / "redis")
         port = free_port()
-        fake = start_fake(port, args.rate, workdir / "fake.log")
+        tls_dir = workdir / "tls" if args.tls else None
+        fake = start_fake(port, args.rate, workdir / "fake.log", tls_dir)
+        ws, http = ("wss", "https") if args.tls else ("ws", "http")
+        context: ssl.SSLContext | None = None
+        trust: dict[str, str] = {}
+        if tls_dir is not None:
+            ca_file = str(tls_dir / CA_FILE_NAME)
+            context = ssl.create_default_context(cafile=ca_file)
+            trust = {"SSL_CERT_FILE": ca_file, "REQUESTS_CA_BUNDLE": ca_file}
         env = {
             **os.environ,
+            **trust,
+            "STREAM_UVLOOP": "true" if args.loop == "uvloop" else "false",
             "REDIS_URL": redis_server.url,
-            "BINANCE_SPOT_WS_URL": f"ws://127.0.0.1:{port}/spot",
-            "BINANCE_FUTURES_WS_URL": f"ws://127.0.0.1:{port}/futures",
-            "BINANCE_SPOT_REST_URL": f"http://127.0.0.1:{port}/spot",
-            "BINANCE_FUTURES_REST_URL": f"http://127.0.0.1:{port}/futures",
+            "BINANCE_SPOT_WS_URL": f"{ws}://127.0.0.1:{port}/spot",
+            "BINANCE_FUTURES_WS_URL": f"{ws}://127.0.0.1:{port}/futures",
+            "BINANCE_SPOT_REST_URL": f"{http}://127.0.0.1:{port}/spot",
+            "BINANCE_FUTURES_REST_URL": f"{http}://127.0.0.1:{port}/futures",
             "SPOT_SYMBOLS": "ALL",
             "FUTURES_SYMBOLS": "ALL",
             "SPOT_QUOTE_ASSETS": "USDT",
@@ -261,8 +284,9 @@ def main() -> int:
                 if not churned and time.monotonic() > end - args.seconds / 2:
                     churned = True
                     for index in range(CHURN):
-                        control(port, "delist", "spot", symbols["spot"][-1 - index])
-                        control(port, "list", "spot", f"ZNEW{index}USDT")
+                        base = f"{http}://127.0.0.1:{port}"
+                        control(base, "delist", "spot", symbols["spot"][-1 - index], context)
+                        control(base, "list", "spot", f"ZNEW{index}USDT", context)
             after, cpu_after = committed(client), cpu_sample(streams.pid)
             rss_mb = peak_rss_mb(streams.pid)
             idle_out, _ = idle.communicate(timeout=30)
@@ -272,16 +296,16 @@ def main() -> int:
             refreshed = all(f"ZNEW{i}USDT" in spot_now for i in range(CHURN))
             code = stop(streams)
         # The machine's floor, measured on the same connections after the stream process is gone.
-        floor = discarding_client([plan.url for plan in plans], 10.0, workdir)
+        floor = discarding_client([plan.url for plan in plans], 10.0, workdir, env)
         blocks = logged_blocks((workdir / "streams.log").read_text(errors="replace"))
         elapsed = cpu_after.wall - cpu_before.wall
         rate = (after - before) / elapsed
         block_ms = lag.max_block_ms if lag is not None else float("nan")
 
         print(
-            f"stream process, {stream_count:,} streams on {len(plans)} connections "
-            f"({len(symbols['spot'])} spot + {len(symbols['futures'])} USD-M symbols, "
-            f"all connected after {settle_s:.1f} s)"
+            f"stream process over {ws}:// on {args.loop}, {stream_count:,} streams on "
+            f"{len(plans)} connections ({len(symbols['spot'])} spot + {len(symbols['futures'])} "
+            f"USD-M symbols, all connected after {settle_s:.1f} s)"
         )
         print(f"  measured                 {elapsed:12.1f} s after 2 s of warm-up, one live refresh halfway")
         print(f"  committed into Redis     {rate:12,.0f} events/s")

@@ -278,7 +278,14 @@ def _text(value: bytes | str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("streams", help="hold the Binance WebSocket connections and fill the Redis queues")
+    streams = sub.add_parser(
+        "streams", help="hold the Binance WebSocket connections and fill the Redis queues"
+    )
+    streams.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="record shard I of N (0-based; N processes share the symbols); overrides STREAM_SHARD",
+    )
     sub.add_parser("web", help="serve /health and /metrics on WEB_PORT")
     sub.add_parser("flower", help="run Flower on FLOWER_PORT with basic auth from the settings")
     sub.add_parser(
@@ -412,6 +419,15 @@ def _no_stack_hint(stack: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.stack = None
+    if getattr(args, "shard", None) is not None:
+        from collector.streams.shard import parse_shard
+
+        try:
+            # Through the environment, so the settings validate and carry it like STREAM_SHARD.
+            os.environ["STREAM_SHARD"] = parse_shard(args.shard).label
+        except ValueError as error:
+            print(f"collector: --shard: {error}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         args.stack = _adopt_running_stack(args.command)
         settings = get_settings()

@@ -205,6 +205,11 @@ class Settings(BaseSettings):
     ws_backoff_initial_s: float = Field(1, gt=0)
     ws_backoff_max_s: float = Field(60, gt=0)
     ws_max_streams_per_connection: int = Field(200, gt=0, le=1024)
+    # `i/n`: this stream process records shard i of n (collector.streams.shard); `collector streams
+    # --shard` overrides it. 0/1 records everything.
+    stream_shard: str = "0/1"
+    # Run the stream process on uvloop when it is installed (bench/stream_throughput.py measures it).
+    stream_uvloop: bool = False
 
     # --- drain (Redis -> PostgreSQL) ------------------------------------------------------------
     # How often beat makes sure DRAIN_LOOPS drain loops run (a loop drains continuously in between).
@@ -313,6 +318,16 @@ class Settings(BaseSettings):
                 f"(got {market.upper()}_SYMBOLS={','.join(symbols)})"
             )
         return value
+
+    @field_validator("stream_shard")
+    @classmethod
+    def _check_shard(cls, value: str) -> str:
+        from collector.streams.shard import parse_shard  # it imports these settings' module
+
+        try:
+            return parse_shard(value).label
+        except ValueError as error:
+            raise _refuse(str(error)) from None
 
     @field_validator("depth_snapshot_limit")
     @classmethod

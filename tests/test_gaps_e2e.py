@@ -287,7 +287,7 @@ def test_a_crashed_stream_process_leaves_a_complete_ledger(settings: Settings, t
         first = _run(settings, fake, tmp_path / "first")
         try:
             wait_until(lambda: _depth_flowing(client, 100), 60, "depth events")
-            wait_until(lambda: client.exists(keys.STREAMS_ALIVE), 10, "a heartbeat")
+            wait_until(lambda: client.hexists(keys.STREAM_SHARDS, "0/1"), 10, "a heartbeat")
         finally:
             first.signal_group(signal.SIGKILL)
             first.stop()

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import itertools
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ from collector.fake.hub import Hub
 from collector.fake.names import path_family
 from collector.fake.recordings import Recordings, load_recordings
 from collector.fake.rest import RestApi
+from collector.fake.tls import FakeTls, make_tls
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +69,20 @@ class FakeConfig:
     recordings: Path | Recordings | None = None
     ping_interval_s: float | None = None
     max_connection_age_s: float = MAX_CONNECTION_AGE_S
+    tls: bool = False  # serve wss:// and https:// with a certificate made at start (collector.fake.tls)
+    tls_dir: Path | None = None  # where the CA file goes; a new temporary folder when None
 
 
-def base_urls(host: str, port: int) -> dict[str, str]:
+def base_urls(host: str, port: int, tls: bool = False) -> dict[str, str]:
     """The base URLs a collector is configured with for a fake on host:port."""
     host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    ws, http = ("wss", "https") if tls else ("ws", "http")
     return {
-        "spot_ws": f"ws://{host}:{port}/spot",
-        "futures_ws": f"ws://{host}:{port}/futures",
-        "spot_rest": f"http://{host}:{port}/spot",
-        "futures_rest": f"http://{host}:{port}/futures",
-        "control": f"http://{host}:{port}/_fake",
+        "spot_ws": f"{ws}://{host}:{port}/spot",
+        "futures_ws": f"{ws}://{host}:{port}/futures",
+        "spot_rest": f"{http}://{host}:{port}/spot",
+        "futures_rest": f"{http}://{host}:{port}/futures",
+        "control": f"{http}://{host}:{port}/_fake",
     }
 
 
@@ -103,6 +108,7 @@ class FakeServer:
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.tls: FakeTls | None = make_tls([config.host], config.tls_dir) if config.tls else None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -117,10 +123,14 @@ class FakeServer:
             self.app(), handle_signals=False, access_log=None, max_line_size=MAX_REQUEST_LINE_BYTES
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        context = self.tls.context if self.tls is not None else None
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port, reuse_address=True, ssl_context=context
+        )
         await site.start()
         self.port = int(self._runner.addresses[0][1])
-        logger.info("fake.listening host=%s port=%d", self.config.host, self.port)
+        ca_file = self.tls.ca_file if self.tls is not None else "-"
+        logger.info("fake.listening host=%s port=%d tls_ca_file=%s", self.config.host, self.port, ca_file)
         return self.port
 
     async def stop(self) -> None:
@@ -133,6 +143,8 @@ class FakeServer:
             session.abort()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.tls is not None and self.config.tls_dir is None:
+            shutil.rmtree(self.tls.ca_file.parent, ignore_errors=True)  # the temporary folder it made
         logger.info("fake.stopped port=%d", self.port)
 
     def _ping_plan(self, family: str) -> tuple[float, float]:
@@ -178,6 +190,8 @@ class FakeExchange:
         recordings: Path | Recordings | None = None,
         ping_interval_s: float | None = None,
         max_connection_age_s: float = MAX_CONNECTION_AGE_S,
+        tls: bool = False,
+        tls_dir: Path | None = None,
     ) -> None:
         self.config = FakeConfig(
             host,
@@ -190,6 +204,8 @@ class FakeExchange:
             recordings,
             ping_interval_s,
             max_connection_age_s,
+            tls,
+            tls_dir,
         )
         self._server: FakeServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -270,7 +286,14 @@ class FakeExchange:
 
     @property
     def urls(self) -> dict[str, str]:
-        return base_urls(self.config.host, self.port)
+        return base_urls(self.config.host, self.port, self.config.tls)
+
+    @property
+    def tls(self) -> FakeTls:
+        """The TLS of a fake started with `tls=True` (its CA file and `client_env()`)."""
+        if self._server is None or self._server.tls is None:
+            raise RuntimeError("fake exchange not started with tls=True")
+        return self._server.tls
 
     @property
     def spot_ws_url(self) -> str:
@@ -372,6 +395,14 @@ def _parser() -> argparse.ArgumentParser:
         default=MAX_CONNECTION_AGE_S,
         help="close each WebSocket (1001) after this long; default Binance's 24 h",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve wss:// and https:// with a CA and certificate made at start (the CA file is printed)",
+    )
+    parser.add_argument(
+        "--tls-dir", type=Path, default=None, help="where to write the CA file (default: a temp dir)"
+    )
     return parser
 
 
@@ -382,8 +413,14 @@ def _symbols(text: str) -> tuple[str, ...]:
 async def _run_foreground(config: FakeConfig) -> None:
     server = FakeServer(config)
     port = await server.start()
-    urls = base_urls(config.host, port)
+    urls = base_urls(config.host, port, config.tls)
     print("fake-exchange listening " + " ".join(f"{k}={v}" for k, v in urls.items()), flush=True)
+    if server.tls is not None:
+        trust = " ".join(f"{name}={value}" for name, value in server.tls.client_env().items())
+        print(
+            f"fake-exchange tls ca_file={server.tls.ca_file} (a collector trusts it with: {trust})",
+            flush=True,
+        )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -409,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         recordings=args.recordings,
         ping_interval_s=args.ping_interval_s,
         max_connection_age_s=args.max_connection_age_s,
+        tls=args.tls,
+        tls_dir=args.tls_dir,
     )
     try:
         asyncio.run(_run_foreground(config))

@@ -28,14 +28,15 @@
 | `collector:rest:summary` | HASH | REST poll tick (`collector.queue.summary`, every worker process) | REST poll tick | `since_us` and the calls sent, failed and deferred since then: the next `rest.polls` log line, summed over every process |
 | `collector:rest:plan` | HASH | REST planner | web, status | field `<market>` -> JSON of the market's weight plan (needed vs available per minute, stretch) |
 | `collector:symbols:<market>` | STRING | stream process (symbol universe) | REST planner, web, status, trigger | JSON list of the symbols being recorded on `market` (resolved from exchangeInfo when `*_SYMBOLS=ALL`) |
-| `collector:gaps:open` | HASH | stream process | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
-| `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
-| `collector:streams:loop` | HASH | stream process (every second, `collector.queue.loop_lag`) | bench, web `/metrics`, status | fields `max_block_ms` (longest event-loop block of this run), `max_cpu_ms` (most CPU time its thread used within one block), `blocks_over` (blocks past `block_warn_ms`), `block_warn_ms`, `started_us`, `updated_us` |
-| `collector:streams:alive` | STRING | stream process (every second; deleted at a clean stop) | stream process (start) | time (µs) of its last heartbeat: found at start, the previous run crashed |
+| `collector:gaps:open` | HASH | stream process (each shard its own fields) | web, status, `collector gaps` | field `depth/<market>/<symbol>/<detected µs>` or `stream/<market>/<stream>` -> JSON of a gap still open |
+| `collector:gaps:depth_last_u` | HASH | stream process (clean stop) | stream process (start: the shard owning the symbol takes its field) | field `<market>/<symbol>` -> last diff-depth `u` seen, to check continuity across a restart |
+| `collector:streams:loop` | HASH | stream process (every second, `collector.queue.loop_lag`) | bench, web `/metrics`, status | field `<shard>` (`0/1` unsharded, `1/2`, ...) -> JSON `{max_block_ms` (longest event-loop block of this run), `max_cpu_ms` (most CPU time its thread used within one block), `blocks_over` (blocks past `block_warn_ms`), `block_warn_ms`, `started_us`, `updated_us}` |
+| `collector:streams:shards` | HASH | stream process (every second; `state` stopped at a clean stop) | stream process (start), web, status | field `<shard>` -> JSON `ShardRecord` (`collector.queue.stream_shards`): run, host, pid, started_us, alive_us, state; found `running` at start, that shard's previous run crashed |
+| `collector:streams:alive` | STRING | stream process before shards (heartbeat) | stream process (start, once: then deleted) | legacy: found at start, the previous (unsharded) run crashed |
 | `collector:audit:queued` | HASH | stream process (its spill raises it for earlier runs' segments) | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue (a Redis list or the spill on disk); with shards the run of shard k is `<run>.s<k>` (each shard numbers its own events) |
 | `collector:spill` | HASH | stream process (`collector.queue.spill_stats`, every flush that spills or feeds back, and every second) | web `/metrics` and `/health`, status | fields `envelopes`, `bytes`, `segments`, `oldest_us` of its spill on disk (SPILL_DIR), `spilling` (1: some list's new envelopes go to disk), `queue_bytes` (estimated bytes in the lists it writes), `cap_bytes` (REDIS_MAX_QUEUE_BYTES), `drain_rate` (envelopes/s leaving those lists lately), `disk_free_bytes`, `updated_us` |
 | `collector:spill:pending` | HASH | stream process (in the same MULTI as `collector:spill`) | `collector audit` | field `<run>/<table>` -> envelopes of that run and table on disk, waiting to be fed back (queued, pending) |
-| `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
+| `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start: the shard owning the stream takes its field) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
 
 Envelope (one list element): `{"market": "spot"|"futures", "received_at_us": <int>, "frame": <raw JSON>}`;
 events of the stream process also carry `"run": "<id>", "seq": <n>` after the time (collector.audit), numbered
@@ -74,6 +75,7 @@ DEPTH_LAST_UPDATE_ID: Final = f"{PREFIX}:gaps:depth_last_u"
 STREAM_OUTAGES: Final = f"{PREFIX}:gaps:stream_outages"
 STREAMS_ALIVE: Final = f"{PREFIX}:streams:alive"
 STREAMS_LOOP: Final = f"{PREFIX}:streams:loop"
+STREAM_SHARDS: Final = f"{PREFIX}:streams:shards"
 AUDIT_QUEUED: Final = f"{PREFIX}:audit:queued"
 SPILL: Final = f"{PREFIX}:spill"
 SPILL_PENDING: Final = f"{PREFIX}:spill:pending"

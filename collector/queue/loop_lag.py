@@ -1,15 +1,16 @@
 """The stream process's event-loop lag in Redis (`keys.STREAMS_LOOP`), for the bench, /metrics and status.
 
-The hash is rewritten whole each time, so it always describes the current run: a new run starts it
-again from zero rather than inheriting the last run's worst block.
+One field per stream process (`i/n`, `0/1` when unsharded), JSON, rewritten whole each time, so it
+always describes that shard's current run: a new run starts again from zero rather than inheriting
+the last run's worst block.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import orjson
 import redis
 import redis.asyncio
 
@@ -28,42 +29,48 @@ class LoopLag:
     max_cpu_ms: float = 0.0  # the most CPU time its own thread used within one block: its own work
 
 
-async def publish_loop_lag(client: redis.asyncio.Redis, lag: LoopLag) -> None:
-    """Store `lag` (one HSET of every field)."""
-    await client.hset(
-        keys.STREAMS_LOOP,
-        mapping={
-            "max_block_ms": f"{lag.max_block_ms:.3f}",
-            "blocks_over": lag.blocks_over,
-            "block_warn_ms": f"{lag.block_warn_ms:g}",
-            "started_us": lag.started_us,
-            "updated_us": lag.updated_us or time.time_ns() // 1000,
-            "max_cpu_ms": f"{lag.max_cpu_ms:.3f}",
-        },
-    )
+async def publish_loop_lag(client: redis.asyncio.Redis, lag: LoopLag, shard: str = "0/1") -> None:
+    """Store `lag` as `shard`'s field (one HSET)."""
+    await client.hset(keys.STREAMS_LOOP, shard, orjson.dumps(asdict(lag)))
 
 
 def read_loop_lag(client: redis.Redis) -> LoopLag | None:
-    """The published lag of the running (or last) stream process; None when none was published."""
+    """The worst published lag over the running (or last) stream processes; None when none was published."""
     return parse_loop_lag(client.hgetall(keys.STREAMS_LOOP))
 
 
+def parse_loop_lags(raw: dict[Any, Any]) -> dict[str, LoopLag]:
+    """Each shard's record from the hash's fields as Redis returns them; malformed ones are left out."""
+    lags: dict[str, LoopLag] = {}
+    for field, value in raw.items():
+        try:
+            data = orjson.loads(value)
+            lags[_text(field)] = LoopLag(
+                float(data["max_block_ms"]),
+                int(data["blocks_over"]),
+                float(data["block_warn_ms"]),
+                int(data["started_us"]),
+                int(data["updated_us"]),
+                float(data.get("max_cpu_ms", 0.0)),
+            )
+        except (orjson.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+            continue
+    return lags
+
+
 def parse_loop_lag(raw: dict[Any, Any]) -> LoopLag | None:
-    """The record from the hash's fields as Redis returns them; None when empty or malformed."""
-    if not raw:
+    """The worst of the shards' records: the longest block and every block over the threshold."""
+    lags = list(parse_loop_lags(raw).values())
+    if not lags:
         return None
-    fields = {_text(k): _text(v) for k, v in raw.items()}
-    try:
-        return LoopLag(
-            float(fields["max_block_ms"]),
-            int(fields["blocks_over"]),
-            float(fields["block_warn_ms"]),
-            int(fields["started_us"]),
-            int(fields["updated_us"]),
-            float(fields.get("max_cpu_ms", 0.0)),
-        )
-    except (KeyError, ValueError):
-        return None
+    worst = max(lags, key=lambda lag: lag.max_block_ms)
+    return replace(
+        worst,
+        blocks_over=sum(lag.blocks_over for lag in lags),
+        max_cpu_ms=max(lag.max_cpu_ms for lag in lags),
+        started_us=min(lag.started_us for lag in lags),
+        updated_us=max(lag.updated_us for lag in lags),
+    )
 
 
 def _text(value: bytes | str) -> str:

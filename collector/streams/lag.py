@@ -68,8 +68,9 @@ class LoopLagMonitor:
         self._next_warning = 0.0
         self._unlogged = 0
 
-    async def run(self, client: redis.asyncio.Redis | None = None) -> None:
-        """Sample until cancelled; publish to Redis every LOOP_PUBLISH_S when a client is given."""
+    async def run(self, client: redis.asyncio.Redis | None = None, shard: str = "0/1") -> None:
+        """Sample until cancelled; publish to Redis (as `shard`'s) every LOOP_PUBLISH_S when a client
+        is given."""
         clock, cpu = time.perf_counter, time.thread_time
         publish_at = clock() + LOOP_PUBLISH_S
         while True:
@@ -83,7 +84,7 @@ class LoopLagMonitor:
             if client is not None and after >= publish_at:
                 publish_at = after + LOOP_PUBLISH_S
                 try:
-                    await publish_loop_lag(client, self.stats.snapshot())
+                    await publish_loop_lag(client, self.stats.snapshot(), shard)
                 except (redis.RedisError, OSError, TimeoutError) as error:
                     logger.debug("streams.loop_lag_not_published error=%s", error)
 

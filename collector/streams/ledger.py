@@ -32,7 +32,10 @@ from collector.gaps.depth import Decisions, DepthTracker
 from collector.gaps.records import DepthGap, StreamGap
 from collector.queue import counters, keys
 from collector.queue.envelope import make_envelope
+from collector.queue.stream_shards import STOPPED
 from collector.streams.backoff import backoff_delays
+from collector.streams.registry import Heartbeat
+from collector.streams.shard import Shard
 from collector.streams.sink import Sink
 from collector.streams.state import ConnectionState
 
@@ -60,8 +63,17 @@ def depth_symbols(state: ConnectionState) -> list[str]:
 class GapLedger:
     """Feeds the depth tracker, queues gap records, fetches resync snapshots, records outages."""
 
-    def __init__(self, sink: Sink, fetch: SnapshotFetcher, tracker: DepthTracker | None = None) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        fetch: SnapshotFetcher,
+        tracker: DepthTracker | None = None,
+        heartbeat: Heartbeat | None = None,
+    ) -> None:
         self._sink = sink
+        # This process's shard record, rewritten with every mirror (collector.streams.registry).
+        self.heartbeat = heartbeat or Heartbeat(Shard(), sink.run_id)
+        self._mirrored: set[str] = set()  # the `keys.OPEN_GAPS` fields this process wrote last
         self._fetch = fetch
         self.tracker = tracker or DepthTracker()
         self._requests: dict[str, asyncio.Queue[str]] = {}
@@ -303,16 +315,23 @@ class GapLedger:
         mapping = self.open_gap_fields()
         try:
             pipe: Any = client.pipeline(transaction=True)
-            pipe.delete(keys.OPEN_GAPS)
-            if mapping:
-                pipe.hset(keys.OPEN_GAPS, mapping=mapping)
-            pipe.set(keys.STREAMS_ALIVE, now_us())  # the heartbeat a crash leaves behind
+            self._replace_open_gaps(pipe, mapping)
+            self.heartbeat.beat(pipe)  # the heartbeat a crash leaves behind
             for kind, market, cause in opened:
                 counters.incr(pipe, "gaps", kind, market, cause)
             await pipe.execute()
+            self._mirrored = set(mapping)
         except (redis.RedisError, OSError, TimeoutError) as error:
             self._opened = opened + self._opened  # counted on the next mirror
             logger.debug("gaps.mirror_failed error=%s", error)
+
+    def _replace_open_gaps(self, pipe: Any, mapping: dict[str, bytes]) -> None:
+        """Make this process's fields of `keys.OPEN_GAPS` equal `mapping`; other shards' stay."""
+        gone = self._mirrored - mapping.keys()
+        if gone:
+            pipe.hdel(keys.OPEN_GAPS, *gone)
+        if mapping:
+            pipe.hset(keys.OPEN_GAPS, mapping=mapping)
 
     def open_gap_fields(self) -> dict[str, bytes]:
         """`keys.OPEN_GAPS` fields: `depth/<market>/<symbol>/<detected µs>` and `stream/<market>/<stream>`."""
@@ -330,7 +349,10 @@ class GapLedger:
         return fields
 
     async def save(self, client: redis.asyncio.Redis) -> None:
-        """At a clean shutdown, after the last flush: what the next start needs to continue the ledger."""
+        """At a clean shutdown, after the last flush: what the next start needs to continue the ledger.
+
+        Only this shard's fields are written (`load` took its old ones): other shards keep theirs.
+        """
         last_u = {
             f"{market}/{symbol}": state.last_u
             for (market, symbol), state in self.tracker.symbols.items()
@@ -338,46 +360,73 @@ class GapLedger:
         }
         outages = {f"{m}/{s}": orjson.dumps(_stream_json(g)) for (m, s), g in self.open_streams.items()}
         pipe: Any = client.pipeline(transaction=True)
-        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES, keys.STREAMS_ALIVE)
         if last_u:
             pipe.hset(keys.DEPTH_LAST_UPDATE_ID, mapping=last_u)
         if outages:
             pipe.hset(keys.STREAM_OUTAGES, mapping=outages)
-        pipe.delete(keys.OPEN_GAPS)
         fields = self.open_gap_fields()
-        if fields:
-            pipe.hset(keys.OPEN_GAPS, mapping=fields)
+        self._replace_open_gaps(pipe, fields)
+        self.heartbeat.beat(pipe, STOPPED)
         await pipe.execute()
+        self._mirrored = set(fields)
 
-    async def load(self, client: redis.asyncio.Redis) -> None:
-        """At start: the previous run's last update ids and open outages (then forgotten in Redis)."""
-        pipe: Any = client.pipeline(transaction=True)
+    async def load(self, client: redis.asyncio.Redis, crashed_alive_us: int | None = None) -> None:
+        """At start: this shard's part of the previous runs' last update ids, open outages and open
+        gaps (then forgotten in Redis). `crashed_alive_us`: the last heartbeat of a run that crashed
+        (`collector.streams.registry.claim`)."""
+        shard = self.heartbeat.shard
+        pipe: Any = client.pipeline(transaction=False)
         pipe.hgetall(keys.DEPTH_LAST_UPDATE_ID)
         pipe.hgetall(keys.STREAM_OUTAGES)
-        pipe.get(keys.STREAMS_ALIVE)
-        pipe.delete(keys.DEPTH_LAST_UPDATE_ID, keys.STREAM_OUTAGES, keys.STREAMS_ALIVE)
-        last_u_raw, outages_raw, alive, _ = await pipe.execute()
+        pipe.hkeys(keys.OPEN_GAPS)
+        last_u_all, outages_all, open_fields = await pipe.execute()
+        # Fields are `<market>/<symbol>` and `<market>/<stream>`: each goes to the shard owning it now.
+        last_u_raw = {
+            k.decode(): v for k, v in last_u_all.items() if shard.owns_symbol(k.decode().partition("/")[2])
+        }
+        outages_raw = {
+            k.decode(): v for k, v in outages_all.items() if shard.owns_stream(k.decode().partition("/")[2])
+        }
+        open_gone = [f.decode() for f in open_fields if _owns_gap_field(shard, f.decode())]
+        pipe = client.pipeline(transaction=True)
+        if last_u_raw:
+            pipe.hdel(keys.DEPTH_LAST_UPDATE_ID, *last_u_raw)
+        if outages_raw:
+            pipe.hdel(keys.STREAM_OUTAGES, *outages_raw)
+        if open_gone:
+            pipe.hdel(keys.OPEN_GAPS, *open_gone)
+        await pipe.execute()
         last_u = {}
         for name, value in last_u_raw.items():
-            market, _, symbol = name.decode().partition("/")
+            market, _, symbol = name.partition("/")
             last_u[(market, symbol)] = int(value)
-        if alive is not None and not last_u_raw:
+        if crashed_alive_us is not None:
             # Events received after the dead run's last flush were lost; that flush may have come
             # just before its last heartbeat, so the outage starts one heartbeat interval earlier.
-            self._crashed_at_us = int(alive) - int(MIRROR_INTERVAL_S * 1e6)
+            self._crashed_at_us = crashed_alive_us - int(MIRROR_INTERVAL_S * 1e6)
             logger.warning(
-                "gaps.previous_run_crashed last_alive_us=%s action=record outages and resync every symbol",
+                "gaps.previous_run_crashed shard=%s last_alive_us=%s action=record outages and resync "
+                "every symbol",
+                shard.label,
                 self._crashed_at_us,
             )
         self.tracker = DepthTracker(last_u, after_crash=self._crashed_at_us is not None)
         for name, value in outages_raw.items():
-            market, _, stream = name.decode().partition("/")
+            market, _, stream = name.partition("/")
             record = orjson.loads(value)
             self.open_streams[(market, stream)] = StreamGap(
                 market, stream, record["started_at_us"], record["cause"], record["connection"]
             )
         if last_u or outages_raw:
             logger.info("gaps.restored symbols=%d stream_outages=%d", len(last_u), len(outages_raw))
+
+
+def _owns_gap_field(shard: Shard, name: str) -> bool:
+    """Whether `shard` owns an open gap: `depth/<market>/<symbol>/<µs>` or `stream/<market>/<stream>`."""
+    parts = name.split("/")
+    if len(parts) < 3:
+        return shard.index == 0  # unreadable: someone must clean it, and shard 0 always runs
+    return shard.owns_symbol(parts[2]) if parts[0] == "depth" else shard.owns_stream(parts[2])
 
 
 def _depth_symbols_of(streams: Iterable[str]) -> set[str]:

@@ -39,8 +39,10 @@ YIELD_EVERY_FRAMES: Final = 64
 # Bytes one socket read takes (asyncio's default is 256 KiB). websockets parses a whole read at once,
 # so after any pause a full read of every connection lands in one loop turn: at ~300 B a frame, 256
 # KiB on each of a dozen connections is ~10,000 frames, a quarter of a second (bench/streams_many.py).
-# The rest waits in the kernel's buffer for the next turn; nothing is lost. Only plain-socket
-# transports expose this: CPython's TLS transport (wss://) reads into its own 256 KiB buffer.
+# The rest waits in the kernel's buffer for the next turn; nothing is lost. CPython's TLS transport
+# (wss://, what production uses) reads into a 256 KiB buffer of its own and decrypts all of it in the
+# same turn: `bound_reads` shrinks that buffer too (12 connections at full rate, the loop held 200 ms:
+# one read handed websockets up to ~400 KiB before, at most ~80 KiB after).
 READ_CHUNK_BYTES: Final = 32 * 1024
 
 # What a socket calls for each frame: (frame bytes exactly as received, receive time in µs).
@@ -71,10 +73,35 @@ async def open_socket(url: str, open_timeout_s: float, close_timeout_s: float) -
         max_queue=MAX_QUEUED_FRAMES,
         close_timeout=close_timeout_s,
     )
-    transport = ws.transport
-    if hasattr(transport, "max_size"):  # asyncio's selector transport reads this much per turn
-        transport.max_size = READ_CHUNK_BYTES
+    bound_reads(ws.transport, READ_CHUNK_BYTES)
     return ws
+
+
+def bound_reads(transport: object, size: int) -> str:
+    """Make one loop turn read at most `size` bytes of this socket; returns which transport it bounded
+    (`tcp`, `tls`), or `none` for one that exposes no bound (uvloop's: a fixed 256 KB per read).
+
+    These are asyncio's private attributes (3.11 to 3.13), set only where they exist: on another
+    version or loop the read size stays the default, which costs loop latency, never data.
+    """
+    ssl_protocol = getattr(transport, "_ssl_protocol", None)
+    if ssl_protocol is not None:
+        # asyncio.sslproto.SSLProtocol: get_buffer() hands the socket its whole `_ssl_buffer`, and
+        # _do_read() decrypts everything it holds, `max_size` at a time: both shrink. While
+        # websockets pauses reading (its frame queue is full) the encrypted bytes pile up to the
+        # read high-water mark (256 KiB) and are all decrypted in the turn it resumes: that too.
+        needed = ("max_size", "_ssl_buffer", "_ssl_buffer_view", "_set_read_buffer_limits")
+        if not all(hasattr(ssl_protocol, name) for name in needed):
+            return "none"
+        ssl_protocol.max_size = size
+        ssl_protocol._ssl_buffer = bytearray(size)
+        ssl_protocol._ssl_buffer_view = memoryview(ssl_protocol._ssl_buffer)
+        ssl_protocol._set_read_buffer_limits(high=size)
+        return "tls"
+    if hasattr(transport, "max_size"):  # asyncio's selector transport reads this much per turn
+        transport.max_size = size
+        return "tcp"
+    return "none"
 
 
 class LiveSocket:

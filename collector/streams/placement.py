@@ -74,11 +74,13 @@ def plan_placement(
     per_connection: int,
     base_urls: Mapping[Market, str],
     taken_ids: Collection[str] = (),
+    id_prefix: str = "",
 ) -> Placement:
     """Move from what `carried` holds to `wanted`, touching as little as the rules allow.
 
     `taken_ids` are ids used before in this process: a new connection never reuses one, so its
-    counters cannot be confused with a closed connection's.
+    counters cannot be confused with a closed connection's. `id_prefix` begins every new id (a
+    shard's, `collector.streams.shard`). From nothing (`carried` empty) this is the start-up plan.
     """
     taken = {c.connection_id for c in carried} | set(taken_ids)
     wanted_by_group: dict[tuple[Market, Family], list[str]] = {}
@@ -111,7 +113,7 @@ def plan_placement(
                 changes.append(Change(connection.connection_id, streams, url, added, removed))
         for index in range(0, len(pending), per_connection):
             chunk = tuple(pending[index : index + per_connection])
-            connection_id = _next_id(connection_prefix(market, family), taken)
+            connection_id = _next_id(id_prefix + connection_prefix(market, family), taken)
             url = combined_url(base, family, chunk)
             opened.append(ConnectionPlan(connection_id, market, family, url, chunk))
     return Placement(tuple(changes), tuple(opened), tuple(closed))

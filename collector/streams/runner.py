@@ -1,5 +1,8 @@
 """`collector streams`: hold every planned WebSocket connection and fill the Redis queues.
 
+With `--shard i/n` (STREAM_SHARD) the process holds only its shard's streams (`collector.streams.shard`),
+after taking the shard in Redis (`collector.streams.registry`: one line and exit 2 while another live
+process holds it). The loop is asyncio's; uvloop's with STREAM_UVLOOP=true when it is installed.
 Start-up checks Redis (one line and exit 2 when it is unreachable) and resolves the symbol lists
 (`collector.streams.symbols`: with `*_SYMBOLS=ALL`, exchangeInfo; one line and exit 2 when it fails
 and no earlier list is known). While running, the lists are refreshed and connections are opened,
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -24,7 +28,7 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
-from collector.binance.streams import ConnectionPlan, connection_plans, log_stream_substitutions
+from collector.binance.streams import ConnectionPlan, log_stream_substitutions
 from collector.queue.client import async_redis_client, check_redis, redis_client
 from collector.settings import Settings
 from collector.streams.connection import ConnectionOptions, StreamConnection
@@ -33,10 +37,12 @@ from collector.streams.lag import LoopLagMonitor
 from collector.streams.ledger import GapLedger
 from collector.streams.limits import ConnectionAttempts
 from collector.streams.placement import Carried, Placement
+from collector.streams.registry import Heartbeat, beat, claim, release
 from collector.streams.resync import snapshot_fetcher
+from collector.streams.shard import Shard, parse_shard
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.state import ConnectionState
-from collector.streams.symbols import SymbolFollower, exchange_info_fetcher, resolve_symbols, with_symbols
+from collector.streams.symbols import SymbolFollower, exchange_info_fetcher, resolve_symbols
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ class StreamProcess:
     used_ids: set[str] = field(default_factory=set)  # every connection id this run has used
     # Connections opened while serving are watched here: one that fails fails the process.
     failed: asyncio.Event = field(default_factory=asyncio.Event)
+    # The start-up heartbeat (`registry.beat`), until the gap ledger's mirror beats instead.
+    beating: asyncio.Task[None] | None = None
 
     def add(self, plan: ConnectionPlan) -> StreamConnection:
         """A connection for `plan`, registered with the sink (not started)."""
@@ -133,12 +141,20 @@ def _handler(
 
 
 async def serve(
-    process: StreamProcess, stop: asyncio.Event, flush_timeout_s: float, client: redis.asyncio.Redis
+    process: StreamProcess,
+    stop: asyncio.Event,
+    flush_timeout_s: float,
+    client: redis.asyncio.Redis,
+    crashed_alive_us: int | None = None,
 ) -> int:
-    """Run until `stop` is set (or a part fails), then shut down cleanly; returns the exit code."""
-    await process.ledger.load(client)
+    """Run until `stop` is set (or a part fails), then shut down cleanly; returns the exit code.
+
+    `crashed_alive_us`: the last heartbeat of an earlier run that crashed (`registry.claim`)."""
+    await process.ledger.load(client, crashed_alive_us)
     process.ledger.retire_unplanned(process.planned_streams())
     sink_task = asyncio.create_task(process.sink.run(), name="sink")
+    if process.beating is not None:
+        process.beating.cancel()  # the ledger's mirror beats from here on
     ledger_task = asyncio.create_task(process.ledger.run(client), name="gap-ledger")
     watchers: list[asyncio.Task[Any]] = [asyncio.create_task(process.failed.wait(), name="added-connection")]
     if process.follower is not None:
@@ -183,17 +199,28 @@ async def serve(
 async def _main(settings: Settings) -> int:
     client = async_redis_client(settings)
     blocking = redis_client(settings)  # for the REST clients and the symbol lists, used in threads
+    shard = parse_shard(settings.stream_shard)
+    heartbeat = Heartbeat(shard, f"r{time.time_ns() // 1000}-{os.getpid()}{shard.run_suffix}")
     # From the first moment, so the start-up (exchangeInfo, opening every connection) is measured too.
-    lag = asyncio.create_task(LoopLagMonitor().run(client), name="loop-lag")
+    lag = asyncio.create_task(LoopLagMonitor().run(client, shard.label), name="loop-lag")
     try:
-        fetch = exchange_info_fetcher(settings, blocking)
-        symbols = await resolve_symbols(settings, fetch, blocking)
-        sink = Sink(client, SinkOptions.from_settings(settings))
+        crashed_alive_us = await claim(client, heartbeat)
+        beating = asyncio.create_task(beat(client, heartbeat), name="heartbeat")
+        try:
+            fetch = exchange_info_fetcher(settings, blocking)
+            symbols = await resolve_symbols(settings, fetch, blocking)
+        except BaseException:
+            beating.cancel()
+            await release(client, heartbeat, crashed_alive_us)
+            raise
+        sink = Sink(client, SinkOptions.from_settings(settings), run=heartbeat.run)
         sink.pressure.open()  # SPILL_DIR taken (or one line: another process has it), earlier spill resumed
-        ledger = GapLedger(sink, snapshot_fetcher(settings, blocking))
-        follower = SymbolFollower(settings, fetch, blocking, symbols)
-        plans = connection_plans(with_symbols(settings, symbols))
+        ledger = GapLedger(sink, snapshot_fetcher(settings, blocking), heartbeat=heartbeat)
+        follower = SymbolFollower(settings, fetch, blocking, symbols, shard)
+        plans = follower.initial_plans()
+        _log_shard(shard, plans)
         process = build(plans, sink, ConnectionOptions.from_settings(settings), ledger, follower)
+        process.beating = beating
         # Everything made so far (modules, settings, plans) lives as long as the process: kept out of
         # the collector's full passes, which otherwise walk it all and hold the loop tens of ms.
         gc.freeze()
@@ -201,10 +228,23 @@ async def _main(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, _request_stop, stop, signum)
-        return await serve(process, stop, SHUTDOWN_FLUSH_TIMEOUT_S, client)
+        return await serve(process, stop, SHUTDOWN_FLUSH_TIMEOUT_S, client, crashed_alive_us)
     finally:
         lag.cancel()
         await client.aclose()
+
+
+def _log_shard(shard: Shard, plans: list[ConnectionPlan]) -> None:
+    streams = sum(len(plan.streams) for plan in plans)
+    if shard.whole:
+        return
+    (logger.info if plans else logger.warning)(
+        "streams.shard shard=%s connections=%d streams=%d%s",
+        shard.label,
+        len(plans),
+        streams,
+        "" if plans else " hint=no configured symbol hashes to this shard: it records nothing for now",
+    )
 
 
 def _request_stop(stop: asyncio.Event, signum: int) -> None:
@@ -219,4 +259,21 @@ def run(settings: Settings) -> int:
     matches nothing."""
     check_redis(settings)
     log_stream_substitutions(settings)
-    return asyncio.run(_main(settings))
+    factory = loop_factory(settings.stream_uvloop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_main(settings))
+
+
+def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when wanted and installed (bench/stream_throughput.py measures the difference),
+    else None: asyncio's own. Logs which one runs."""
+    if want_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            logger.info("streams.event_loop loop=asyncio reason=uvloop is not installed")
+            return None
+        logger.info("streams.event_loop loop=uvloop")
+        return uvloop.new_event_loop
+    logger.info("streams.event_loop loop=asyncio reason=STREAM_UVLOOP=false")
+    return None

@@ -29,12 +29,13 @@ from collector.binance.exchange_info import (
     quote_assets_seen,
     select_symbols,
 )
-from collector.binance.streams import MAX_STREAMS_PER_CONNECTION_BINANCE, stream_specs
+from collector.binance.streams import MAX_STREAMS_PER_CONNECTION_BINANCE, ConnectionPlan, stream_specs
 from collector.errors import ConfigError, RestError, ServiceUnavailable
 from collector.queue.symbols import read_symbols, write_symbols
 from collector.rest.client import RestClient
 from collector.settings import Market, Settings
 from collector.streams.placement import Carried, Placement, plan_placement
+from collector.streams.shard import Shard
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +170,15 @@ class SymbolFollower:
     """Refreshes the ALL markets' lists and moves the process's subscriptions with them."""
 
     def __init__(
-        self, settings: Settings, fetch: SymbolFetcher, client: redis.Redis, symbols: dict[Market, list[str]]
+        self,
+        settings: Settings,
+        fetch: SymbolFetcher,
+        client: redis.Redis,
+        symbols: dict[Market, list[str]],
+        shard: Shard | None = None,
     ) -> None:
         self.settings = settings
+        self.shard = shard or Shard()  # the streams of the other shards' symbols are theirs
         self.symbols = {market: list(names) for market, names in symbols.items()}
         self._fetch = fetch
         self._client = client
@@ -228,10 +235,19 @@ class SymbolFollower:
         )
 
     def placement(self, process: Subscriptions) -> Placement:
+        """How the process's connections must change to carry this shard's streams of `symbols`."""
+        return self._plan(process.carried(), process.used_ids)
+
+    def initial_plans(self) -> list[ConnectionPlan]:
+        """The connections to open at start: this shard's streams, split as Binance's limits allow."""
+        return list(self._plan([], ()).opened)
+
+    def _plan(self, carried: Sequence[Carried], used_ids: Collection[str]) -> Placement:
         per_connection = min(self.settings.ws_max_streams_per_connection, MAX_STREAMS_PER_CONNECTION_BINANCE)
-        wanted = stream_specs(with_symbols(self.settings, self.symbols))
+        every = stream_specs(with_symbols(self.settings, self.symbols))
+        wanted = [spec for spec in every if self.shard.owns_stream(spec.name)]
         bases: dict[Market, str] = {
             "spot": self.settings.binance_spot_ws_url,
             "futures": self.settings.binance_futures_ws_url,
         }
-        return plan_placement(process.carried(), wanted, per_connection, bases, process.used_ids)
+        return plan_placement(carried, wanted, per_connection, bases, used_ids, self.shard.id_prefix)

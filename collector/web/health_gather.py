@@ -26,9 +26,10 @@ from collector.queue.batches import inflight_length
 from collector.queue.client import describe_redis_error
 from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
-from collector.queue.loop_lag import parse_loop_lag
+from collector.queue.loop_lag import parse_loop_lag, parse_loop_lags
 from collector.queue.shards import present_lanes
 from collector.queue.spill_stats import parse_figures
+from collector.queue.stream_shards import read_shards
 from collector.settings import Settings
 from collector.web.health_facts import HealthSnapshot, OpenGap, StreamState, TableState
 
@@ -122,7 +123,8 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
     pipe.hgetall(keys.STREAMS_LOOP)
     pipe.zcount(keys.DRAIN_LOOPS, now_us() // 1000, "+inf")  # slots not yet expired
     pipe.hgetall(keys.SPILL)
-    *replies, loop_lag, drain_loops, spill = pipe.execute()
+    pipe.hgetall(keys.STREAM_SHARDS)
+    *replies, loop_lag, drain_loops, spill, shards = pipe.execute()
     connections, messages, last_us, drains, deadletters, open_gaps = replies[:6]
     queued: dict[str, int] = {}
     for (table, _), length in zip(lanes, replies[6 : 6 + len(lanes)], strict=True):
@@ -148,6 +150,8 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
     into.drain_loops = int(drain_loops)
     into.loop_lag = parse_loop_lag(loop_lag)
     into.spill = parse_figures(spill)
+    into.loop_lags = parse_loop_lags(loop_lag)
+    into.shards = read_shards(shards)
     into.counters = {
         name: _parse_counter(name, len(COUNTERS[name][1]), _decode_hash(values))
         for name, values in zip(COUNTERS, counter_hashes, strict=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from collector.queue.connections import CONNECTED, ConnectionRecord
+from collector.queue.stream_shards import CRASHED, RUNNING, ShardRecord
 from collector.web.health_facts import HealthSnapshot, OpenGap, TableState, age_s
 
 
@@ -36,6 +37,7 @@ def judge(snap: HealthSnapshot, now: int, thresholds: HealthThresholds) -> list[
         reasons.append(f"database: {snap.database['detail']}")
     if snap.redis_up:
         # Without Redis nothing below is known; "no connection registered" would be a false lead.
+        reasons += shard_reasons(snap.shards, now)
         reasons += connection_reasons(snap.connections, now, thresholds.health_max_message_age_s)
         reasons += queue_reasons(snap.tables, now, thresholds.health_max_drain_age_s)
         reasons += gap_reasons(snap.open_gaps, now, thresholds.health_max_gap_open_s)
@@ -50,6 +52,34 @@ def loss_reasons(snap: HealthSnapshot) -> list[str]:
         f"{loss.before_received.isoformat()} (queued, never stored: see `collector audit`)"
         for loss in snap.losses
     ]
+
+
+def shard_reasons(shards: list[ShardRecord], now: int) -> list[str]:
+    """A stream process whose heartbeat stopped (killed, crashed), or a shard of a layout never started.
+
+    A shard stopped cleanly is left to `connection_reasons` (its connections say `stopped`).
+    """
+    reasons = []
+    for record in shards:
+        if record.state == RUNNING and record.stale(now):
+            age = age_s(record.alive_us, now) or 0.0
+            reasons.append(
+                f"stream shard {record.label} is down: no heartbeat for {age:.0f}s ({record.describe()}); "
+                "its symbols are not recorded"
+            )
+    labels = {record.label for record in shards}
+    # A crashed shard of an earlier layout waits for the new layout's shards (registry._take_crash).
+    layouts = {_count(record.label) for record in shards if record.state != CRASHED}
+    for count in sorted(layouts - {0, 1}):
+        for index in range(count):
+            if f"{index}/{count}" not in labels:
+                reasons.append(f"stream shard {index}/{count} has never run: its symbols are not recorded")
+    return reasons
+
+
+def _count(label: str) -> int:
+    _, _, count = label.partition("/")
+    return int(count) if count.isdigit() else 0
 
 
 def connection_reasons(connections: list[ConnectionRecord], now: int, max_age_s: float) -> list[str]:

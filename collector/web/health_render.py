@@ -43,6 +43,18 @@ def health_json(snap: HealthSnapshot, now: int, reasons: list[str]) -> dict[str,
         "checked_at_us": now,
         "redis": {"up": snap.redis_up, "error": snap.redis_error},
         "postgres": {"up": snap.postgres_up, "error": snap.postgres_error, "database": snap.database},
+        "stream_processes": [
+            {
+                "shard": r.label,
+                "state": r.state,
+                "heartbeat_age_s": _rounded(age_s(r.alive_us or None, now)),
+                "host": r.host,
+                "pid": r.pid,
+                "run": r.run,
+                "loop_block_max_ms": lag.max_block_ms if (lag := snap.loop_lags.get(r.label)) else None,
+            }
+            for r in snap.shards
+        ],
         "connections": [
             {
                 "connection_id": c.connection_id,

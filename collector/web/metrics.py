@@ -209,7 +209,17 @@ def _stream_gauges(snap: HealthSnapshot, now: int) -> list[Metric]:
     if snap.loop_lag is not None:
         block.add_metric([], snap.loop_lag.max_block_ms / 1000)
         over.add_metric([], snap.loop_lag.blocks_over)
-    return [stream_age, connection_up, block, over]
+    # Each stream process (shard `i/n`; `0/1` unsharded): alert on a heartbeat that stops growing young.
+    heartbeat = GaugeMetricFamily(
+        f"{PREFIX}_stream_shard_heartbeat_age_seconds",
+        "Seconds since each stream process (shard) last wrote its heartbeat; it writes one every second",
+        labels=["shard", "state"],
+    )
+    for record in snap.shards:
+        age = age_s(record.alive_us or None, now)
+        if age is not None:
+            heartbeat.add_metric([record.label, record.state], age)
+    return [stream_age, connection_up, block, over, heartbeat]
 
 
 @dataclass(frozen=True)

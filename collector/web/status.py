@@ -8,6 +8,7 @@ from dataclasses import replace
 from collector.local.stack import NO_STACK
 from collector.queue.client import redis_client
 from collector.queue.loop_lag import LoopLag
+from collector.queue.stream_shards import RUNNING
 from collector.rest.planner import MarketRestState, rest_state
 from collector.settings import Settings, redacted_url
 from collector.web.health import HealthReport, HealthSnapshot, age_s, assess, now_us, snapshot
@@ -50,6 +51,7 @@ def format_status(
     """The text of `collector status`. Pure."""
     lines = ["services", *_indent(([f"stack       {stack}"] if stack else []) + _services(snap)), ""]
     if snap.redis_up:
+        lines += ["stream processes", *_indent(_shards(snap, now)), ""]
         lines += ["connections", *_indent(_connections(snap, now)), ""]
         lines += ["streams", *_indent(_streams(snap, now)), ""]
         lines += [
@@ -158,6 +160,28 @@ def _short(text: str | None) -> str:
     if not text:
         return ""
     return text if len(text) <= ERROR_CHARS_SHOWN else text[: ERROR_CHARS_SHOWN - 1] + "…"
+
+
+def _shards(snap: HealthSnapshot, now: int) -> list[str]:
+    """One row per stream process (shard): is it beating, where it runs, its event loop's worst block."""
+    if not snap.shards:
+        return ["(none registered)"]
+    rows = []
+    for record in snap.shards:
+        lag = snap.loop_lags.get(record.label)
+        state = "DOWN" if record.state == RUNNING and record.stale(now) else record.state
+        rows.append(
+            (
+                record.label,
+                state,
+                record.host or "-",
+                record.pid or "-",
+                record.run or "-",
+                _ago(record.alive_us or None, now),
+                "-" if lag is None else f"{lag.max_block_ms:.0f} ms ({lag.blocks_over} over)",
+            )
+        )
+    return _columns(("SHARD", "STATE", "HOST", "PID", "RUN", "HEARTBEAT", "LOOP BLOCK MAX"), rows)
 
 
 def _connections(snap: HealthSnapshot, now: int) -> list[str]:
