@@ -17,10 +17,11 @@ COPY pyproject.toml celeryconfig.py ./
 COPY collector ./collector
 RUN pip install --no-deps . && rm -rf build ./*.egg-info
 
-# Run as an unprivileged user; /data holds alert.log and the beat schedule (a volume in compose).
+# Run as an unprivileged user; /data holds alert.log and the beat schedule, /data/var/spill the
+# stream process's spill (volumes in compose: made here so a new named volume is the user's).
 RUN useradd --system --create-home --uid 10001 collector \
-    && mkdir -p /data \
-    && chown collector:collector /data
+    && mkdir -p /data/var/spill \
+    && chown -R collector:collector /data
 USER collector
 WORKDIR /data
 ENV ALERT_LOG=/data/alert.log
