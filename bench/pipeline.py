@@ -79,7 +79,6 @@ from pipeline_stack import (
 )
 
 PER_CONNECTION = 200  # streams per connection of the discarding client (the collector's default)
-REDIS_PROBE_ENVELOPES = 50_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--limit-seconds", type=float, default=5.0, help="the discarding client's measurement"
+    )
+    parser.add_argument(
+        "--probe-envelopes", type=int, default=50_000, help="queued for Redis's bytes/envelope"
     )
     parser.add_argument("--copy-rows", type=int, default=200_000, help="rows of the plain COPY limit")
     parser.add_argument("--profile", type=float, default=0.0, help="seconds of py-spy + pg_stat_statements")
@@ -169,7 +171,7 @@ def run_step(
         "cpu_s": cpu_s,
         "cpu_s_per_100k": per_100k(cpu_s, offered),
         "cpu_us_per_msg": us_per_message(cpu_s, offered),
-        "sustained": sustained(rate, offered_rate, stored_rate, backlog_max, drained),
+        "sustained": sustained(rate, offered_rate, stored_rate, backlog_max, drained, t1 - t0),
     }
     print(
         f"rate {rate:,.0f}/s: offered {offered_rate:,.0f}, stored {stored_rate:,.0f}, backlog max "
@@ -211,12 +213,12 @@ def profile(stack: Stack, conn: Any, args: argparse.Namespace, stamp: str) -> di
     }
 
 
-def redis_probe(stack: Stack, client: redis.Redis, rate: float) -> dict[str, Any]:
+def redis_probe(stack: Stack, client: redis.Redis, rate: float, envelopes: int) -> dict[str, Any]:
     """Bytes Redis holds per queued envelope: the workers stopped, the stream process queues at `rate`."""
     before_memory, before_queued = int(client.info("memory")["used_memory"]), backlog(client)
     stack.control.resume()
     stack.control.set_total_rate(rate)
-    wait_for(lambda: backlog(client) - before_queued >= REDIS_PROBE_ENVELOPES, 120, "backlog to probe", 0.2)
+    wait_for(lambda: backlog(client) - before_queued >= envelopes, 120, "backlog to probe", 0.2)
     stack.control.pause()
     queued = backlog(client) - before_queued
     used = int(client.info("memory")["used_memory"]) - before_memory
@@ -294,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         stored = count_rows(conn, "agg_trades")
         report["whole_run"] = {"offered": offered, "stored": stored, "lost": offered - stored}
         stack.stop_processes(("beat", "worker-ingest", "worker-rest"))
-        report["redis_bytes_per_envelope"] = redis_probe(stack, watch.client, args.idle_rate * 20)
+        report["redis_bytes_per_envelope"] = redis_probe(
+            stack, watch.client, args.idle_rate * 20, args.probe_envelopes
+        )
         stack.stop_processes(("streams",))
         copy_rate, copy_rows = plain_copy_rate(conn, args.copy_rows)
         report["limits"]["plain_copy"] = {"rows_per_s": copy_rate, "rows": copy_rows}
