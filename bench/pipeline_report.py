@@ -63,14 +63,20 @@ def sustained(
 
 
 def next_search_rate(results: Sequence[tuple[float, bool]], step: float) -> float | None:
-    """The next rate to try when looking for the highest sustained one: one step above the highest
-    that held, while below the lowest that did not; None when there is nothing between them."""
+    """The next rate to try when looking for the highest sustained one: `step` above the highest that
+    held, or halfway to the lowest that did not when that is nearer; None when they are within a
+    quarter step (or nothing held)."""
     held = [rate for rate, ok in results if ok]
     failed = [rate for rate, ok in results if not ok]
-    candidate = max(held, default=0.0) + step
-    if not held or candidate >= min(failed, default=math.inf):
+    if not held:
         return None
-    return candidate
+    best = max(held)
+    if not failed:
+        return best + step
+    gap = min(failed) - best
+    if gap <= step / 4:
+        return None
+    return best + min(step, round(gap / 2 / 500) * 500)
 
 
 def highest_sustained(results: Sequence[tuple[float, bool]]) -> float | None:

@@ -90,13 +90,12 @@ def test_sustained_needs_the_rate_offered_stored_bounded_and_drained() -> None:
     assert not sustained(10_000, 10_000, 10_000, 0, False, 30.0)  # never drained
 
 
-def test_search_steps_up_from_the_highest_rate_that_held_below_the_lowest_that_failed() -> None:
-    """Stepping finds rates between the best that held and the first that failed, and stops there."""
+def test_search_steps_up_from_the_highest_rate_that_held_and_halves_the_gap_to_a_failure() -> None:
+    """Stepping goes a step above the best rate that held, or halfway to the first that failed."""
     assert next_search_rate([(10e3, True), (20e3, True), (50e3, False)], 10e3) == 30e3
-    assert (
-        next_search_rate([(10e3, True), (20e3, True), (50e3, False), (30e3, True), (40e3, True)], 10e3)
-        is None
-    )
+    assert next_search_rate([(10e3, True), (20e3, False)], 10e3) == 15e3
+    assert next_search_rate([(10e3, True), (20e3, False), (15e3, False)], 10e3) == 12.5e3
+    assert next_search_rate([(10e3, True), (20e3, False), (15e3, False), (12.5e3, True)], 10e3) is None
     assert next_search_rate([(10e3, True), (50e3, True)], 10e3) == 60e3
     assert next_search_rate([(10e3, False)], 10e3) is None
     assert highest_sustained([(10e3, True), (30e3, False), (20e3, True)]) == 20e3
