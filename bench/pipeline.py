@@ -126,19 +126,23 @@ def discarding_limit(stack: Stack, seconds: float) -> dict[str, float]:
 
 
 def wait_drained(
-    stack: Stack, watch: BacklogWatch, conn: Any, t0: float, t1: float, timeout_s: float
+    stack: Stack, watch: BacklogWatch, conn: Any, t0: float, t1: float, stall_s: float
 ) -> tuple[bool, float]:
     """Until the backlog is back to a couple of seconds of the idle rate and the window's row count
-    has stopped growing; (drained, seconds it took)."""
+    has stopped growing, however long that takes while the backlog shrinks, so that the next rate
+    starts clean; (drained, seconds it took): not drained when it stopped shrinking for `stall_s`."""
     started = time.monotonic()
-    last = -1
-    while time.monotonic() - started < timeout_s:
-        now = rows_of(conn, t0, t1)
-        if now == last and backlog(watch.client) <= stack.idle_bound:
+    last, best, progressed = -1, backlog(watch.client), started
+    while True:
+        now, queued = rows_of(conn, t0, t1), backlog(watch.client)
+        if now == last and queued <= stack.idle_bound:
             return True, time.monotonic() - started
+        if queued < best:
+            best, progressed = queued, time.monotonic()
+        elif time.monotonic() - progressed > stall_s:
+            return False, time.monotonic() - started
         last = now
         time.sleep(1.0)
-    return False, time.monotonic() - started
 
 
 def wait_emptied(client: redis.Redis, stall_s: float) -> None:
@@ -165,7 +169,7 @@ def run_step(
     sent1, cpu1, t1 = stack.control.frames_sent(), stack.cpu(), time.time()
     backlog_max = watch.take_max()
     stack.control.set_total_rate(args.idle_rate)
-    drained, drain_s = wait_drained(stack, watch, conn, t0, t1, args.drain_timeout)
+    drained, drain_s = wait_drained(stack, watch, conn, t0, t1, args.drain_stall)
     rows = window_rows(conn, t0, t1)
     offered = sent1 - sent0
     cpu_s = cpu_deltas(cpu0, cpu1)
@@ -294,16 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(lambda: count_rows(conn, "agg_trades") > 0, READY_TIMEOUT_S, "row stored")
         report["ready_s"], report["streams"] = time.monotonic() - started, stack.control.streams()
         watch.start()
-        rates = [float(rate) for rate in args.rates.split(",")]
-        steps: list[dict[str, Any]] = []
-        for rate in rates:  # a rate above one that did not hold is skipped: it cannot hold either
-            if any(not s["sustained"] for s in steps if s["target"] < rate):
-                report.setdefault("skipped_rates", []).append(rate)
-                continue
-            steps.append(run_step(stack, watch, conn, rate, args))
+        steps = [run_step(stack, watch, conn, float(rate), args) for rate in args.rates.split(",")]
         for _ in range(args.search_steps):
             rate = next_search_rate([(s["target"], s["sustained"]) for s in steps], args.step)
-            if rate is None or not all(s["drained"] for s in steps):
+            if rate is None:
                 break
             steps.append(run_step(stack, watch, conn, rate, args))
         report["steps"] = steps
@@ -312,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             report["profile"] = profile(stack, conn, args, stamp)
         report["peak_rss"] = stack.peak_rss()
         stack.control.pause()  # everything offered so far must now be stored, once
-        wait_emptied(watch.client, args.drain_timeout)
+        wait_emptied(watch.client, args.drain_stall)
         offered = stack.control.frames_sent() - baseline
         wait_for(lambda: count_rows(conn, "agg_trades") >= offered, 30, "all rows", 1.0)
         stored = count_rows(conn, "agg_trades")

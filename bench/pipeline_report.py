@@ -14,6 +14,7 @@ MAX_BACKLOG_S = 5.0
 # Rows are committed in batches, up to about a drain tick apart: a window's edges may cut that much
 # input off the rows committed within it without any backlog building up.
 BATCH_ALLOWANCE_S = 1.5
+MIN_SIZED_ROWS = 1000  # smaller tables (bookkeeping, a REST poll or two) are in the JSON only
 OFFERED_SHARE = 0.95  # the fake must really have offered the rate asked for
 
 
@@ -64,12 +65,13 @@ def sustained(
 
 def next_search_rate(results: Sequence[tuple[float, bool]], step: float) -> float | None:
     """The next rate to try when looking for the highest sustained one: `step` above the highest that
-    held, or halfway to the lowest that did not when that is nearer; None when they are within a
-    quarter step (or nothing held)."""
+    held, or halfway to the lowest that did not when that is nearer (half the lowest when none held);
+    None when they are within a quarter step."""
     held = [rate for rate, ok in results if ok]
     failed = [rate for rate, ok in results if not ok]
-    if not held:
-        return None
+    if not held:  # even the lowest failed: halve it, down to a quarter step
+        half = round(min(failed, default=0.0) / 2 / 500) * 500
+        return half if half >= step / 4 else None
     best = max(held)
     if not failed:
         return best + step
@@ -158,5 +160,6 @@ def size_table(sizes: Mapping[str, Mapping[str, Any]]) -> str:
             _num(value.get("compressed_bytes_per_row"), 1),
         ]
         for table, value in sizes.items()
+        if value["rows"] >= MIN_SIZED_ROWS
     ]
     return markdown(["table", "rows", "bytes/row", "bytes/row compressed"], rows)

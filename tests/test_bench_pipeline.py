@@ -97,7 +97,8 @@ def test_search_steps_up_from_the_highest_rate_that_held_and_halves_the_gap_to_a
     assert next_search_rate([(10e3, True), (20e3, False), (15e3, False)], 10e3) == 12.5e3
     assert next_search_rate([(10e3, True), (20e3, False), (15e3, False), (12.5e3, True)], 10e3) is None
     assert next_search_rate([(10e3, True), (50e3, True)], 10e3) == 60e3
-    assert next_search_rate([(10e3, False)], 10e3) is None
+    assert next_search_rate([(10e3, False)], 10e3) == 5e3
+    assert next_search_rate([(10e3, False), (5e3, False), (2.5e3, False)], 10e3) is None
     assert highest_sustained([(10e3, True), (30e3, False), (20e3, True)]) == 20e3
     assert highest_sustained([(10e3, False)]) is None
 
