@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--search-steps", type=int, default=3, help="most rates tried beyond --rates")
     parser.add_argument("--idle-rate", type=float, default=500.0, help="msg/s between rates, while draining")
     parser.add_argument(
-        "--drain-timeout", type=float, default=120.0, help="longest wait for a backlog to drain"
+        "--drain-stall", type=float, default=60.0, help="seconds without the backlog shrinking: not draining"
     )
     parser.add_argument(
         "--limit-seconds", type=float, default=5.0, help="the discarding client's measurement"
