@@ -40,6 +40,7 @@ STEP_FIELDS = {
     "drain_s",
     "latency_s",
     "cpu_s",
+    "cpu_messages",
     "cpu_s_per_100k",
     "cpu_us_per_msg",
     "sustained",
