@@ -23,7 +23,7 @@ STAMP := $(VENV)/.install-stamp
 
 export VENV
 
-.PHONY: help install run demo stop services-up services-down services-env test lint format bench \
+.PHONY: help install run demo stop services-up services-down services-env test lint format bench bench-pipeline \
 	ensure-servers compose-tool docker-config clean
 
 help: ## list the targets
@@ -87,6 +87,10 @@ bench: install ensure-servers ## throughput benchmarks (see bench/)
 	$(BIN)/python bench/drain_throughput.py
 	$(BIN)/python bench/export_throughput.py
 	$(BIN)/python bench/streams_many.py
+	$(BIN)/python bench/pipeline.py
+
+bench-pipeline: install ensure-servers ## the whole pipeline at 10k/20k/50k msg/s and the highest sustained (bench/pipeline.py; ~10 min)
+	$(BIN)/python bench/pipeline.py $(ARGS)
 
 compose-tool: install ## best effort: a Docker Compose v2 client in .venv/bin for the offline config check
 	@scripts/compose-tool.sh

@@ -32,8 +32,8 @@ from typing import cast
 
 import redis
 import redis.asyncio
-from processes import cpu_percent, cpu_sample, stop  # bench/processes.py, beside this script
-from websockets.asyncio.client import connect
+from fakeload import raw_client_rate  # bench/fakeload.py, beside this script
+from processes import cpu_percent, cpu_sample, stop
 
 from collector.binance.streams import connection_plans
 from collector.fake.tls import CA_FILE_NAME
@@ -54,47 +54,6 @@ def queued(client: redis.Redis) -> dict[str, int]:
     for table, shard in present_lanes(client, TABLES, 1):
         counts[table] += int(client.llen(keys.queue(table, shard)))
     return counts
-
-
-async def raw_client_rate(
-    urls: list[str], seconds: float, context: ssl.SSLContext | None = None
-) -> tuple[float, float, float]:
-    """Frames/s and MB/s a client that only counts and discards frames receives; and its CPU%."""
-    frames = 0
-    size = 0
-
-    async def drain(url: str, deadline: float) -> None:
-        nonlocal frames, size
-        async with connect(
-            url,
-            ping_interval=None,
-            compression=None,
-            max_size=None,
-            max_queue=4096,
-            close_timeout=0.5,
-            ssl=context,
-        ) as ws:
-            while time.monotonic() < deadline:
-                frame = await ws.recv(decode=False)
-                frames += 1
-                size += len(frame)
-
-    warmup_deadline = time.monotonic() + 1.0
-    deadline = warmup_deadline + seconds
-    tasks = [asyncio.create_task(drain(url, deadline)) for url in urls]
-    await asyncio.sleep(max(0.0, warmup_deadline - time.monotonic()))
-    start_frames, start_size, start_cpu = frames, size, cpu_sample(os.getpid())
-    # Sample at the deadline, not after the close handshake: a flooded client can wait its whole
-    # close_timeout for the server's close frame, which would dilute the rate.
-    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-    end_frames, end_size, end_cpu = frames, size, cpu_sample(os.getpid())
-    await asyncio.gather(*tasks)
-    elapsed = end_cpu.wall - start_cpu.wall
-    return (
-        (end_frames - start_frames) / elapsed,
-        (end_size - start_size) / elapsed / 1e6,
-        cpu_percent(start_cpu, end_cpu),
-    )
 
 
 async def redis_rpush_rate(url: str, envelopes: list[bytes], batch: int, seconds: float) -> float:

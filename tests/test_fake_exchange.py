@@ -793,3 +793,33 @@ def test_cli_runs_in_foreground_until_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_total_rate_is_shared_by_the_connections_sending_data(make_fake: FakeFactory) -> None:
+    """With a total rate each data connection gets an even share; /_fake/counts counts what was sent."""
+    fake = make_fake(rate=10)
+    status, _, _ = http("POST", f"{fake.control_url}/rate?value=400&total=1")
+    assert status == 200
+    url = f"{fake.spot_ws_url}/stream?streams=btcusdt@aggTrade"
+
+    def shares() -> list[float]:
+        return fake._call(lambda c: [c.hub.connection_rate()])
+
+    async def run() -> tuple[float, float]:
+        async with websockets.connect(url) as first:
+            await recv_json(first)
+            alone = shares()[0]
+            async with websockets.connect(url) as second:
+                await recv_json(second)
+                together = shares()[0]
+                await recv_written(first)
+                await recv_written(second)
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert (alone, together) == (400.0, 200.0)
+    _, _, counts = http("GET", f"{fake.control_url}/counts")
+    assert counts["rate_is_total"] is True and counts["rate"] == 400.0
+    assert counts["data_frames_sent"] == fake.ledger()["data_frames_sent"] > 0
+    fake.set_rate(10, total=False)
+    assert shares() == [10.0]

@@ -103,6 +103,10 @@ class StreamSession:
     def wake(self) -> None:
         self._wake.set()
 
+    def sends_data(self) -> bool:
+        """Whether this connection has rate-paced streams (it then takes a share of a total rate)."""
+        return bool(self._rate_subs) and not self._closed
+
     def push_urgent(self, subscription: Subscription, event: Event) -> None:
         self._urgent.append((subscription, event))
         self._wake.set()
@@ -370,12 +374,12 @@ class StreamSession:
                 exhausted = hub.remaining is not None and hub.remaining <= 0
                 if hub.paused or idle or exhausted:
                     await self._sleep(None)
-                elif hub.rate <= 0:
+                elif (rate := hub.connection_rate()) <= 0:
                     await self._write(self._burst(), reserved=True)
                     # Let the loop serve REST, control and other connections.
                     await asyncio.sleep(0 if self._silence is None else SILENT_BURST_PERIOD_S)
                 else:
-                    frames, delay = self._paced_step(hub.rate)
+                    frames, delay = self._paced_step(rate)
                     await self._write(frames, reserved=True)
                     await self._sleep(delay)
         except ConnectionError:

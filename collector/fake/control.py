@@ -145,11 +145,25 @@ class Controls:
         self.hub.paused = False
         self.hub.wake_all()
 
-    def set_rate(self, rate: float) -> None:
+    def set_rate(self, rate: float, total: bool | None = None) -> None:
+        """Data events/s per connection, or of all connections together with `total` (None: as before)."""
         if rate < 0:
             raise ControlError("rate must be >= 0")
         self.hub.rate = rate
+        if total is not None:
+            self.hub.rate_is_total = total
         self.hub.wake_all()
+
+    def counts(self) -> dict[str, Any]:
+        """Frames written so far, without the ledger's keys: cheap to poll during a long benchmark."""
+        ledger = self.hub.ledger
+        return {
+            "data_frames_sent": ledger.data_frames_sent,
+            "malformed_sent": ledger.malformed_sent,
+            "rate": self.hub.rate,
+            "rate_is_total": self.hub.rate_is_total,
+            "connections": [counts.as_json() for counts in ledger.connections.values()],
+        }
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -157,6 +171,7 @@ class Controls:
         return [
             web.get("/_fake/ledger", self._get_ledger),
             web.get("/_fake/connections", self._get_connections),
+            web.get("/_fake/counts", self._get_counts),
             web.post("/_fake/drop", self._post_drop),
             web.post("/_fake/malformed", self._post_malformed),
             web.post("/_fake/rest_fail", self._post_rest_fail),
@@ -174,6 +189,9 @@ class Controls:
 
     async def _get_ledger(self, request: web.Request) -> web.Response:
         return web.json_response(self.ledger())
+
+    async def _get_counts(self, request: web.Request) -> web.Response:
+        return web.json_response(self.counts())
 
     async def _get_rest_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.rest.stats())
@@ -221,7 +239,12 @@ class Controls:
         return _run(self.resume)
 
     async def _post_rate(self, request: web.Request) -> web.Response:
-        return _run(lambda: self.set_rate(_number(request, "value", float, None)))
+        total = request.query.get("total")
+        return _run(
+            lambda: self.set_rate(
+                _number(request, "value", float, None), None if total is None else total in ("1", "true")
+            )
+        )
 
     async def _post_withhold_depth(self, request: web.Request) -> web.Response:
         return _run(

@@ -154,6 +154,8 @@ class Session(Protocol):
 
     def wake(self) -> None: ...
 
+    def sends_data(self) -> bool: ...
+
     def push_urgent(self, subscription: Subscription, event: Event) -> None: ...
 
     def subscriptions(self) -> Iterable[Subscription]: ...
@@ -188,6 +190,9 @@ class Hub:
         self.seed = seed
         self.max_connection_age_s = max_connection_age_s
         self.rate = rate
+        # True: `rate` is the events/s of all connections together, shared evenly by those sending
+        # data (a benchmark offers an exact total whatever number of connections the client opens).
+        self.rate_is_total = False
         self.paused = False
         self.remaining = max_events  # data frames still allowed; None = no limit
         self.malformed_pending = 0
@@ -300,6 +305,13 @@ class Hub:
 
     # -- knobs -----------------------------------------------------------------------------------
 
+    def connection_rate(self) -> float:
+        """The data events/s one connection sends now: `rate`, or its share of a total rate."""
+        if not self.rate_is_total:
+            return self.rate
+        senders = sum(1 for session in self.sessions.values() if session.sends_data())
+        return connection_share(self.rate, senders)
+
     def reserve(self, wanted: int) -> int:
         """How many of `wanted` data frames may still be sent (max_events); reserves them."""
         if self.remaining is None:
@@ -339,6 +351,11 @@ class Hub:
                 if ref.kind == "forceOrderAll" or (ref.kind == "forceOrder" and ref.symbol == symbol):
                     session.push_urgent(sub, event)
         return event
+
+
+def connection_share(total_rate: float, senders: int) -> float:
+    """One connection's events/s when `senders` connections share `total_rate` (0 stays full speed)."""
+    return total_rate / max(1, senders)
 
 
 def _universe(configured: Iterable[str], recorded: Iterable[str]) -> tuple[str, ...]:

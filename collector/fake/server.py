@@ -71,6 +71,7 @@ class FakeConfig:
     max_connection_age_s: float = MAX_CONNECTION_AGE_S
     tls: bool = False  # serve wss:// and https:// with a certificate made at start (collector.fake.tls)
     tls_dir: Path | None = None  # where the CA file goes; a new temporary folder when None
+    rate_is_total: bool = False  # `rate` is of all connections together (--total-rate)
 
 
 def base_urls(host: str, port: int, tls: bool = False) -> dict[str, str]:
@@ -103,6 +104,7 @@ class FakeServer:
             recordings=recordings,
             max_connection_age_s=config.max_connection_age_s,
         )
+        self.hub.rate_is_total = config.rate_is_total
         self.rest = RestApi(self.hub)
         self.controls = Controls(self.hub, self.rest)
         self._ids = itertools.count(1)
@@ -343,8 +345,8 @@ class FakeExchange:
     def resume(self) -> None:
         self._call(lambda c: c.resume())
 
-    def set_rate(self, rate: float) -> None:
-        self._call(lambda c: c.set_rate(rate))
+    def set_rate(self, rate: float, total: bool | None = None) -> None:
+        self._call(lambda c: c.set_rate(rate, total))
 
     def withhold_depth(self, market: str, symbol: str, count: int) -> None:
         self._call(lambda c: c.withhold_depth(market, symbol, count))
@@ -368,6 +370,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed)")
     parser.add_argument(
         "--rate", type=float, default=100.0, help="data events/s per connection; 0 = full speed"
+    )
+    parser.add_argument(
+        "--total-rate",
+        type=float,
+        default=None,
+        help="data events/s of all connections together, shared evenly by those sending (overrides --rate)",
     )
     parser.add_argument("--max-events", type=int, default=None, help="stop sending data after N frames")
     parser.add_argument("--seed", type=int, default=1)
@@ -437,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = FakeConfig(
         host=args.host,
         port=args.port,
-        rate=args.rate,
+        rate=args.rate if args.total_rate is None else args.total_rate,
         spot_symbols=_symbols(args.spot_symbols) + synthetic_symbols("spot", args.spot_symbol_count),
         futures_symbols=_symbols(args.futures_symbols)
         + synthetic_symbols("futures", args.futures_symbol_count),
@@ -448,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_connection_age_s=args.max_connection_age_s,
         tls=args.tls,
         tls_dir=args.tls_dir,
+        rate_is_total=args.total_rate is not None,
     )
     try:
         asyncio.run(_run_foreground(config))
