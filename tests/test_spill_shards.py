@@ -20,9 +20,10 @@ from collector.queue.spill_stats import (
     read_pending,
 )
 from collector.settings import Settings, load_settings
-from collector.streams.shard import Shard, spill_dir
+from collector.streams.shard import Shard, other_split, spill_dir
 from collector.streams.sink import Sink, SinkOptions
 from collector.streams.spill import Spill
+from collector.streams.spill_segments import stranded
 from collector.web.health import snapshot
 from tests.processes import until
 
@@ -102,6 +103,23 @@ def test_each_shard_spills_to_its_own_directory_and_two_on_one_host_both_start(t
     for spill in spills:
         spill.close()
     assert sorted(p.name for p in base.iterdir()) == ["shard-0of2", "shard-1of2"]
+
+
+def test_a_spill_left_by_another_split_into_shards_is_found(tmp_path: Path) -> None:
+    """Segments in SPILL_DIR itself (unsharded) or under another shard count are found for a warning;
+    the directories of the current split, spilled or not, are not."""
+    base = tmp_path / "spill"
+    for directory in (base, base / "shard-1of2", base / "shard-0of3", base / "shard-2of3"):
+        directory.mkdir(parents=True)
+        (directory / "seg-000000000001.spill").write_bytes(b"")
+    (base / "shard-1of3").mkdir()  # empty: nothing to feed back
+    assert stranded(base, Shard(0, 3)) == {base: 1, base / "shard-1of2": 1}
+    assert stranded(base, Shard()) == {base / d: 1 for d in ("shard-1of2", "shard-0of3", "shard-2of3")}
+    assert stranded(base, Shard(1, 2)) == {base: 1, base / "shard-0of3": 1, base / "shard-2of3": 1}
+    assert stranded(tmp_path / "none", Shard(1, 2)) == {}
+    assert other_split("", Shard(0, 2)) and not other_split("", Shard())
+    assert other_split("shard-0of3", Shard(0, 2)) and not other_split("shard-1of2", Shard(0, 2))
+    assert not other_split("lost+found", Shard(0, 2))
 
 
 def _runs_in_list(client: redis.Redis) -> Counter[str]:

@@ -24,6 +24,7 @@ from typing import Final
 SHARD_PATTERN: Final = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Connection ids of a shard other than 0/1 begin with this (`s1of2-spot-0`).
 ID_PREFIX: Final = re.compile(r"^s(\d+)of(\d+)-")
+SPILL_SUBDIR: Final = re.compile(r"^shard-(\d+)of(\d+)$")  # a shard's directory under SPILL_DIR
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,16 @@ def spill_dir(base: Path, shard: Shard) -> Path:
     """The spill directory of `shard` under SPILL_DIR `base`: `base` itself for the whole process,
     `base/shard-<i>of<n>` for a shard (a directory is locked by one process while in use)."""
     return base if shard.whole else base / f"shard-{shard.index}of{shard.count}"
+
+
+def other_split(directory: str, shard: Shard) -> bool:
+    """Whether a spill directory named `directory` under SPILL_DIR (`""` for SPILL_DIR itself,
+    `shard-1of3`) belongs to a split into another number of shards than `shard`'s: no process of the
+    current split takes it, so what is on disk there waits until that split runs again."""
+    if directory == "":
+        return not shard.whole
+    match = SPILL_SUBDIR.match(directory)
+    return match is not None and int(match[2]) != shard.count
 
 
 def parse_shard(text: str) -> Shard:
