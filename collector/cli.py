@@ -239,7 +239,7 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     from collector.queue.batches import inflight_length, queue_length
     from collector.queue.client import redis_client, redis_unavailable
     from collector.queue.shards import present_lanes
-    from collector.queue.spill_stats import parse_pending
+    from collector.queue.spill_stats import read_pending
 
     now = datetime.now(UTC)
     since = parse_time(args.since, "--since") if args.since else now - timedelta(hours=24)
@@ -248,8 +248,9 @@ def _cmd_audit(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # Redis first: what is drained meanwhile then counts twice (never as lost), not zero times.
         queued = {_text(k): int(v) for k, v in client.hgetall(keys.AUDIT_QUEUED).items()}
-        # Then the spill, then the lists: what is fed back from disk meanwhile counts twice, not zero times.
-        spilled = parse_pending(client.hgetall(keys.SPILL_PENDING))
+        # Then the spill (every stream shard's), then the lists: what is fed back from disk meanwhile
+        # counts twice, not zero times.
+        spilled = read_pending(client)
         # Per queue shard: each shard numbers its own events, so each is balanced on its own.
         pending = {
             keys.shard_name(t, k): queue_length(client, t, (k,)) + inflight_length(client, t, (k,))

@@ -194,7 +194,8 @@ class Settings(BaseSettings):
     # process spills to SPILL_DIR, and feeds it back once they are below 80 % of it. 512 MiB is about
     # 30 s of all of Binance (50k msg/s) and hours at a few symbols, on a machine with 2-4 GB of RAM.
     redis_max_queue_bytes: int = Field(512 * 1024 * 1024, gt=0)
-    # Local disk for the spill; one directory per stream process (it is locked while in use).
+    # Local disk for the spill; one directory per stream process (it is locked while in use): a
+    # stream shard i/n with n > 1 uses SPILL_DIR/shard-<i>of<n>, so shards on one host share the setting.
     spill_dir: Path = Path("var/spill")
     ws_open_timeout_s: float = Field(10, gt=0)
     ws_idle_timeout_s: float = Field(300, gt=0)  # the longest silence tolerated on any connection

@@ -23,7 +23,7 @@ from collector.fake.server import FakeExchange
 from collector.local.servers import LocalService, free_port, start_postgres, start_redis
 from collector.queue import keys
 from collector.queue.envelope import make_envelope
-from collector.queue.spill_stats import SpillFigures, drain_eta_s, parse_figures
+from collector.queue.spill_stats import SpillFigures, drain_eta_s, read_figures
 from collector.settings import Settings, load_settings
 from collector.streams.pressure import QueueGauge, split
 from collector.streams.spill import Groups, Spill
@@ -240,7 +240,7 @@ class QueueTap:
 
 
 def spill_figures(client: redis.Redis) -> SpillFigures | None:
-    return parse_figures(client.hgetall(keys.SPILL))
+    return read_figures(client)
 
 
 def test_past_its_cap_the_queue_spills_survives_sigkill_and_is_stored_once_in_order(
@@ -469,7 +469,7 @@ def test_what_the_sink_spills_counts_as_queued_and_comes_back_in_order(
         pipe = client.pipeline(transaction=True)  # one moment: what `collector audit` reads, at once
         pipe.hget(keys.AUDIT_QUEUED, f"{run}/agg_trades")
         pipe.llen(keys.queue("agg_trades"))
-        pipe.hget(keys.SPILL_PENDING, f"{run}/agg_trades")
+        pipe.hget(keys.spill_pending("0/1"), f"{run}/agg_trades")
         queued, length, pending = pipe.execute()
         return int(queued or 0) == 200 and int(queued) == len(taken) + int(length) + int(pending or 0)
 
@@ -525,7 +525,7 @@ def test_with_queue_shards_each_shard_spills_and_comes_back_on_its_own_list_in_o
         pipe = client.pipeline(transaction=True)
         pipe.hget(keys.AUDIT_QUEUED, f"{shard_run(run, shard)}/agg_trades")
         pipe.llen(keys.queue("agg_trades", shard))
-        pipe.hget(keys.SPILL_PENDING, f"{shard_run(run, shard)}/agg_trades")
+        pipe.hget(keys.spill_pending("0/1"), f"{shard_run(run, shard)}/agg_trades")
         queued, length, pending = pipe.execute()
         return int(queued or 0) == 100 and int(queued) == len(taken[shard]) + int(length) + int(pending or 0)
 

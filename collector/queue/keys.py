@@ -34,8 +34,8 @@
 | `collector:streams:shards` | HASH | stream process (every second; `state` stopped at a clean stop) | stream process (start), web, status | field `<shard>` -> JSON `ShardRecord` (`collector.queue.stream_shards`): run, host, pid, started_us, alive_us, state; found `running` at start, that shard's previous run crashed |
 | `collector:streams:alive` | STRING | stream process before shards (heartbeat) | stream process (start, once: then deleted) | legacy: found at start, the previous (unsharded) run crashed |
 | `collector:audit:queued` | HASH | stream process (its spill raises it for earlier runs' segments) | `collector audit` | field `<run>/<table>` -> the last event number of that run committed to the table's queue (a Redis list or the spill on disk); with shards the run of shard k is `<run>.s<k>` (each shard numbers its own events) |
-| `collector:spill` | HASH | stream process (`collector.queue.spill_stats`, every flush that spills or feeds back, and every second) | web `/metrics` and `/health`, status | fields `envelopes`, `bytes`, `segments`, `oldest_us` of its spill on disk (SPILL_DIR), `spilling` (1: some list's new envelopes go to disk), `queue_bytes` (estimated bytes in the lists it writes), `cap_bytes` (REDIS_MAX_QUEUE_BYTES), `drain_rate` (envelopes/s leaving those lists lately), `disk_free_bytes`, `updated_us` |
-| `collector:spill:pending` | HASH | stream process (in the same MULTI as `collector:spill`) | `collector audit` | field `<run>/<table>` -> envelopes of that run and table on disk, waiting to be fed back (queued, pending) |
+| `collector:spill:<shard>` | HASH | stream process of that shard (`collector.queue.spill_stats`, every flush that spills or feeds back, and every second) | web `/metrics` and `/health`, status (every shard's, found by SCAN, combined) | `<shard>` is the stream shard's label (`0/1` unsharded, `1/2`, ...); fields `envelopes`, `bytes`, `segments`, `oldest_us` of its spill on disk (SPILL_DIR), `spilling` (1: some list's new envelopes go to disk), `queue_bytes` (estimated bytes in the lists it writes), `cap_bytes` (REDIS_MAX_QUEUE_BYTES), `drain_rate` (envelopes/s leaving those lists lately), `disk_free_bytes`, `updated_us`; kept after the process stops, so a stopped or crashed shard's spill still counts |
+| `collector:spill_pending:<shard>` | HASH | stream process of that shard (in the same MULTI as `collector:spill:<shard>`; absent while nothing is on disk) | `collector audit` (every shard's, found by SCAN, merged) | field `<run>/<table>` -> envelopes of that run and table on that shard's disk, waiting to be fed back (queued, pending) |
 | `collector:gaps:stream_outages` | HASH | stream process (clean stop) | stream process (start: the shard owning the stream takes its field) | field `<market>/<stream>` -> JSON of the outage the stop began, closed by the next start |
 
 Envelope (one list element): `{"market": "spot"|"futures", "received_at_us": <int>, "frame": <raw JSON>}`;
@@ -77,8 +77,18 @@ STREAMS_ALIVE: Final = f"{PREFIX}:streams:alive"
 STREAMS_LOOP: Final = f"{PREFIX}:streams:loop"
 STREAM_SHARDS: Final = f"{PREFIX}:streams:shards"
 AUDIT_QUEUED: Final = f"{PREFIX}:audit:queued"
-SPILL: Final = f"{PREFIX}:spill"
-SPILL_PENDING: Final = f"{PREFIX}:spill:pending"
+# What SCAN looks for to find every stream shard's spill hashes (both kinds), running, stopped or crashed.
+SPILL_MATCH: Final = f"{PREFIX}:spill*:*/*"
+
+
+def spill(shard: str) -> str:
+    """The spill figures of the stream process of shard `shard` (its label, `0/1` unsharded)."""
+    return f"{PREFIX}:spill:{shard}"
+
+
+def spill_pending(shard: str) -> str:
+    """`<run>/<table>` -> envelopes on the disk of the stream process of shard `shard`."""
+    return f"{PREFIX}:spill_pending:{shard}"
 
 
 def shard_name(table: str, shard: int = 0) -> str:

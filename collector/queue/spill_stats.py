@@ -1,15 +1,21 @@
-"""The stream process's spill figures in Redis (`keys.SPILL`, `keys.SPILL_PENDING`): web, status, audit.
+"""The stream processes' spill figures in Redis (`keys.spill`, `keys.spill_pending`): web, status, audit.
 
-The stream process rewrites both whole, inside the same MULTI that moves envelopes onto or off its
-disk (collector.streams.pressure), so a reader that takes `keys.AUDIT_QUEUED`, then the spill, then the
-queues sees every queued envelope at least once: on disk, in a queue, or drained.
+Each stream process (one per shard, `collector streams --shard i/n`) rewrites its own two hashes whole,
+named by its shard's label, inside the same MULTI that moves envelopes onto or off its disk
+(collector.streams.pressure); it never touches another shard's. A reader finds every shard's hashes by
+SCAN (a stopped or crashed shard's spill still counts: it waits for that shard's next start) and
+combines them. One that takes `keys.AUDIT_QUEUED`, then the spill, then the queues sees every queued
+envelope at least once: on disk, in a queue, or drained.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
+
+import redis
 
 from collector.queue import keys
 
@@ -43,10 +49,10 @@ class SpillFigures:
     updated_us: int
 
 
-def publish(pipe: Any, figures: SpillFigures, pending: dict[str, int]) -> None:
-    """Queue the rewrite of both keys on `pipe` (a MULTI pipeline, sync or async)."""
+def publish(pipe: Any, shard: str, figures: SpillFigures, pending: dict[str, int]) -> None:
+    """Queue the rewrite of shard `shard`'s two hashes on `pipe` (a MULTI pipeline, sync or async)."""
     pipe.hset(
-        keys.SPILL,
+        keys.spill(shard),
         mapping={
             "envelopes": figures.envelopes,
             "bytes": figures.bytes,
@@ -60,9 +66,9 @@ def publish(pipe: Any, figures: SpillFigures, pending: dict[str, int]) -> None:
             "updated_us": figures.updated_us or time.time_ns() // 1000,
         },
     )
-    pipe.delete(keys.SPILL_PENDING)
+    pipe.delete(keys.spill_pending(shard))
     if pending:
-        pipe.hset(keys.SPILL_PENDING, mapping=pending)
+        pipe.hset(keys.spill_pending(shard), mapping=pending)
 
 
 def raise_queued(pipe: Any, numbers: dict[str, int]) -> None:
@@ -104,6 +110,72 @@ def parse_pending(raw: dict[Any, Any]) -> dict[str, int]:
         except ValueError:
             continue
     return result
+
+
+def combine_figures(shards: Iterable[SpillFigures | None]) -> SpillFigures | None:
+    """Every stream shard's figures as one; None when there are none. Pure.
+
+    What each process holds on disk adds up (envelopes, bytes, segments; spilling if any is); the
+    oldest segment and the least free disk are the ones to watch. Every process sees the same Redis
+    lists, so their bytes, the cap and the drains' pace are not summed: the largest view is taken.
+    """
+    present = [f for f in shards if f is not None]
+    if not present:
+        return None
+    oldest = [f.oldest_us for f in present if f.oldest_us is not None]
+    free = [f.disk_free_bytes for f in present if f.disk_free_bytes is not None]
+    return SpillFigures(
+        envelopes=sum(f.envelopes for f in present),
+        bytes=sum(f.bytes for f in present),
+        segments=sum(f.segments for f in present),
+        oldest_us=min(oldest) if oldest else None,
+        spilling=any(f.spilling for f in present),
+        queue_bytes=max(f.queue_bytes for f in present),
+        cap_bytes=max(f.cap_bytes for f in present),
+        drain_rate=max(f.drain_rate for f in present),
+        disk_free_bytes=min(free) if free else None,
+        updated_us=max(f.updated_us for f in present),
+    )
+
+
+def merge_pending(shards: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Every stream shard's `<run>/<table>` -> envelopes on disk, as one. Pure.
+
+    A run's segments are in one process's directory, so fields do not repeat; if one does (a stale
+    hash of a directory since taken over under another label) the larger count is kept, not the sum,
+    so nothing counts twice.
+    """
+    merged: dict[str, int] = {}
+    for pending in shards:
+        for name, count in pending.items():
+            merged[name] = max(count, merged.get(name, 0))
+    return merged
+
+
+def spill_keys(client: redis.Redis) -> tuple[list[str], list[str]]:
+    """The names of every shard's figures hash and pending hash in Redis (SCAN: running or not)."""
+    found = sorted({_text(k) for k in client.scan_iter(match=keys.SPILL_MATCH, count=1000)})
+    figures = [name for name in found if name.startswith(keys.spill(""))]
+    pending = [name for name in found if name.startswith(keys.spill_pending(""))]
+    return figures, pending
+
+
+def read_figures(client: redis.Redis) -> SpillFigures | None:
+    """Every shard's spill figures as one (what /health shows reads them in its own pipeline)."""
+    names, _ = spill_keys(client)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(name)
+    return combine_figures(parse_figures(raw) for raw in pipe.execute())
+
+
+def read_pending(client: redis.Redis) -> dict[str, int]:
+    """What waits on every shard's disk, `<run>/<table>` -> envelopes (what `collector audit` counts)."""
+    _, names = spill_keys(client)
+    pipe = client.pipeline(transaction=True)  # every shard's at one moment
+    for name in names:
+        pipe.hgetall(name)
+    return merge_pending(parse_pending(raw) for raw in pipe.execute())
 
 
 def drain_eta_s(backlog: int, drain_rate: float) -> float | None:

@@ -112,9 +112,10 @@ def split(
 class Backpressure:
     """The sink's cap on Redis and its spill; every method is called from the sink's task only."""
 
-    def __init__(self, spill: Spill | None, cap_bytes: int) -> None:
+    def __init__(self, spill: Spill | None, cap_bytes: int, shard: str = "0/1") -> None:
         self.spill = spill
         self.cap_bytes = cap_bytes
+        self.shard = shard  # the stream shard's label: its own spill hashes in Redis (keys.spill)
         self.gauge = QueueGauge()
         self._opened = False
         self._next_refresh = 0.0
@@ -204,7 +205,7 @@ class Backpressure:
             return
         if queued:
             pipe.hset(keys.AUDIT_QUEUED, mapping=dict(queued))
-        spill_stats.publish(pipe, self.figures(), dict(spill.pending))
+        spill_stats.publish(pipe, self.shard, self.figures(), dict(spill.pending))
         spill_stats.raise_queued(pipe, spill.recovered_seq)
         self._published_empty = empty
 

@@ -41,6 +41,7 @@ from collector.streams.registry import Heartbeat, beat, claim, release
 from collector.streams.resync import snapshot_fetcher
 from collector.streams.shard import Shard, parse_shard
 from collector.streams.sink import Sink, SinkOptions
+from collector.streams.spill_segments import stranded
 from collector.streams.state import ConnectionState
 from collector.streams.symbols import SymbolFollower, exchange_info_fetcher, resolve_symbols
 
@@ -215,6 +216,7 @@ async def _main(settings: Settings) -> int:
             raise
         sink = Sink(client, SinkOptions.from_settings(settings), run=heartbeat.run)
         sink.pressure.open()  # SPILL_DIR taken (or one line: another process has it), earlier spill resumed
+        _warn_stranded(settings, shard)
         ledger = GapLedger(sink, snapshot_fetcher(settings, blocking), heartbeat=heartbeat)
         follower = SymbolFollower(settings, fetch, blocking, symbols, shard)
         plans = follower.initial_plans()
@@ -232,6 +234,20 @@ async def _main(settings: Settings) -> int:
     finally:
         lag.cancel()
         await client.aclose()
+
+
+def _warn_stranded(settings: Settings, shard: Shard) -> None:
+    """One line per spill directory that another split into shards left segments in: no process of
+    this split feeds them back (`collector audit` counts them as pending meanwhile)."""
+    for directory, segments in stranded(settings.spill_dir, shard).items():
+        logger.warning(
+            "spill.stranded dir=%s segments=%d shard=%s hint=run the split that wrote it (%s) "
+            "with this SPILL_DIR until it is fed back",
+            directory,
+            segments,
+            shard.label,
+            "unsharded" if directory == settings.spill_dir else directory.name,
+        )
 
 
 def _log_shard(shard: Shard, plans: list[ConnectionPlan]) -> None:

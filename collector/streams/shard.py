@@ -9,6 +9,8 @@
   connection ids `spot-0`, run ids `r<µs>-<pid>`. Other shards prefix their connection ids
   (`s1of2-spot-0`), so records of two processes never share a field in Redis, and suffix their run
   ids (`r<µs>-<pid>-s1of2`), so `collector audit` names the shard of each run.
+- Each shard spills to its own directory (`spill_dir`): `<SPILL_DIR>/shard-1of2`, so shards on one host
+  never contend for one; the whole process keeps SPILL_DIR itself, so an existing spill resumes.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import re
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 SHARD_PATTERN: Final = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Connection ids of a shard other than 0/1 begin with this (`s1of2-spot-0`).
 ID_PREFIX: Final = re.compile(r"^s(\d+)of(\d+)-")
+SPILL_SUBDIR: Final = re.compile(r"^shard-(\d+)of(\d+)$")  # a shard's directory under SPILL_DIR
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,22 @@ class Shard:
         if match is None:
             return self.whole
         return (int(match[1]), int(match[2])) == (self.index, self.count)
+
+
+def spill_dir(base: Path, shard: Shard) -> Path:
+    """The spill directory of `shard` under SPILL_DIR `base`: `base` itself for the whole process,
+    `base/shard-<i>of<n>` for a shard (a directory is locked by one process while in use)."""
+    return base if shard.whole else base / f"shard-{shard.index}of{shard.count}"
+
+
+def other_split(directory: str, shard: Shard) -> bool:
+    """Whether a spill directory named `directory` under SPILL_DIR (`""` for SPILL_DIR itself,
+    `shard-1of3`) belongs to a split into another number of shards than `shard`'s: no process of the
+    current split takes it, so what is on disk there waits until that split runs again."""
+    if directory == "":
+        return not shard.whole
+    match = SPILL_SUBDIR.match(directory)
+    return match is not None and int(match[2]) != shard.count
 
 
 def parse_shard(text: str) -> Shard:

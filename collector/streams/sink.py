@@ -38,6 +38,7 @@ from collector.retry import is_transient
 from collector.settings import Settings
 from collector.streams.backoff import backoff_delays
 from collector.streams.pressure import Backpressure
+from collector.streams.shard import parse_shard, spill_dir
 from collector.streams.spill import Groups, Spill
 from collector.streams.state import ConnectionState
 
@@ -64,17 +65,20 @@ class SinkOptions:
     max_queue_bytes: int = 512 * 1024 * 1024
     spill_dir: Path | None = None  # None: no spill, everything waits in memory for Redis
     queue_shards: int = 1
+    stream_shard: str = "0/1"  # this process's shard label (STREAM_SHARD): names its spill hashes
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SinkOptions:
+        shard = parse_shard(settings.stream_shard)
         return cls(
             flush_interval_s=settings.stream_flush_interval_ms / 1000,
             flush_max_events=settings.stream_flush_max_events,
             buffer_warn_events=settings.stream_buffer_warn_events,
             buffer_max_events=settings.stream_buffer_max_events,
             max_queue_bytes=settings.redis_max_queue_bytes,
-            spill_dir=settings.spill_dir,
+            spill_dir=spill_dir(settings.spill_dir, shard),
             queue_shards=settings.queue_shards,
+            stream_shard=shard.label,
         )
 
 
@@ -129,7 +133,7 @@ class Sink:
         ]
         self._seq: dict[Lane, int] = {}
         spill = None if options.spill_dir is None else Spill(options.spill_dir, self.run_id)
-        self.pressure = Backpressure(spill, options.max_queue_bytes)
+        self.pressure = Backpressure(spill, options.max_queue_bytes, options.stream_shard)
 
     # --- the hot path: called by the receive loops, never awaits ---------------------------------
 

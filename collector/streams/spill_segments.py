@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from collector.audit import tag_of
+from collector.streams.shard import Shard, other_split
 from collector.streams.spill_format import Parsed, SegmentHeader, decode_header, parse_records
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,19 @@ def report_damage(path: Path, parsed: Parsed) -> None:
         logger.warning(
             "spill.torn_tail path=%s bytes=%d (a write cut off by the last stop; dropped)", path, parsed.torn
         )
+
+
+def stranded(base: Path, shard: Shard) -> dict[Path, int]:
+    """SPILL_DIR `base` and its shard directories that hold segments no process of `shard`'s split
+    takes (`collector.streams.shard.other_split`), with how many each holds. Blocking."""
+    found: dict[Path, int] = {}
+    candidates = [base, *base.glob("shard-*")] if base.is_dir() else []
+    for directory in candidates:
+        if other_split("" if directory == base else directory.name, shard):
+            count = sum(1 for _ in directory.glob("seg-*.spill"))
+            if count:
+                found[directory] = count
+    return found
 
 
 def segment_number(path: Path) -> int:

@@ -28,7 +28,7 @@ from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
 from collector.queue.loop_lag import parse_loop_lag, parse_loop_lags
 from collector.queue.shards import present_lanes
-from collector.queue.spill_stats import parse_figures
+from collector.queue.spill_stats import combine_figures, parse_figures, spill_keys
 from collector.queue.stream_shards import read_shards
 from collector.settings import Settings
 from collector.web.health_facts import HealthSnapshot, OpenGap, StreamState, TableState
@@ -109,6 +109,7 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
     lanes = present_lanes(
         client, keys.TABLES, queue_shards
     )  # every shard that exists, beyond the setting too
+    spills, _ = spill_keys(client)  # every stream shard's, a stopped or crashed one's too
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.CONNECTIONS)
     pipe.hgetall(keys.STREAM_MESSAGES)
@@ -122,9 +123,12 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
         pipe.hgetall(keys.metric(name))
     pipe.hgetall(keys.STREAMS_LOOP)
     pipe.zcount(keys.DRAIN_LOOPS, now_us() // 1000, "+inf")  # slots not yet expired
-    pipe.hgetall(keys.SPILL)
     pipe.hgetall(keys.STREAM_SHARDS)
-    *replies, loop_lag, drain_loops, spill, shards = pipe.execute()
+    for name in spills:
+        pipe.hgetall(name)
+    replies = pipe.execute()
+    spill = replies[len(replies) - len(spills) :]
+    *replies, loop_lag, drain_loops, shards = replies[: len(replies) - len(spills)]
     connections, messages, last_us, drains, deadletters, open_gaps = replies[:6]
     queued: dict[str, int] = {}
     for (table, _), length in zip(lanes, replies[6 : 6 + len(lanes)], strict=True):
@@ -149,7 +153,7 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
     into.deadletter_length = int(deadletters)
     into.drain_loops = int(drain_loops)
     into.loop_lag = parse_loop_lag(loop_lag)
-    into.spill = parse_figures(spill)
+    into.spill = combine_figures(parse_figures(raw) for raw in spill)
     into.loop_lags = parse_loop_lags(loop_lag)
     into.shards = read_shards(shards)
     into.counters = {
