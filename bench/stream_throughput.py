@@ -115,6 +115,9 @@ def main() -> int:
             "BINANCE_SPOT_WS_URL": f"{scheme}://127.0.0.1:{port}/spot",
             "BINANCE_FUTURES_WS_URL": f"{scheme}://127.0.0.1:{port}/futures",
             "STREAM_UVLOOP": "true" if args.loop == "uvloop" else "false",
+            # Nothing drains here: without a cap this high the queues pass REDIS_MAX_QUEUE_BYTES within
+            # seconds and the process measured would be spilling to disk, not pushing into Redis.
+            "REDIS_MAX_QUEUE_BYTES": os.environ.get("REDIS_MAX_QUEUE_BYTES", str(64 << 30)),
         }
         context = None
         if tls_dir is not None:

@@ -239,6 +239,9 @@ def main() -> int:
             "SPOT_QUOTE_ASSETS": "USDT",
             "FUTURES_QUOTE_ASSETS": "USDT",
             "SYMBOLS_REFRESH_INTERVAL_S": "5",
+            # Nothing drains here: without a cap this high the queues pass REDIS_MAX_QUEUE_BYTES within
+            # seconds and the process measured would be spilling to disk, not pushing into Redis.
+            "REDIS_MAX_QUEUE_BYTES": os.environ.get("REDIS_MAX_QUEUE_BYTES", str(64 << 30)),
         }
         os.chdir(workdir)  # no stray .env
         client = redis.Redis.from_url(redis_server.url)
