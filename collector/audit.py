@@ -33,9 +33,7 @@ from collector.db.timescale import PRUNE_SCHEDULE, human, read_retention
 logger = logging.getLogger(__name__)
 
 # The head `make_envelope` writes: market, receive time, then the audit tag.
-AUDIT_TAG: Final = re.compile(rb'^\{"market":"\w+","received_at_us":(\d+),"run":"([\w.-]+)","seq":(\d+),')
-HEAD_BYTES: Final = 160
-_RUN_ID: Final = re.compile(r"[\w.-]+", re.ASCII)  # what AUDIT_TAG reads as a run
+_RUN_ID: Final = re.compile(r"[\w.-]+", re.ASCII)  # what envelope.AUDIT_TAG reads as a run
 
 
 @dataclass(frozen=True)
@@ -63,14 +61,6 @@ class Loss:
     @property
     def count(self) -> int:
         return self.last - self.first + 1
-
-
-def tag_of(raw: bytes) -> tuple[str, int, int] | None:
-    """(run, seq, received_at_us) of an audited envelope, None for the others. Pure."""
-    match = AUDIT_TAG.match(raw, 0, HEAD_BYTES)
-    if match is None:
-        return None
-    return match.group(2).decode(), int(match.group(3)), int(match.group(1))
 
 
 @functools.lru_cache(maxsize=64)

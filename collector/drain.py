@@ -27,7 +27,6 @@ import redis
 from psycopg2.extensions import connection as Connection
 
 from collector.audit import (
-    HEAD_BYTES,
     BatchOutcome,
     SeqRange,
     check_ranges,
@@ -35,7 +34,6 @@ from collector.audit import (
     insert_ranges,
     same_run,
     tag_from,
-    tag_of,
 )
 from collector.db.copy import LINE_WRITERS, CopyResult, copy_direct, copy_staged
 from collector.db.schema import UPSERT_COLUMNS
@@ -44,7 +42,7 @@ from collector.queue import keys
 from collector.queue.batches import Batch, BatchQueue, queue_length
 from collector.queue.deadletter import DeadLetter
 from collector.queue.drain_summary import DrainSummaries
-from collector.queue.envelope import extractor, open_envelope, split_envelope
+from collector.queue.envelope import HEAD_BYTES, extractor, open_envelope, split_envelope, tag_of
 from collector.queue.locks import RedisLock, drain_lock
 from collector.queue.shards import present_lanes
 from collector.settings import Settings

@@ -11,11 +11,11 @@ from pathlib import Path
 import psycopg2
 import redis
 
-from collector.audit import SeqRange, contiguous_ranges, find_losses, tag_of
+from collector.audit import SeqRange, contiguous_ranges, find_losses
 from collector.db.connection import connect
 from collector.fake.server import FakeExchange
 from collector.queue import keys
-from collector.queue.envelope import make_envelope
+from collector.queue.envelope import make_envelope, tag_of
 from collector.settings import Settings
 from collector.web.health import assess, check_postgres, now_us
 from tests.processes import wait_until

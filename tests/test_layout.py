@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -275,3 +277,17 @@ def test_the_fakes_recordings_are_package_data() -> None:
         if not any(fnmatch.fnmatch(relative, pattern) for pattern in declared.get(package, [])):
             undeclared.append(str(path.relative_to(ROOT)))
     assert not undeclared, "not in pyproject.toml's package-data:\n" + "\n".join(undeclared)
+
+
+def test_the_stream_process_loads_nothing_of_the_database_side() -> None:
+    """Not even through another module: `streams/` reaching `db/` (or SQLAlchemy) by way of, say, the
+    audit costs the stream process ~14 MB and every start a fifth of a second."""
+    probe = (
+        "import sys, collector.streams.runner\n"
+        "prefixes = ('collector.db', 'sqlalchemy', 'collector.audit')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(prefixes)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    assert loaded == "[]", f"the stream process imports {loaded}"

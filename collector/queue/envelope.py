@@ -12,7 +12,7 @@ The stream sink, the gap ledger, the REST pollers and the gap records write it; 
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -45,6 +45,20 @@ _ENVELOPE_HEAD = re.compile(
     rb'^\{"market":"(\w+)","received_at_us":(\d+)(?:,"run":"([\w.-]+)","seq":(\d+))?'
     rb'(?:,"symbol":"([\w.-]*)")?,"frame":'
 )
+
+
+# The head of an envelope the stream process numbered (its audit tag, collector.audit): time, run, seq.
+# Read without parsing the envelope, within its first HEAD_BYTES.
+AUDIT_TAG: Final = re.compile(rb'^\{"market":"\w+","received_at_us":(\d+),"run":"([\w.-]+)","seq":(\d+),')
+HEAD_BYTES: Final = 160
+
+
+def tag_of(raw: bytes) -> tuple[str, int, int] | None:
+    """(run, seq, received_at_us) of an audited envelope, None for the others. Pure."""
+    match = AUDIT_TAG.match(raw, 0, HEAD_BYTES)
+    if match is None:
+        return None
+    return match.group(2).decode(), int(match.group(3)), int(match.group(1))
 
 
 class EnvelopeParts(NamedTuple):

@@ -31,9 +31,9 @@ from typing import Final
 
 import orjson
 
-from collector.audit import tag_of
 from collector.errors import ConfigError
 from collector.queue import keys
+from collector.queue.envelope import tag_of
 from collector.streams.spill_format import Record, SegmentHeader, encode_header, encode_records, parse_records
 from collector.streams.spill_segments import (
     Segment,

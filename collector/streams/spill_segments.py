@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from collector.audit import tag_of
+from collector.queue.envelope import tag_of
 from collector.streams.shard import Shard, other_split
 from collector.streams.spill_format import Parsed, SegmentHeader, decode_header, parse_records
 
