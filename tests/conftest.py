@@ -174,3 +174,15 @@ def redis_conn(settings: Settings) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(settings.redis_url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
+    """The test's database with the schema, on a connection in autocommit."""
+    from collector.db.connection import connect
+    from collector.db.init import init_db
+
+    init_db(settings)
+    conn = connect(settings, autocommit=True)
+    yield conn
+    conn.close()

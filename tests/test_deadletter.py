@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
-import psycopg2
 import pytest
 import redis
 import redis.asyncio
@@ -94,14 +92,6 @@ def test_push_and_read_through_redis(redis_conn: redis.Redis) -> None:
 
 
 # --- every writer, through its real path -----------------------------------------------------------
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
-    init_db(settings)
-    conn = connect(settings, autocommit=True)
-    yield conn
-    conn.close()
 
 
 def _from_streams(settings: Settings, redis_conn: redis.Redis) -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -18,14 +17,6 @@ from collector.queue import keys
 from collector.queue.batches import BatchQueue, inflight_length
 from collector.settings import Settings, load_settings
 from tests import factories
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
-    init_db(settings)
-    conn = connect(settings, autocommit=True)
-    yield conn
-    conn.close()
 
 
 def _drainer(settings: Settings, client: redis.Redis) -> Drainer:

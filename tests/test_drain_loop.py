@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import orjson
@@ -15,7 +14,6 @@ import redis.asyncio
 
 from collector.audit import RunBalance, format_audit, shard_of_run
 from collector.db.connection import connect
-from collector.db.init import init_db
 from collector.drain import Drainer
 from collector.drain_loop import DrainLoop, Outcome, pick_order
 from collector.queue import keys
@@ -26,14 +24,6 @@ from collector.settings import Settings, load_settings
 from collector.streams.sink import Sink, SinkOptions
 from tests import factories
 from tests.processes import wait_until
-
-
-@pytest.fixture
-def db(settings: Settings) -> Iterator[psycopg2.extensions.connection]:
-    init_db(settings)
-    conn = connect(settings, autocommit=True)
-    yield conn
-    conn.close()
 
 
 def _count(conn: psycopg2.extensions.connection, table: str) -> int:
