@@ -290,6 +290,7 @@ def loop_factory(want_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] |
             logger.info("streams.event_loop loop=asyncio reason=uvloop is not installed")
             return None
         logger.info("streams.event_loop loop=uvloop")
-        return uvloop.new_event_loop
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop  # Any when not installed
+        return factory
     logger.info("streams.event_loop loop=asyncio reason=STREAM_UVLOOP=false")
     return None
