@@ -10,6 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collector.fake.server import FakeExchange
+    from collector.settings import Settings
 
 BIN = Path(sys.executable).parent
 TIMEOUT_FACTOR = float(os.environ.get("TIMEOUT_FACTOR", "1"))
@@ -51,6 +56,20 @@ class Process:
         self.signal_group(signal.SIGKILL)  # leftover pool children
         self._log.close()
         return self.popen.returncode
+
+
+def collector_env(settings: Settings, fake: FakeExchange, **extra: str) -> dict[str, str]:
+    """The environment of a collector process pointed at the test's Redis, PostgreSQL and fake exchange."""
+    return {
+        "REDIS_URL": settings.redis_url,
+        "DATABASE_URL": settings.database_url,
+        "ALERT_LOG": str(settings.alert_log),
+        "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
+        "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
+        "BINANCE_SPOT_REST_URL": fake.spot_rest_url,
+        "BINANCE_FUTURES_REST_URL": fake.futures_rest_url,
+        **extra,
+    }
 
 
 def celery_worker(

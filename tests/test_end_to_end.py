@@ -16,7 +16,7 @@ from collector.db.init import init_db
 from collector.fake.server import FakeExchange
 from collector.queue import keys
 from collector.settings import Settings
-from tests.processes import Process, celery_beat, celery_worker, stream_process, wait_until
+from tests.processes import Process, celery_beat, celery_worker, collector_env, stream_process, wait_until
 
 MAX_EVENTS = 4000
 
@@ -52,22 +52,17 @@ def fake() -> Iterator[FakeExchange]:
 
 
 def _env(settings: Settings, fake: FakeExchange) -> dict[str, str]:
-    return {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "ALERT_LOG": str(settings.alert_log),
-        "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
-        "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
-        "BINANCE_SPOT_REST_URL": fake.spot_rest_url,
-        "BINANCE_FUTURES_REST_URL": fake.futures_rest_url,
-        "OPEN_INTEREST_INTERVAL_S": "2",
-        "DEPTH_SNAPSHOT_INTERVAL_S": "3",
+    return collector_env(
+        settings,
+        fake,
+        OPEN_INTEREST_INTERVAL_S="2",
+        DEPTH_SNAPSHOT_INTERVAL_S="3",
         # Generated liquidations are small (median notional ~ tens of kUSD): only the injected ones fire.
-        "ALERT_MIN_NOTIONAL_USD": "10000000",
-        "ALERT_WINDOW_S": "60",
-        "ALERT_WINDOW_NOTIONAL_USD": "50000000",
-        "ALERT_COOLDOWN_S": "300",
-    }
+        ALERT_MIN_NOTIONAL_USD="10000000",
+        ALERT_WINDOW_S="60",
+        ALERT_WINDOW_NOTIONAL_USD="50000000",
+        ALERT_COOLDOWN_S="300",
+    )
 
 
 def test_whole_stack_stores_every_event_once(settings: Settings, fake: FakeExchange, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from collector.drain import Drainer
 from collector.fake.server import FakeExchange
 from collector.queue import keys
 from collector.settings import Settings
-from tests.processes import Process, stream_process, wait_until
+from tests.processes import Process, collector_env, stream_process, wait_until
 
 DEPTH_SYMBOLS = [("spot", "BTCUSDT"), ("spot", "ETHUSDT"), ("futures", "BTCUSDT"), ("futures", "ETHUSDT")]
 
@@ -31,19 +31,15 @@ def fake() -> Iterator[FakeExchange]:
 
 
 def _env(settings: Settings, fake: FakeExchange, **extra: str) -> dict[str, str]:
-    return {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
-        "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
-        "BINANCE_SPOT_REST_URL": fake.spot_rest_url,
-        "BINANCE_FUTURES_REST_URL": fake.futures_rest_url,
-        "WS_BACKOFF_INITIAL_S": "0.05",
-        "WS_BACKOFF_MAX_S": "0.5",
-        "STREAM_FLUSH_INTERVAL_MS": "20",
-        "DEPTH_SNAPSHOT_LIMIT": "100",
+    return collector_env(
+        settings,
+        fake,
+        WS_BACKOFF_INITIAL_S="0.05",
+        WS_BACKOFF_MAX_S="0.5",
+        STREAM_FLUSH_INTERVAL_MS="20",
+        DEPTH_SNAPSHOT_LIMIT="100",
         **extra,
-    }
+    )
 
 
 def _drain_all(settings: Settings) -> None:

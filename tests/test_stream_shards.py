@@ -31,7 +31,7 @@ from collector.web.health import assess, now_us, snapshot
 from collector.web.health_judge import shard_reasons
 from collector.web.metrics import make_registry
 from collector.web.status import format_status
-from tests.processes import Process, celery_beat, celery_worker, wait_until
+from tests.processes import Process, celery_beat, celery_worker, collector_env, wait_until
 from tests.test_end_to_end import DB_KEYS, _db_keys, _ledger_keys
 
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
@@ -203,21 +203,16 @@ async def _no_snapshot(market: str, symbol: str) -> None:
 
 
 def _env(settings: Settings, fake: FakeExchange) -> dict[str, str]:
-    return {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "ALERT_LOG": str(settings.alert_log),
-        "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
-        "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
-        "BINANCE_SPOT_REST_URL": fake.spot_rest_url,
-        "BINANCE_FUTURES_REST_URL": fake.futures_rest_url,
-        "SPOT_SYMBOLS": SYMBOLS,
-        "FUTURES_SYMBOLS": SYMBOLS,
-        "OPEN_INTEREST_INTERVAL_S": "3600",
-        "DEPTH_SNAPSHOT_INTERVAL_S": "3600",
-        "ALERT_MIN_NOTIONAL_USD": "1000000000",
-        "ALERT_WINDOW_NOTIONAL_USD": "1000000000",
-    }
+    return collector_env(
+        settings,
+        fake,
+        SPOT_SYMBOLS=SYMBOLS,
+        FUTURES_SYMBOLS=SYMBOLS,
+        OPEN_INTEREST_INTERVAL_S="3600",
+        DEPTH_SNAPSHOT_INTERVAL_S="3600",
+        ALERT_MIN_NOTIONAL_USD="1000000000",
+        ALERT_WINDOW_NOTIONAL_USD="1000000000",
+    )
 
 
 def _shard(index: int, env: dict[str, str], log_dir: Path) -> Process:

@@ -15,7 +15,7 @@ from collector.fake.server import FakeExchange
 from collector.queue import keys
 from collector.settings import Settings
 from collector.streams.live import READ_CHUNK_BYTES, open_socket
-from tests.processes import stream_process, wait_until
+from tests.processes import collector_env, stream_process, wait_until
 from tests.test_end_to_end import DB_KEYS, _db_keys, _ledger_keys
 from tests.test_gaps_e2e import _drain_all
 
@@ -57,17 +57,13 @@ def test_the_collector_records_spot_and_futures_over_wss(settings: Settings, tmp
     init_db(settings)
     client = redis.Redis.from_url(settings.redis_url)
     with FakeExchange(rate=200, tls=True, seed=5) as fake:
-        env = {
-            "REDIS_URL": settings.redis_url,
-            "DATABASE_URL": settings.database_url,
-            "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
-            "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
-            "BINANCE_SPOT_REST_URL": fake.spot_rest_url,
-            "BINANCE_FUTURES_REST_URL": fake.futures_rest_url,
-            "SPOT_SYMBOLS": "ALL",  # exchangeInfo over https at start: requests must trust the CA too
-            "FUTURES_SYMBOLS": "ALL",
+        env = collector_env(
+            settings,
+            fake,
+            SPOT_SYMBOLS="ALL",  # exchangeInfo over https at start: requests must trust the CA too
+            FUTURES_SYMBOLS="ALL",
             **fake.tls.client_env(),
-        }
+        )
         assert fake.spot_ws_url.startswith("wss://") and fake.spot_rest_url.startswith("https://")
         streams = stream_process(env, tmp_path)
         try:

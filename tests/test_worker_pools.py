@@ -20,7 +20,15 @@ from collector.queue import keys
 from collector.schedule import QUEUE_REST
 from collector.settings import Settings
 from collector.web.health import now_us
-from tests.processes import TIMEOUT_FACTOR, Process, celery_beat, celery_worker, stream_process, wait_until
+from tests.processes import (
+    TIMEOUT_FACTOR,
+    Process,
+    celery_beat,
+    celery_worker,
+    collector_env,
+    stream_process,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RETRY_AFTER_S = 60  # the fake's 429 pause: longer than the window, so REST stays stuck throughout
@@ -76,17 +84,8 @@ def test_drains_keep_their_cadence_while_rest_sits_out_a_429(
     pools = _procfile_queues()
     assert QUEUE_REST not in pools["worker-ingest"].split(",")
     fake.fail_rest(429, count=1000, retry_after_s=RETRY_AFTER_S)
-    env = {
-        "REDIS_URL": settings.redis_url,
-        "DATABASE_URL": settings.database_url,
-        "ALERT_LOG": str(settings.alert_log),
-        "BINANCE_SPOT_WS_URL": fake.spot_ws_url,
-        "BINANCE_FUTURES_WS_URL": fake.futures_ws_url,
-        "BINANCE_SPOT_REST_URL": fake.spot_rest_url,
-        "BINANCE_FUTURES_REST_URL": fake.futures_rest_url,
-        # A REST call sits out a pause up to this long, holding its worker process meanwhile.
-        "REST_BACKOFF_MAX_S": "600",
-    }
+    # A REST call sits out a pause up to this long, holding its worker process meanwhile.
+    env = collector_env(settings, fake, REST_BACKOFF_MAX_S="600")
     processes: list[Process] = [
         stream_process(env, tmp_path),
         celery_worker(env, tmp_path, "worker-ingest", queues=pools["worker-ingest"]),
