@@ -29,6 +29,7 @@ from typing import Final
 from psycopg2.extensions import cursor as Cursor
 
 from collector.db.timescale import PRUNE_SCHEDULE, human, read_retention
+from collector.queue.keys import shard_of_run
 
 logger = logging.getLogger(__name__)
 
@@ -348,16 +349,6 @@ def verdict(b: RunBalance, sent: int, missing: int, waiting: int, found: Horizon
     if short > 0:
         return f"{short:,} not accounted for yet"
     return "balanced" if counted_from == 1 else f"balanced from {counted_from:,}"
-
-
-# The run id of queue shard k > 0 ends in `.s<k>` (collector.queue.shards.shard_run).
-SHARD_RUN: Final = re.compile(r"\.s(\d+)$")
-
-
-def shard_of_run(table: str, run: str) -> str:
-    """The queue shard a run's numbers went through, named as `keys.shard_name` names it. Pure."""
-    match = SHARD_RUN.search(run)
-    return table if match is None else f"{table}:s{match.group(1)}"
 
 
 def format_audit(

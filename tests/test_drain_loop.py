@@ -12,14 +12,15 @@ import pytest
 import redis
 import redis.asyncio
 
-from collector.audit import RunBalance, format_audit, shard_of_run
+from collector.audit import RunBalance, format_audit
 from collector.db.connection import connect
 from collector.drain import Drainer
 from collector.drain_loop import DrainLoop, Outcome, pick_order
 from collector.queue import keys
 from collector.queue.batches import BatchQueue, inflight_length
+from collector.queue.keys import shard_of_run, shard_run
 from collector.queue.loops import LoopSlot, node_most, running_loops
-from collector.queue.shards import present_lanes, shard_of, shard_of_stream, shard_run, wait_for_work
+from collector.queue.shards import present_lanes, shard_of, shard_of_stream, wait_for_work
 from collector.settings import Settings, load_settings
 from collector.streams.sink import Sink, SinkOptions
 from tests import factories

@@ -505,7 +505,8 @@ def test_with_queue_shards_each_shard_spills_and_comes_back_on_its_own_list_in_o
     """QUEUE_SHARDS=2: a shard's spilled envelopes come back to that shard's list, numbered in order
     under the shard's run, and its queued number is always its list plus its part of the disk."""
     from collector.queue.client import async_redis_client
-    from collector.queue.shards import shard_of_stream, shard_run
+    from collector.queue.keys import shard_run
+    from collector.queue.shards import shard_of_stream
     from collector.streams.sink import Sink, SinkOptions
     from tests.processes import until
 

@@ -47,6 +47,7 @@ REST envelopes also carry `"symbol"` (the symbol asked for: spot depth bodies do
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 PREFIX: Final = "collector"
@@ -97,12 +98,28 @@ def shard_name(table: str, shard: int = 0) -> str:
     return table if shard == 0 else f"{table}:s{shard}"
 
 
+def shard_run(run: str, shard: int) -> str:
+    """The audit run of one queue shard: each shard numbers its own events, a FIFO of its own. Pure.
+
+    Shard 0 keeps the stream process's run id, so `QUEUE_SHARDS=1` numbers as before sharding.
+    """
+    return run if shard == 0 else f"{run}.s{shard}"
+
+
+_SHARD_RUN: Final = re.compile(r"\.s(\d+)$")
+
+
+def shard_of_run(table: str, run: str) -> str:
+    """The queue shard a run's numbers went through, as `shard_name` names it: `shard_run` undone. Pure."""
+    match = _SHARD_RUN.search(run)
+    return table if match is None else shard_name(table, int(match.group(1)))
+
+
 def audit_field(run: str, name: str) -> str:
     """The `collector:audit:queued` field of one shard's events, from the stream process's `run` and
-    the shard's `shard_name`: each shard numbers its own events under the run `<run>.s<k>`
-    (`collector.queue.shards.shard_run`). Pure."""
+    the shard's `shard_name`. Pure."""
     table, _, shard = name.partition(":s")
-    return f"{run}.s{shard}/{table}" if shard else f"{run}/{table}"
+    return f"{shard_run(run, int(shard) if shard else 0)}/{table}"
 
 
 def queue(table: str, shard: int = 0) -> str:

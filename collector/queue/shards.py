@@ -43,14 +43,6 @@ def shard_of_stream(stream: str, shards: int) -> int:
     return shard_of(stream.partition("@")[0], shards)
 
 
-def shard_run(run: str, shard: int) -> str:
-    """The audit run of one shard: each shard numbers its own events, a FIFO of its own. Pure.
-
-    Shard 0 keeps the stream process's run id, so `QUEUE_SHARDS=1` numbers as before sharding.
-    """
-    return run if shard == 0 else f"{run}.s{shard}"
-
-
 def push(pipe: Any, table: str, shard: int, envelopes: Sequence[bytes]) -> None:
     """Queue `envelopes` on one shard of `table` and wake an idle drain (on a pipeline, sync or async)."""
     pipe.rpush(keys.queue(table, shard), *envelopes)

@@ -32,7 +32,8 @@ import redis.asyncio
 from collector.queue import counters, deadletter, keys, shards
 from collector.queue.deadletter import DeadLetter
 from collector.queue.envelope import make_envelope
-from collector.queue.shards import Lane, shard_of_stream, shard_run
+from collector.queue.keys import shard_run
+from collector.queue.shards import Lane, shard_of_stream
 from collector.queue.stream_stats import StreamStatsWriter
 from collector.retry import is_transient
 from collector.settings import Settings
