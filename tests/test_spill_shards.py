@@ -4,6 +4,7 @@ readers (`collector audit`, /health) counting every shard's spill, a stopped one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def figures(envelopes: int, **changes: object) -> SpillFigures:
         disk_free_bytes=1_000_000,
         updated_us=2_000,
     )
-    return SpillFigures(**{**base.__dict__, **changes})  # type: ignore[arg-type]
+    return dataclasses.replace(base, **changes)
 
 
 def test_shards_figures_add_up_where_each_holds_its_own_and_not_where_all_see_the_same_lists() -> None:
