@@ -7,6 +7,7 @@ the last run's worst block.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -59,8 +60,13 @@ def parse_loop_lags(raw: dict[Any, Any]) -> dict[str, LoopLag]:
 
 
 def parse_loop_lag(raw: dict[Any, Any]) -> LoopLag | None:
-    """The worst of the shards' records: the longest block and every block over the threshold."""
-    lags = list(parse_loop_lags(raw).values())
+    """The worst of the shards' records, from the hash as Redis returns it."""
+    return worst_loop_lag(parse_loop_lags(raw).values())
+
+
+def worst_loop_lag(records: Iterable[LoopLag]) -> LoopLag | None:
+    """The worst of the shards' records: the longest block and every block over the threshold. Pure."""
+    lags = list(records)
     if not lags:
         return None
     worst = max(lags, key=lambda lag: lag.max_block_ms)

@@ -11,7 +11,7 @@ from typing import Any
 
 from collector.audit import Loss
 from collector.queue.connections import ConnectionRecord
-from collector.queue.loop_lag import LoopLag
+from collector.queue.loop_lag import LoopLag, worst_loop_lag
 from collector.queue.spill_stats import SpillFigures, drain_eta_s
 from collector.queue.stream_shards import ShardRecord
 
@@ -67,13 +67,16 @@ class HealthSnapshot:
     open_gaps: list[OpenGap] = field(default_factory=list)
     # counter name -> label values -> value
     counters: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
-    # The stream processes' longest event-loop block (collector.streams.lag); None before one ran.
-    loop_lag: LoopLag | None = None
     # Each stream process (shard `i/n`, `0/1` unsharded): its record and its own loop lag.
     shards: list[ShardRecord] = field(default_factory=list)
     loop_lags: dict[str, LoopLag] = field(default_factory=dict)
     # The stream process's spill and its view of the queues (collector.streams.pressure); None before it ran.
     spill: SpillFigures | None = None
+
+    @property
+    def loop_lag(self) -> LoopLag | None:
+        """The stream processes' worst event-loop block (collector.streams.lag); None before one ran."""
+        return worst_loop_lag(self.loop_lags.values())
 
     @property
     def backlog(self) -> Backlog:

@@ -26,7 +26,7 @@ from collector.queue.batches import inflight_length
 from collector.queue.client import describe_redis_error
 from collector.queue.connections import read_connections
 from collector.queue.counters import COUNTERS
-from collector.queue.loop_lag import parse_loop_lag, parse_loop_lags
+from collector.queue.loop_lag import parse_loop_lags
 from collector.queue.shards import present_lanes
 from collector.queue.spill_stats import combine_figures, parse_figures, spill_keys
 from collector.queue.stream_shards import read_shards
@@ -152,7 +152,6 @@ def _read_redis(client: redis.Redis, into: HealthSnapshot, queue_shards: int = 1
     ]
     into.deadletter_length = int(deadletters)
     into.drain_loops = int(drain_loops)
-    into.loop_lag = parse_loop_lag(loop_lag)
     into.spill = combine_figures(parse_figures(raw) for raw in spill)
     into.loop_lags = parse_loop_lags(loop_lag)
     into.shards = read_shards(shards)
